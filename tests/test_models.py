@@ -1,0 +1,46 @@
+"""Models: shapes, and the fast max pool against flax's reduce_window pool (value and grad)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxplain import models
+
+
+@pytest.mark.parametrize("model,shape", [
+    (models.LeNet(), (2, 28, 28, 1)),
+    (models.CNN003(num_classes=10, widths=(4, 4, 8, 8, 8, 8), hidden=(16, 8)), (2, 16, 16, 1)),
+    (models.SmallCNN(), (2, 32, 32, 3)),
+    (models.SmallVGG(widths=(4, 8), hidden=16), (2, 16, 16, 3)),
+    (models.ResNetSmall(), (2, 16, 16, 3)),
+])
+def test_model_shapes(model, shape):
+  variables = model.init(jax.random.key(0), jnp.zeros(shape))
+  out = model.apply(variables, jnp.ones(shape))
+  assert out.shape == (shape[0], model.num_classes)
+  assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_flax(ties):
+  x = jax.random.normal(jax.random.key(1), (3, 6, 8, 5))
+  if ties:  # the Integrated-Gradients black baseline: every window ties
+    x = jnp.round(x) * 0.0 + jnp.where(x > 0, 1.0, 0.0)
+  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 4, 5))
+  np.testing.assert_array_equal(models.max_pool_2x2(x), ref(x))
+  g = jax.grad(lambda x: jnp.sum(models.max_pool_2x2(x) * w))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
+  np.testing.assert_array_equal(g, g_ref)
+
+
+def test_avg_pool_matches_flax():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 6, 3))
+  np.testing.assert_allclose(models.avg_pool_2x2(x), nn.avg_pool(x, (2, 2), (2, 2)), rtol=1e-6)
+
+
+def test_max_pool_rejects_odd():
+  with pytest.raises(ValueError, match="even"):
+    models.max_pool_2x2(jnp.zeros((1, 5, 4, 1)))
