@@ -1,0 +1,307 @@
+"""Tests for jaxplain.train: the jitted step, fit, evaluate, checkpoints, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxplain import data, train
+
+
+class Tiny(nn.Module):
+  """A tiny conv net (optionally with batch norm) so that compiles stay fast."""
+  bn: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), use_bias=not self.bn, name="conv")(x)
+    if self.bn:
+      x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    x = nn.relu(x).mean(axis=(1, 2))
+    return nn.Dense(10, name="fc")(x)
+
+
+class TinyNoTrainArg(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10, name="fc")(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("tfds"))
+  tr = data.load("digits", "train", data_dir=d)
+  va = data.load("digits", "validation", data_dir=d)
+  return {k: v[:96] for k, v in tr.items()}, {k: v[:40] for k, v in va.items()}
+
+
+def _fit(model, tr, va=None, **kw):
+  kw = {"epochs": 2, "batch_size": 16, "optimizer": optax.sgd(0.2), "seed": 3,
+        "progress": False, **kw}
+  return train.fit(model, tr, va, **kw)
+
+
+def _losses(result):
+  return [l for h in result.history for l in h["step_loss"]]
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_fit_matches_hand_written_optax_loop(digits):
+  tr, _ = digits
+  model, seed, bs, lr = Tiny(), 3, 16, 0.2
+  res = _fit(model, tr, seed=seed, batch_size=bs, optimizer=optax.sgd(lr))
+  # independent: a plain un-jitted loop over the documented batch order and init key
+  params = model.init(jax.random.fold_in(jax.random.key(seed), 0), tr["image"][:1])["params"]
+
+  def loss(p, x, y):
+    logp = jax.nn.log_softmax(model.apply({"params": p}, x))
+    return -jnp.mean(logp[jnp.arange(len(y)), y])
+
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  want = []
+  for epoch in range(2):
+    order = np.random.default_rng([seed, epoch]).permutation(len(tr["label"]))
+    for b in range(len(order) // bs):
+      idx = order[b * bs:(b + 1) * bs]
+      x, y = tr["image"][idx], tr["label"][idx]
+
+      l, g = grad_fn(params, x, y)
+      params = jax.tree.map(lambda p, gg: p - lr * gg, params, g)
+      want.append(float(l))
+  assert res.step == len(want) == 12
+  np.testing.assert_allclose(_losses(res), want, rtol=2e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               res.variables["params"], params)
+  assert [h["epoch"] for h in res.history] == [1, 2]
+  np.testing.assert_allclose(res.history[0]["loss"], np.mean(want[:6]), rtol=1e-6)
+
+
+def test_seeded_run_reproduces_loss_curve_exactly(digits):
+  tr, _ = digits
+  a = _fit(Tiny(bn=True), tr, optimizer=optax.adam(1e-2))
+  b = _fit(Tiny(bn=True), tr, optimizer=optax.adam(1e-2))
+  c = _fit(Tiny(bn=True), tr, optimizer=optax.adam(1e-2), seed=4)
+  assert _losses(a) == _losses(b)  # bit-for-bit
+  _assert_trees_equal(a.variables, b.variables)
+  assert _losses(a) != _losses(c)
+  assert set(a.variables) == {"params", "batch_stats"}
+  # batch statistics were updated by training (they start at mean 0, var 1)
+  assert np.abs(np.asarray(a.variables["batch_stats"]["bn"]["mean"])).max() > 1e-3
+
+
+def test_evaluate_matches_numpy_with_padding(digits):
+  tr, va = digits
+  model = Tiny()
+  variables = model.init(jax.random.key(0), tr["image"][:1])
+  out = train.evaluate(model, variables, va, batch_size=16)  # 40 = 16 + 16 + 8 (padded)
+  logits = np.asarray(model.apply(variables, va["image"]), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+      - logits.max(1, keepdims=True)
+  np.testing.assert_allclose(out["loss"], -logp[np.arange(40), va["label"]].mean(), rtol=1e-5)
+  assert out["accuracy"] == np.mean(logits.argmax(1) == va["label"])
+
+
+def test_loss_fn_sees_extra_keys_and_model_without_train_arg(digits):
+  tr, _ = digits
+  seen = []
+
+  def loss_fn(params, model_state, batch, key, step):
+    seen.append(sorted(batch))
+    logits = TinyNoTrainArg().apply({"params": params}, batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    return loss, ({"extra": jnp.mean(batch["weight"])}, model_state)
+
+  tr2 = {**tr, "weight": np.ones(len(tr["label"]), np.float32)}
+  res = _fit(TinyNoTrainArg(), tr2, epochs=1, loss_fn=loss_fn)
+  assert seen[0] == ["image", "label", "weight"]
+  assert res.history[0]["extra"] == 1.0 and "loss" in res.history[0]
+
+
+def test_early_stop_returns_best_epoch(digits):
+  tr, va = digits
+  res = _fit(Tiny(), tr, va, epochs=30, optimizer=optax.sgd(2.0), early_stop_patience=2)
+  val = [h["val_accuracy"] for h in res.history]
+  best = int(np.argmax(val))  # first best epoch
+  assert len(val) == best + 1 + 2 < 30  # stopped `patience` epochs after the best
+  got = train.evaluate(Tiny(), res.variables, va)["accuracy"]
+  assert got == pytest.approx(val[best])
+
+
+def test_resume_after_interrupt_equals_uninterrupted(digits, tmp_path):
+  tr, va = digits
+  full = _fit(Tiny(bn=True), tr, va, epochs=3, optimizer=optax.adam(1e-2),
+              checkpoint_dir=tmp_path / "a", save_every=4)
+
+  def interrupt(step, metrics):
+    if step == 10:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    _fit(Tiny(bn=True), tr, va, epochs=3, optimizer=optax.adam(1e-2),
+         checkpoint_dir=tmp_path / "b", save_every=4, callback=interrupt)
+  _, meta = train.load_checkpoint(tmp_path / "b")
+  assert meta["step"] == 8 and (meta["epoch"], meta["batch"]) == (1, 2)  # 6 steps/epoch
+  resumed = _fit(Tiny(bn=True), tr, va, epochs=3, optimizer=optax.adam(1e-2),
+                 checkpoint_dir=tmp_path / "b", save_every=4)
+  assert resumed.step == full.step == 18
+  _assert_trees_equal(resumed.variables, full.variables)
+  assert _losses(resumed) == _losses(full)
+  assert resumed.history == full.history
+  # a finished run is restored, not retrained
+  again = _fit(Tiny(bn=True), tr, va, epochs=3, optimizer=optax.adam(1e-2),
+               checkpoint_dir=tmp_path / "b", save_every=4,
+               callback=lambda s, m: pytest.fail("trained again"))
+  _assert_trees_equal(again.variables, full.variables)
+  # keep=3: only the last three checkpoints remain
+  steps = sorted(int(p.name) for p in (tmp_path / "a").iterdir() if p.name.isdigit())
+  assert steps == [12, 16, 18]
+
+
+def test_corrupt_checkpoint_raises_and_previous_stays_loadable(digits, tmp_path):
+  tr, _ = digits
+  ckpt = tmp_path / "c"
+  _fit(Tiny(), tr, epochs=2, checkpoint_dir=ckpt, save_every=4)  # steps 4, 8, 12
+  latest = ckpt / "12"
+  files = [p for p in latest.rglob("*") if p.is_file() and "state" in p.parts
+           and p.parent.name == "d"]
+  assert files
+  for p in files:  # flip bytes in every array data file of the latest checkpoint
+    raw = bytearray(p.read_bytes())
+    for i in range(len(raw) // 2, len(raw)):
+      raw[i] ^= 0xFF
+    p.write_bytes(bytes(raw))
+  with pytest.raises(train.CheckpointError, match=r"checkpoint .*12.*(corrupt|SHA-256)"):
+    _fit(Tiny(), tr, epochs=3, checkpoint_dir=ckpt, save_every=4)
+  with pytest.raises(train.CheckpointError, match="steps \\[4, 8\\]"):
+    train.load_checkpoint(ckpt)
+  tree, meta = train.load_checkpoint(ckpt, step=8)
+  assert meta["step"] == 8 and int(tree["state"]["step"]) == 8
+  # silent corruption (arrays readable but not the saved ones) is caught by the SHA-256
+  meta_file = ckpt / "4" / "meta" / "metadata"
+  saved = json.loads(meta_file.read_text())
+  meta_file.write_text(json.dumps({**saved, "checksum": "0" * 64}))
+  with pytest.raises(train.CheckpointError, match="SHA-256"):
+    train.load_checkpoint(ckpt, step=4)
+  # after deleting the corrupt step, training resumes from the good step 8 and ends exactly
+  # where an uninterrupted run ends
+  shutil.rmtree(latest)
+  res = _fit(Tiny(), tr, epochs=2, checkpoint_dir=ckpt, save_every=4,
+             callback=lambda s, m: s > 8 or pytest.fail(f"retrained step {s}"))
+  clean = _fit(Tiny(), tr, epochs=2)
+  _assert_trees_equal(res.variables, clean.variables)
+
+
+def test_mismatched_checkpoint_raises(digits, tmp_path):
+  tr, _ = digits
+  _fit(Tiny(), tr, epochs=1, checkpoint_dir=tmp_path / "m")
+  with pytest.raises(train.CheckpointError, match="different run"):
+    _fit(Tiny(bn=True), tr, epochs=1, checkpoint_dir=tmp_path / "m")
+  with pytest.raises(train.CheckpointError, match="different run"):
+    _fit(Tiny(), tr, epochs=1, batch_size=32, checkpoint_dir=tmp_path / "m")
+
+
+def test_failed_save_keeps_previous_checkpoint(digits, tmp_path, monkeypatch):
+  tr, _ = digits
+  ckpt = tmp_path / "f"
+  real_save = train._save
+
+  def failing_save(mngr, step, tree, meta):
+    if step == 8:  # an unserialisable leaf makes orbax fail in the middle of writing
+      tree = {**tree, "bad": object()}
+    return real_save(mngr, step, tree, meta)
+
+  monkeypatch.setattr(train, "_save", failing_save)
+  with pytest.raises(Exception):
+    _fit(Tiny(), tr, epochs=2, checkpoint_dir=ckpt, save_every=4)
+  steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  assert steps == [4]
+  tree, meta = train.load_checkpoint(ckpt)
+  assert meta["step"] == 4
+
+
+def test_bad_arguments(digits):
+  tr, va = digits
+  with pytest.raises(KeyError, match="label"):
+    train.fit(Tiny(), {"image": tr["image"]}, epochs=1, progress=False)
+  with pytest.raises(ValueError, match="validation"):
+    train.fit(Tiny(), tr, epochs=1, early_stop_patience=1, progress=False)
+  with pytest.raises(ValueError, match="batch_size"):
+    train.fit(Tiny(), tr, epochs=1, batch_size=200, progress=False)
+
+
+_SHARDED = textwrap.dedent("""
+    import json, sys
+    import flax.linen as nn, jax, numpy as np, optax
+    from jaxplain import data, train
+
+    class Tiny(nn.Module):
+      @nn.compact
+      def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+        return nn.Dense(10, name="fc")(nn.relu(x).mean(axis=(1, 2)))
+
+    devs = jax.local_devices()
+    assert len(devs) == 4, devs
+    tr = data.load("digits", "train", data_dir=sys.argv[1])
+    tr = {k: v[:64] for k, v in tr.items()}
+    # sgd: adam's g / sqrt(v) would amplify round-off in near-zero gradients to +-lr
+    model, opt = Tiny(), optax.sgd(0.2)
+    # one step, directly
+    st0 = train.init_state(model, opt, tr["image"][:1], key=jax.random.key(0))
+    batch = next(data.batches(tr, 16, seed=0))
+    out = {}
+    for name, d in (("single", devs[:1]), ("sharded", devs)):
+      mesh = data.data_mesh(d)
+      step = train.make_train_step(train.classification_loss(model), opt, mesh=mesh)
+      st = jax.device_put(st0, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                          may_alias=False)  # the step donates its state
+      b = data.shard_batch(batch, mesh)
+      assert len(b["image"].sharding.device_set) == len(d)
+      st, m = step(st, b, jax.random.key(1))
+      res = train.fit(model, tr, epochs=2, batch_size=16, optimizer=opt, devices=d,
+                      progress=False)
+      out[name] = {"step_loss": float(m["loss"]),
+                   "step_params": jax.tree.map(lambda x: np.asarray(x).tolist(),
+                                               jax.device_get(st["params"])),
+                   "losses": [l for h in res.history for l in h["step_loss"]],
+                   "variables": jax.tree.map(lambda x: np.asarray(x).tolist(),
+                                             res.variables)}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_sharded_step_equals_single_device(tmp_path, digits):
+  data_dir = str(tmp_path / "tfds")
+  data.load("digits", "train", data_dir=data_dir)  # prepare once, outside the subprocess
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
+                                        os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", _SHARDED, data_dir], capture_output=True,
+                       text=True, timeout=300, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.split("RESULT", 1)[1])
+  s, p = res["single"], res["sharded"]
+  np.testing.assert_allclose(p["step_loss"], s["step_loss"], rtol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                  atol=1e-6)
+  jax.tree.map(close, p["step_params"], s["step_params"], is_leaf=lambda x: isinstance(x, list))
+  np.testing.assert_allclose(p["losses"], s["losses"], rtol=1e-5)
+  jax.tree.map(close, p["variables"], s["variables"], is_leaf=lambda x: isinstance(x, list))
+  assert len(s["losses"]) == 8
