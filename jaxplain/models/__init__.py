@@ -3,7 +3,10 @@
 All models take NHWC float input ``(B, H, W, C)`` and return logits ``(B, num_classes)``.
 Sub-modules have explicit, readable names (``conv1``, ``fc1``, ...) so that parameter paths
 such as ``params/conv1/kernel`` can be selected by regex and Grad-CAM layers chosen by name.
-Models with batch norm take ``train: bool`` (default ``False``: inference statistics).
+Models with batch norm take ``train: bool`` (default ``False``: inference statistics); their
+running statistics use momentum 0.9 (``bn_momentum``), not flax's 0.99, because the embedded
+data set gives only a few hundred steps: with 0.99 the inference statistics still lag the
+training ones after 240 steps (ResNetSmall: 98 % train, 46 % validation accuracy).
 
 >>> import jax, jax.numpy as jnp
 >>> model = LeNet()
@@ -93,6 +96,7 @@ class SmallVGG(nn.Module):
   widths: Sequence[int] = (32, 64, 128)
   convs_per_stage: int = 2
   hidden: int = 256
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -101,7 +105,7 @@ class SmallVGG(nn.Module):
       for _ in range(self.convs_per_stage):
         k += 1
         x = nn.Conv(w, (3, 3), padding="SAME", use_bias=False, name=f"conv{k}")(x)
-        x = nn.BatchNorm(use_running_average=not train, name=f"bn{k}")(x)
+        x = nn.BatchNorm(not train, momentum=self.bn_momentum, name=f"bn{k}")(x)
         x = nn.relu(x)
       x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
@@ -113,18 +117,19 @@ class BasicBlock(nn.Module):
   """ResNet basic block: conv-bn-relu-conv-bn + (projected) skip, then ReLU."""
   features: int
   strides: int = 1
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     y = nn.Conv(self.features, (3, 3), strides=self.strides, padding="SAME", use_bias=False,
                 name="conv1")(x)
-    y = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn1")(y))
+    y = nn.relu(nn.BatchNorm(not train, momentum=self.bn_momentum, name="bn1")(y))
     y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
-    y = nn.BatchNorm(use_running_average=not train, name="bn2")(y)
+    y = nn.BatchNorm(not train, momentum=self.bn_momentum, name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
                   name="proj_conv")(x)
-      x = nn.BatchNorm(use_running_average=not train, name="proj_bn")(x)
+      x = nn.BatchNorm(not train, momentum=self.bn_momentum, name="proj_bn")(x)
     return nn.relu(x + y)
 
 
@@ -134,15 +139,16 @@ class ResNet(nn.Module):
   num_classes: int = 10
   stages: Sequence[int] = (2, 2, 2, 2)
   widths: Sequence[int] = (64, 128, 256, 512)
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False, name="stem_conv")(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+    x = nn.relu(nn.BatchNorm(not train, momentum=self.bn_momentum, name="stem_bn")(x))
     for s, (n, w) in enumerate(zip(self.stages, self.widths)):
       for b in range(n):
         strides = 2 if (s > 0 and b == 0) else 1
-        x = BasicBlock(w, strides, name=f"stage{s + 1}_block{b + 1}")(x, train)
+        x = BasicBlock(w, strides, self.bn_momentum, name=f"stage{s + 1}_block{b + 1}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="head")(x)
 
