@@ -3,6 +3,8 @@
 All models take NHWC float input ``(B, H, W, C)`` and return logits ``(B, num_classes)``.
 Sub-modules have explicit, readable names (``conv1``, ``fc1``, ...) so that parameter paths
 such as ``params/conv1/kernel`` can be selected by regex and Grad-CAM layers chosen by name.
+The ReLU after a convolution is a parameter-free module too (``conv1_relu``), so that the
+post-activation feature maps, the usual Grad-CAM layer, can be chosen by name.
 Models with batch norm take ``train: bool`` (default ``False``: inference statistics); their
 running statistics use momentum 0.9 (``bn_momentum``), not flax's 0.99, because the embedded
 data set gives only a few hundred steps: with 0.99 the inference statistics still lag the
@@ -27,9 +29,18 @@ from jaxplain.models._layers import avg_pool_2x2 as avg_pool_2x2
 from jaxplain.models._layers import max_pool_2x2 as max_pool_2x2
 
 __all__ = [
-    "LeNet", "CNN003", "SmallCNN", "SmallVGG", "BasicBlock", "ResNet", "ResNet18",
+    "ReLU", "LeNet", "CNN003", "SmallCNN", "SmallVGG", "BasicBlock", "ResNet", "ResNet18",
     "ResNetSmall", "max_pool_2x2", "avg_pool_2x2",
 ]
+
+
+class ReLU(nn.Module):
+  """ReLU as a (parameter-free) module, so that post-activation feature maps have a name
+  (``conv3_relu``) for Grad-CAM, interception and capture; parameter paths are unchanged."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.relu(x)
 
 
 class LeNet(nn.Module):
@@ -39,9 +50,9 @@ class LeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(nn.Conv(6, (5, 5), padding="SAME", name="conv1")(x))
+    x = ReLU(name="conv1_relu")(nn.Conv(6, (5, 5), padding="SAME", name="conv1")(x))
     x = max_pool_2x2(x)
-    x = nn.relu(nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x))
+    x = ReLU(name="conv2_relu")(nn.Conv(16, (5, 5), padding="VALID", name="conv2")(x))
     x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(120, name="fc1")(x))
@@ -63,7 +74,8 @@ class CNN003(nn.Module):
     if len(self.widths) != 6:
       raise ValueError(f"CNN003: widths must have 6 entries, got {self.widths}")
     for i, w in enumerate(self.widths):
-      x = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
+      x = nn.Conv(w, (3, 3), padding="SAME", name=f"conv{i + 1}")(x)
+      x = ReLU(name=f"conv{i + 1}_relu")(x)
       if i % 2 == 1:
         x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
@@ -79,10 +91,10 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.relu(nn.Conv(32, (3, 3), padding="SAME", name="conv1")(x))
-    x = nn.relu(nn.Conv(64, (3, 3), padding="SAME", name="conv2")(x))
+    x = ReLU(name="conv1_relu")(nn.Conv(32, (3, 3), padding="SAME", name="conv1")(x))
+    x = ReLU(name="conv2_relu")(nn.Conv(64, (3, 3), padding="SAME", name="conv2")(x))
     x = max_pool_2x2(x)
-    x = nn.relu(nn.Conv(128, (3, 3), padding="SAME", name="conv3")(x))
+    x = ReLU(name="conv3_relu")(nn.Conv(128, (3, 3), padding="SAME", name="conv3")(x))
     x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(256, name="fc1")(x))
@@ -106,7 +118,7 @@ class SmallVGG(nn.Module):
         k += 1
         x = nn.Conv(w, (3, 3), padding="SAME", use_bias=False, name=f"conv{k}")(x)
         x = nn.BatchNorm(not train, momentum=self.bn_momentum, name=f"bn{k}")(x)
-        x = nn.relu(x)
+        x = ReLU(name=f"conv{k}_relu")(x)
       x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
