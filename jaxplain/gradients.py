@@ -1,0 +1,218 @@
+"""Gradient saliency: the plain gradient, gradient x input and the SmoothGrad family.
+
+Every function takes a pure, batched ``f(x) -> logits`` ((B, ...) -> (B, K)), a batch ``x``
+and a target that is an int or a (B,) int array (one class per example), and returns an
+array shaped like ``x``. Nothing here calls ``jax.jit``: jit and vmap the functions yourself.
+
+The per-example gradients come from ONE reverse pass over the batch: with ``y = f(x)`` and
+the cotangent ``v[b] = d out_b / d y_b`` (a one-hot row for the logit form), ``vjp(v)`` gives
+``d out_b / d x_b`` for every ``b`` at once, because examples do not interact in ``f``.
+
+References: Simonyan et al. 2014 (gradient saliency, eq. 2); Shrikumar et al. 2016
+(gradient x input); Smilkov et al. 2017 (SmoothGrad, eq. 3 and the squared form);
+Adebayo et al. 2018 (VarGrad). See SPEC.md section 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxplain import _validate
+
+Array = jax.Array
+Fn = Callable[[Array], Array]
+
+OUTPUTS = ("logit", "log_softmax", "softmax", "cross_entropy")
+
+
+def _check_output(output: str) -> None:
+  if output not in OUTPUTS:
+    raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+
+
+def _cotangent(logits: Array, target: Array, output: str) -> Array:
+  """d out_b / d logits_b for the chosen output, shape (B, K).
+
+  logit: out = y[t]; log_softmax: out = log p[t]; softmax: out = p[t];
+  cross_entropy: out = -log p[t], the categorical cross-entropy against a one-hot target
+  (seed 000's saliency differentiates this loss).
+  """
+  onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
+  if output == "logit":
+    return onehot
+  p = jax.nn.softmax(logits, axis=-1)
+  if output == "log_softmax":
+    return onehot - p
+  if output == "cross_entropy":
+    return p - onehot
+  if output == "softmax":
+    pt = jnp.sum(p * onehot, axis=-1, keepdims=True)
+    return pt * (onehot - p)
+  raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+
+
+def _output_value(logits: Array, target: Array, output: str) -> Array:
+  """The scalar per example that the gradient is taken of, shape (B,)."""
+  if output == "logit":
+    return _validate.select_target(logits, target)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  if output == "log_softmax":
+    return _validate.select_target(logp, target)
+  if output == "cross_entropy":
+    return -_validate.select_target(logp, target)
+  return jnp.exp(_validate.select_target(logp, target))
+
+
+def _grad_rows(f: Fn, x: Array, target: Array, output: str,
+               num_classes: int | None = None, name: str = "target",
+               weights: Array | None = None) -> tuple[Array, Array]:
+  """Per-row gradients of the chosen output: returns (logits (N, K), grads like x).
+
+  ``target`` is normalised with the model's number of classes (range errors when concrete).
+  ``weights`` (N,) scales each row's cotangent (used by Integrated Gradients).
+  """
+  logits, vjp = jax.vjp(f, x)
+  _validate.check_logits(logits, x.shape[0])
+  t = _validate.check_target(target, x.shape[0], logits.shape[-1], name)
+  ct = _cotangent(logits, t, output)
+  if weights is not None:
+    ct = ct * weights[:, None].astype(ct.dtype)
+  (g,) = vjp(ct)
+  return logits, g
+
+
+def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit") -> Array:
+  """Gradient saliency d out[t] / dx for a batch (Simonyan et al. 2014, eq. 2).
+
+  Args:
+    f: pure batched model, (B, ...) -> logits (B, K).
+    x: inputs, (B, ...) floating.
+    target: an int or a (B,) int array of classes in [0, K).
+    output: what is differentiated: ``"logit"`` (y[t], default), ``"log_softmax"``
+      (log p[t]), ``"softmax"`` (p[t]) or ``"cross_entropy"`` (-log p[t], the seed-000 form:
+      categorical cross-entropy against a one-hot target; its sign is that of the loss).
+
+  Returns:
+    Gradients shaped like ``x``, (B, ...).
+
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
+  >>> gradient(f, jnp.array([[1., 2.]]), 1)
+  Array([[2., 4.]], dtype=float32)
+  """
+  _check_output(output)
+  x = _validate.check_batched(x, "x")
+  _, g = _grad_rows(f, x, target, output)
+  return g
+
+
+def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit") -> Array:
+  """Gradient times input, ``x * d out[t] / dx`` (Shrikumar et al. 2016).
+
+  Args:
+    f: pure batched model, (B, ...) -> logits (B, K).
+    x: inputs, (B, ...) floating.
+    target: an int or a (B,) int array.
+    output: as in :func:`gradient`.
+
+  Returns:
+    Attributions shaped like ``x``.
+
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
+  >>> gradient_x_input(f, jnp.array([[1., 2.]]), 1)
+  Array([[2., 8.]], dtype=float32)
+  """
+  _check_output(output)
+  x = _validate.check_batched(x, "x")
+  _, g = _grad_rows(f, x, target, output)
+  return g * x
+
+
+SMOOTHGRAD_FORMS = ("mean", "squared", "vargrad")
+
+
+def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 32,
+               noise_level: float = 0.15, form: str = "mean",
+               multiply_by_input: bool = False, output: str = "logit",
+               chunk: int | None = 8) -> Array:
+  """SmoothGrad and its squared and VarGrad forms (Smilkov et al. 2017, eq. 3).
+
+  For n = 1..N, ``g_n = grad out[t](x + e_n)`` with ``e_n ~ N(0, sigma^2)`` and
+  ``sigma = noise_level * (max(x_b) - min(x_b))``, the range taken per example (the paper's
+  "noise level relative to the input range"). Then
+
+  - ``form="mean"``: ``mean_n g_n`` (SmoothGrad);
+  - ``form="squared"``: ``mean_n g_n ** 2`` (SmoothGrad^2, Hooker et al. 2019);
+  - ``form="vargrad"``: ``var_n g_n`` (population variance; Adebayo et al. 2018).
+
+  With ``multiply_by_input=True`` each ``g_n`` is first multiplied by its noisy input
+  ``x + e_n`` (Captum's ``NoiseTunnel(InputXGradient)``).
+
+  Args:
+    f: pure batched model, (B, ...) -> logits (B, K).
+    x: inputs, (B, ...) floating.
+    target: an int or a (B,) int array.
+    key: a ``jax.random`` key; the same key gives the same result.
+    num_samples: N, the number of noisy copies per example.
+    noise_level: sigma relative to each example's value range (Smilkov et al. use 0.1-0.2).
+    form: ``"mean"``, ``"squared"`` or ``"vargrad"``.
+    multiply_by_input: multiply each sample's gradient by its noisy input.
+    output: as in :func:`gradient`.
+    chunk: noisy copies per model call (``chunk * B`` rows per forward/backward pass);
+      ``None`` evaluates all ``N * B`` rows in one call (fastest on accelerators, most
+      memory). The calls are unrolled in the traced program. Results do not depend on it
+      beyond float rounding.
+
+  Returns:
+    Attributions shaped like ``x``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
+  >>> smoothgrad(f, jnp.ones((2, 3)), 0, key=jax.random.key(0), num_samples=4).shape
+  (2, 3)
+  """
+  _check_output(output)
+  if form not in SMOOTHGRAD_FORMS:
+    raise ValueError(f"form: expected one of {SMOOTHGRAD_FORMS}, got {form!r}")
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+  if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  if noise_level < 0:
+    raise ValueError(f"noise_level: expected >= 0, got {noise_level}")
+  if key is None:
+    raise ValueError("key: smoothgrad needs an explicit jax.random key")
+  x = _validate.check_batched(x, "x")
+  b = x.shape[0]
+  red = tuple(range(1, x.ndim))
+  span = jnp.max(x, axis=red, keepdims=True) - jnp.min(x, axis=red, keepdims=True)
+  sigma = noise_level * span
+  noise = jax.random.normal(key, (num_samples,) + x.shape, x.dtype) * sigma[None]
+  t = _validate.check_target(target, b, None, "target")
+  step = num_samples if chunk is None else min(chunk, num_samples)
+  count = 0
+  mean = jnp.zeros_like(x)
+  m2 = jnp.zeros_like(x)  # sum of g**2 ("squared") or of squared deviations ("vargrad")
+  for s in range(0, num_samples, step):
+    n = min(step, num_samples - s)
+    xs = (x[None] + noise[s:s + n]).reshape((n * b,) + x.shape[1:])
+    _, g = _grad_rows(f, xs, jnp.tile(t, n), output)
+    if multiply_by_input:
+      g = g * xs
+    g = g.reshape((n,) + x.shape)
+    g_mean = jnp.mean(g, axis=0)
+    if form == "squared":
+      m2 = m2 + jnp.sum(g * g, axis=0)
+    elif form == "vargrad":  # Chan et al.'s pairwise update: no E[g^2] - E[g]^2 cancellation
+      g_m2 = jnp.sum((g - g_mean[None]) ** 2, axis=0)
+      delta = g_mean - mean
+      m2 = m2 + g_m2 + delta * delta * (count * n / (count + n))
+    mean = mean + (g_mean - mean) * (n / (count + n))
+    count += n
+  if form == "mean":
+    return mean
+  return m2 / num_samples

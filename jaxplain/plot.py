@@ -1,0 +1,291 @@
+"""Heat maps and figures for attributions (matplotlib, Agg canvas; host-side numpy).
+
+The seed-000 pipeline: grayscale = sum over channels of |attribution|; normalise to [0, 1]
+(seed 000 uses min-max; PAIR's saliency library clips at the 99th percentile); colour with
+matplotlib's ``'hot'`` map; blend with the image at alpha 0.5; show original / saliency /
+overlay side by side. Signed maps (IG, gradient x input) use a diverging map centred on 0.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never ``pyplot``, so
+nothing here touches the global backend or keeps figures alive.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import matplotlib.image
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+GRAYSCALE_MODES = ("sum_abs", "abs_sum", "sum")
+NORMALIZE_METHODS = ("minmax", "percentile", "maxabs")
+
+
+def to_grayscale(attr: Any, *, mode: str = "sum_abs") -> np.ndarray:
+  """Reduce the channel axis (last) of an attribution: (..., H, W, C) -> (..., H, W).
+
+  Args:
+    attr: attributions with channels last (one map (H, W, C) or a batch (B, H, W, C)).
+    mode: ``"sum_abs"``: sum_c |a_c| (seed 000, SPEC section 1; default); ``"abs_sum"``:
+      |sum_c a_c|; ``"sum"``: sum_c a_c (signed, for a diverging map).
+
+  Returns:
+    Maps without the channel axis, float numpy.
+
+  >>> to_grayscale(np.array([[[1., -2.]]]))
+  array([[3.]])
+  """
+  a = np.asarray(attr, dtype=np.float64)
+  if a.ndim < 3:
+    raise ValueError(f"attr: expected channels last, (H, W, C) or (B, H, W, C); got shape "
+                     f"{a.shape} (pass maps without channels straight to normalize)")
+  if mode == "sum_abs":
+    return np.abs(a).sum(axis=-1)
+  if mode == "abs_sum":
+    return np.abs(a.sum(axis=-1))
+  if mode == "sum":
+    return a.sum(axis=-1)
+  raise ValueError(f"mode: expected one of {GRAYSCALE_MODES}, got {mode!r}")
+
+
+def normalize(maps: Any, *, method: str = "percentile", percentile: float = 99.0) -> np.ndarray:
+  """Normalise each map (over its last two axes, H and W) for display.
+
+  Args:
+    maps: (H, W) or (..., H, W).
+    method: ``"minmax"``: (m - min) / (max - min) (seed 000); ``"percentile"``: (m - min) /
+      (p - min) clipped to [0, 1], p the ``percentile``-th percentile (PAIR's
+      ``VisualizeImageGrayscale``, 99th); ``"maxabs"``: m / max|m| in [-1, 1], for signed
+      maps (with ``percentile`` < 100, divides by that percentile of |m| and clips).
+    percentile: the clip percentile for ``"percentile"`` and ``"maxabs"``.
+
+  Returns:
+    Float numpy maps in [0, 1] (``"maxabs"``: [-1, 1]); a constant map gives zeros.
+
+  >>> normalize(np.array([[1., 2.], [3., 5.]]), method="minmax")
+  array([[0.  , 0.25],
+         [0.5 , 1.  ]])
+  """
+  m = np.asarray(maps, dtype=np.float64)
+  if m.ndim < 2:
+    raise ValueError(f"maps: expected (H, W) or (..., H, W), got shape {m.shape}")
+  if not 0 < percentile <= 100:
+    raise ValueError(f"percentile: expected in (0, 100], got {percentile}")
+  if method == "maxabs":
+    hi = np.percentile(np.abs(m), percentile, axis=(-2, -1), keepdims=True)
+    return np.clip(np.divide(m, hi, out=np.zeros_like(m), where=hi > 0), -1.0, 1.0)
+  lo = m.min(axis=(-2, -1), keepdims=True)
+  if method == "minmax":
+    hi = m.max(axis=(-2, -1), keepdims=True)
+  elif method == "percentile":
+    hi = np.percentile(m, percentile, axis=(-2, -1), keepdims=True)
+  else:
+    raise ValueError(f"method: expected one of {NORMALIZE_METHODS}, got {method!r}")
+  span = hi - lo
+  out = np.divide(m - lo, span, out=np.zeros_like(m), where=span > 0)
+  return np.clip(out, 0.0, 1.0)
+
+
+def _image_rgb(image: Any) -> np.ndarray:
+  """(H, W), (H, W, 1) or (H, W, 3) -> (H, W, 3) in [0, 1] (min-max if outside [0, 1])."""
+  img = np.asarray(image, dtype=np.float64)
+  if img.ndim == 3 and img.shape[-1] == 1:
+    img = img[..., 0]
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  if img.ndim != 3 or img.shape[-1] != 3:
+    raise ValueError(f"image: expected (H, W), (H, W, 1) or (H, W, 3), got shape {img.shape}")
+  if img.min() < 0 or img.max() > 1:
+    span = img.max() - img.min()
+    img = (img - img.min()) / span if span > 0 else np.zeros_like(img)
+  return img
+
+
+def colorize(saliency: Any, *, cmap: str = "hot", signed: bool = False) -> np.ndarray:
+  """Colour a normalised map: (H, W) in [0, 1] (or [-1, 1] when ``signed``) -> RGB (H, W, 3).
+
+  >>> colorize(np.zeros((2, 2))).shape
+  (2, 2, 3)
+  """
+  s = np.asarray(saliency, dtype=np.float64)
+  if s.ndim != 2:
+    raise ValueError(f"saliency: expected one map (H, W), got shape {s.shape}")
+  if signed:
+    s = (s + 1.0) / 2.0
+  return colormaps[cmap](np.clip(s, 0.0, 1.0))[..., :3]
+
+
+def overlay(image: Any, saliency: Any, *, cmap: str = "hot", alpha: float = 0.5,
+            signed: bool = False) -> np.ndarray:
+  """Blend a colour-mapped saliency map over an image (seed 000: alpha 0.5, 'hot').
+
+  Args:
+    image: (H, W), (H, W, 1) or (H, W, 3); values outside [0, 1] are min-max scaled.
+    saliency: a normalised map (H, W) in [0, 1] (``signed``: [-1, 1]).
+    cmap: a matplotlib colour map name.
+    alpha: weight of the saliency colour: ``(1 - alpha) * image + alpha * colour``.
+    signed: the map is signed (use a diverging ``cmap`` such as ``"RdBu_r"``).
+
+  Returns:
+    RGB (H, W, 3) float in [0, 1].
+
+  >>> overlay(np.zeros((2, 2)), np.ones((2, 2)))[0, 0]
+  array([0.5, 0.5, 0.5])
+  """
+  if not 0 <= alpha <= 1:
+    raise ValueError(f"alpha: expected in [0, 1], got {alpha}")
+  img = _image_rgb(image)
+  col = colorize(saliency, cmap=cmap, signed=signed)
+  if col.shape != img.shape:
+    raise ValueError(f"saliency: shape {np.shape(saliency)} does not match image "
+                     f"{img.shape[:2]}")
+  return (1.0 - alpha) * img + alpha * col
+
+
+def diverging(attr: Any, *, cmap: str = "RdBu_r", percentile: float = 99.0) -> np.ndarray:
+  """A signed attribution as RGB: channels summed (signed), scaled by the ``percentile`` of
+  |.| to [-1, 1], red positive, blue negative, white 0.
+
+  Args:
+    attr: (H, W, C) or (H, W).
+    cmap: a diverging colour map.
+    percentile: the clip percentile of |attribution|.
+
+  Returns:
+    RGB (H, W, 3).
+
+  >>> rgb = diverging(np.array([[1., -1.]]))
+  >>> bool(rgb[0, 0, 0] > rgb[0, 0, 2]), bool(rgb[0, 1, 2] > rgb[0, 1, 0])  # red +, blue -
+  (True, True)
+  """
+  a = np.asarray(attr, dtype=np.float64)
+  g = to_grayscale(a, mode="sum") if a.ndim == 3 else a
+  return colorize(normalize(g, method="maxabs", percentile=percentile), cmap=cmap, signed=True)
+
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+  fig = Figure(figsize=figsize)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _show(ax, img, title=None, **kw):
+  ax.imshow(img, **kw)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  if title:
+    ax.set_title(title, fontsize=9)
+
+
+def three_panel(image: Any, attribution: Any, *, title: str | None = None,
+                normalization: str = "minmax", cmap: str = "hot", alpha: float = 0.5,
+                mode: str = "sum_abs") -> Figure:
+  """The seed-000 figure: original, saliency, saliency superimposed.
+
+  Args:
+    image: (H, W, C) or (H, W).
+    attribution: (H, W, C) raw attribution (reduced with :func:`to_grayscale`) or an
+      (H, W) map (Grad-CAM).
+    title: name shown over the original.
+    normalization: ``"minmax"`` (seed 000) or ``"percentile"`` (99th, PAIR).
+    cmap, alpha: colour map and blend weight of the overlay.
+    mode: the channel reduction of :func:`to_grayscale`.
+
+  Returns:
+    A matplotlib ``Figure`` (save it with :func:`save_png`).
+
+  >>> fig = three_panel(np.zeros((4, 4, 3)), np.ones((4, 4, 3)))
+  >>> [ax.get_title() for ax in fig.axes]
+  ['original', 'saliency map', 'saliency map superimposed']
+  """
+  a = np.asarray(attribution)
+  gray = to_grayscale(a, mode=mode) if a.ndim == 3 else a
+  sal = normalize(gray, method=normalization)
+  fig = _new_figure((9, 3.2))
+  axes = fig.subplots(1, 3)
+  _show(axes[0], _image_rgb(image), f"{title}, original" if title else "original")
+  _show(axes[1], sal, "saliency map", cmap=cmap, vmin=0, vmax=1)
+  _show(axes[2], overlay(image, sal, cmap=cmap, alpha=alpha), "saliency map superimposed")
+  fig.tight_layout()
+  return fig
+
+
+def method_grid(images: Any, maps: Mapping[str, Any], *, signed: Sequence[str] = (),
+                normalization: str = "percentile", cmap: str = "hot",
+                overlay_alpha: float | None = None, col_titles: Sequence[str] | None = None,
+                cell: float = 1.6) -> Figure:
+  """A grid of methods (rows) x examples (columns), the inputs in the first row.
+
+  Args:
+    images: (N, H, W, C) or (N, H, W).
+    maps: method name -> attributions (N, H, W, C) (reduced with :func:`to_grayscale`) or
+      maps (N, H, W).
+    signed: method names drawn with the diverging map (signed channel sum, ``maxabs``).
+    normalization: for unsigned maps, ``"minmax"`` or ``"percentile"`` (99th).
+    cmap: colour map of unsigned maps.
+    overlay_alpha: blend unsigned maps over the image with this alpha (``None``: plain map).
+    col_titles: titles of the columns (e.g. labels).
+    cell: inches per cell.
+
+  Returns:
+    A matplotlib ``Figure``.
+
+  >>> fig = method_grid(np.zeros((2, 4, 4)), {"gradient": np.ones((2, 4, 4))})
+  >>> len(fig.axes)
+  4
+  """
+  imgs = np.asarray(images)
+  n = imgs.shape[0]
+  rows = len(maps) + 1
+  fig = _new_figure((cell * n + 0.8, cell * rows))
+  axes = np.asarray(fig.subplots(rows, n, squeeze=False))
+  for j in range(n):
+    _show(axes[0, j], _image_rgb(imgs[j]), col_titles[j] if col_titles else None)
+  axes[0, 0].set_ylabel("input", fontsize=9)
+  for i, (name, m) in enumerate(maps.items(), start=1):
+    m = np.asarray(m)
+    if m.shape[0] != n:
+      raise ValueError(f"maps[{name!r}]: expected {n} maps (one per image), got {m.shape}")
+    for j in range(n):
+      if name in signed:
+        _show(axes[i, j], diverging(m[j]))
+        continue
+      gray = to_grayscale(m[j]) if m.ndim == 4 else m[j]
+      sal = normalize(gray, method=normalization)
+      if overlay_alpha is None:
+        _show(axes[i, j], sal, cmap=cmap, vmin=0, vmax=1)
+      else:
+        _show(axes[i, j], overlay(imgs[j], sal, cmap=cmap, alpha=overlay_alpha))
+    axes[i, 0].set_ylabel(name, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def save_png(fig_or_image: Any, path: str | os.PathLike, *, dpi: int = 100) -> str:
+  """Write a ``Figure`` or an RGB/grayscale array ((H, W[, 3]) in [0, 1]) as a PNG.
+
+  Parent folders are created. Returns the path as a string.
+
+  >>> import tempfile, pathlib
+  >>> p = save_png(np.zeros((2, 2, 3)), pathlib.Path(tempfile.mkdtemp()) / "a.png")
+  >>> open(p, "rb").read(4) == b"\\x89PNG"
+  True
+  """
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  if isinstance(fig_or_image, Figure):
+    if fig_or_image.canvas is None or not isinstance(fig_or_image.canvas, FigureCanvasAgg):
+      FigureCanvasAgg(fig_or_image)
+    fig_or_image.savefig(path, format="png", dpi=dpi)
+    return path
+  img = np.asarray(fig_or_image, dtype=np.float64)
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  if img.ndim != 3 or img.shape[-1] not in (3, 4):
+    raise ValueError(f"fig_or_image: expected a Figure or an (H, W[, 3]) array, got shape "
+                     f"{img.shape}")
+  matplotlib.image.imsave(path, np.clip(img, 0, 1), format="png", dpi=dpi)
+  return path

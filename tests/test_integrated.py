@@ -1,0 +1,282 @@
+"""Integrated Gradients: every rule against closed-form path integrals with its convergence
+order, against a Python loop over steps, chunk invariance, completeness, baselines, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxplain
+
+METHODS = ["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+           "gausslegendre"]
+
+# Closed forms. Output 0: sum_i exp(c_i x_i), whose IG is exactly exp(c_i x_i) - exp(c_i x'_i).
+# Output 1: x^T A x (A symmetric), whose IG is exactly (x - x')_i (A (x + x'))_i.
+D = 5
+C = np.linspace(-1.5, 2.0, D)
+A = np.array([[2.0, 0.5, 0.0, -0.3, 0.1], [0.5, 1.0, 0.2, 0.0, 0.0], [0.0, 0.2, -1.0, 0.4, 0.0],
+              [-0.3, 0.0, 0.4, 0.5, 0.3], [0.1, 0.0, 0.0, 0.3, 1.5]])
+
+
+def closed_f(x):
+  c, a = jnp.asarray(C, x.dtype), jnp.asarray(A, x.dtype)
+  return jnp.stack([jnp.sum(jnp.exp(c * x), axis=1), jnp.einsum("bi,ij,bj->b", x, a, x)], 1)
+
+
+def exact_ig(x, base, target):
+  if target == 0:
+    return np.exp(C * x) - np.exp(C * base)
+  return (x - base) * ((x + base) @ A)
+
+
+def closed_data():
+  rng = np.random.default_rng(0)
+  return rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.5
+
+
+def test_quadrature_weights_sum_to_one():
+  for method in METHODS:
+    for m in (2, 3, 7, 32):
+      a, w = jaxplain.quadrature_rule(method, m)
+      assert a.shape == w.shape == (m,)
+      assert abs(w.sum() - 1.0) < 1e-13, method
+      assert np.all((a >= 0) & (a <= 1)) and np.all(w > 0)
+  a, w = jaxplain.quadrature_rule("riemann_trapezoid", 5)  # not Captum's (m-1)/m weights
+  np.testing.assert_allclose(a, [0, 0.25, 0.5, 0.75, 1])
+  np.testing.assert_allclose(w, [0.125, 0.25, 0.25, 0.25, 0.125])
+  np.testing.assert_allclose(jaxplain.quadrature_rule("riemann_left", 4)[0], [0, .25, .5, .75])
+  np.testing.assert_allclose(jaxplain.quadrature_rule("riemann_right", 4)[0], [.25, .5, .75, 1])
+  np.testing.assert_allclose(jaxplain.quadrature_rule("riemann_middle", 2)[0], [.25, .75])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rules_converge_at_their_order_on_closed_forms(method):
+  x, base = closed_data()
+  with jax.enable_x64(True):
+    f = jax.jit(closed_f)
+
+    def err(m, target):
+      ig = jaxplain.integrated_gradients(f, jnp.asarray(x), target, baseline=jnp.asarray(base),
+                                         steps=m, method=method, chunk=None)
+      assert ig.dtype == jnp.float64
+      return np.max(np.abs(np.asarray(ig) - exact_ig(x, base, target)))
+
+    ms = (9, 17, 33) if method == "riemann_trapezoid" else (8, 16, 32)  # h halves each time
+    errs = np.array([err(m, 0) for m in ms])
+    quad = err(8, 1)
+  ratios = errs[:-1] / errs[1:]
+  if method in ("riemann_left", "riemann_right"):  # O(h): halving h halves the error
+    assert np.all((ratios > 1.8) & (ratios < 2.2)), ratios
+    assert quad > 1e-3  # a linear integrand is not integrated exactly
+  elif method in ("riemann_middle", "riemann_trapezoid"):  # O(h^2)
+    assert np.all((ratios > 3.6) & (ratios < 4.4)), ratios
+    assert quad < 1e-12  # exact for a linear integrand
+  else:  # Gauss-Legendre: exact to degree 2m - 1, spectral on exp
+    assert errs[0] < 1e-12 and quad < 1e-12, (errs, quad)
+  assert errs[0] > 1e-4 or method == "gausslegendre"
+
+
+class Tiny(nn.Module):
+  act: str = "relu"
+
+  @nn.compact
+  def __call__(self, x):
+    a = jnp.tanh if self.act == "tanh" else nn.relu
+    x = a(nn.Conv(3, (3, 3), padding="SAME", name="conv1")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(4, name="fc")(x)
+
+
+X_SHAPE = (2, 4, 4, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = Tiny()
+  params = model.init(jax.random.key(0), jnp.zeros(X_SHAPE))
+  x = jax.random.uniform(jax.random.key(1), X_SHAPE)
+  return jax.jit(functools.partial(model.apply, params)), x
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+  """A smooth (tanh) tiny CNN with float64 weights (call it under jax.enable_x64)."""
+  model = Tiny(act="tanh")
+  x = np.random.default_rng(1).normal(size=X_SHAPE)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                        jax.jit(model.init)(jax.random.key(0), jnp.zeros(X_SHAPE)))
+  return jax.jit(functools.partial(model.apply, params)), x
+
+
+def hand_rule(method, m):
+  """Nodes and weights written out independently of jaxplain.quadrature_rule."""
+  k = np.arange(m)
+  if method == "riemann_left":
+    return k / m, np.ones(m) / m
+  if method == "riemann_right":
+    return (k + 1) / m, np.ones(m) / m
+  if method == "riemann_middle":
+    return (k + 0.5) / m, np.ones(m) / m
+  if method == "riemann_trapezoid":
+    w = np.ones(m) / (m - 1)
+    w[[0, -1]] /= 2
+    return k / (m - 1), w
+  n, w = np.polynomial.legendre.leggauss(m)
+  return (n + 1) / 2, w / 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vectorised_ig_equals_python_loop_over_steps(tiny, method):
+  f, x = tiny
+  t = jnp.array([1, 3])
+  base = 0.5 * jnp.ones(X_SHAPE[1:])
+  m = 6
+  ig = jaxplain.integrated_gradients(f, x, t, baseline=base, steps=m, method=method)
+  alphas, weights = hand_rule(method, m)
+  total = np.zeros(X_SHAPE)
+  for a, w in zip(alphas, weights):
+    for b in range(2):
+      pt = base + a * (x[b] - base)
+      total[b] += w * np.asarray(jax.grad(lambda z: f(z[None])[0, int(t[b])])(pt))
+  np.testing.assert_allclose(ig, (x - base) * total, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_and_loop_do_not_change_the_result(tiny):
+  f, x = tiny
+  kw = dict(steps=10, method="riemann_trapezoid", baseline="white")
+  ref = jaxplain.integrated_gradients(f, x, 2, chunk=None, **kw)
+  for chunk, loop in ((1, "unroll"), (3, "unroll"), (3, "scan"), (4, "scan"), (64, "unroll")):
+    ig = jax.jit(lambda z: jaxplain.integrated_gradients(f, z, 2, chunk=chunk, loop=loop,
+                                                         **kw))(x)
+    np.testing.assert_allclose(ig, ref, rtol=1e-5, atol=1e-7, err_msg=f"{chunk} {loop}")
+
+
+def test_completeness_gap_goes_to_zero(tiny64):
+  f, x = tiny64
+  t = np.array([0, 2])
+  gaps = []
+  with jax.enable_x64(True):
+    y, y0 = np.asarray(f(x)), np.asarray(f(np.zeros_like(x)))
+    delta = y[[0, 1], t] - y0[[0, 1], t]
+    for m in (2, 4, 8):
+      ig, gap = jax.jit(lambda z: jaxplain.integrated_gradients(
+          f, z, t, steps=m, method="riemann_trapezoid", return_gap=True))(x)
+      assert ig.dtype == jnp.float64
+      np.testing.assert_allclose(gap, np.asarray(ig).sum(axis=(1, 2, 3)) - delta, atol=1e-12)
+      gaps.append(np.max(np.abs(gap)))
+    np.testing.assert_allclose(jax.jit(lambda z, a: jaxplain.completeness_gap(f, z, t, a))(x, ig),
+                               gap, atol=1e-12)
+    _, gap_gl = jax.jit(lambda z: jaxplain.integrated_gradients(f, z, t, steps=16,
+                                                                return_gap=True))(x)
+  assert gaps[0] > 1e-3 and all(a > 3 * b for a, b in zip(gaps, gaps[1:])), gaps
+  assert np.max(np.abs(gap_gl)) < 1e-9
+
+
+def test_per_example_targets_and_vmap(tiny):
+  f, x = tiny
+  t = jnp.array([3, 0])
+  ig = jaxplain.integrated_gradients(f, x, t, steps=4)
+  for b in range(2):
+    one = jaxplain.integrated_gradients(f, x[b:b + 1], int(t[b]), steps=4)
+    np.testing.assert_allclose(ig[b:b + 1], one, rtol=1e-5, atol=1e-7)
+  xs = jnp.stack([x, 1 - x])
+  igv = jax.vmap(lambda xx: jaxplain.integrated_gradients(f, xx, t, steps=4))(xs)
+  np.testing.assert_allclose(igv[1], jaxplain.integrated_gradients(f, 1 - x, t, steps=4),
+                             rtol=1e-5, atol=1e-7)
+
+
+def test_linen_nnx_and_plain_function_agree():
+  model = Tiny()
+  params = model.init(jax.random.key(0), jnp.zeros(X_SHAPE))
+  p = params["params"]
+
+  class TinyNNX(nnx.Module):
+    def __init__(self):
+      self.conv1 = nnx.Conv(2, 3, (3, 3), padding="SAME", rngs=nnx.Rngs(0))
+      self.fc = nnx.Linear(48, 4, rngs=nnx.Rngs(0))
+      self.conv1.kernel[...] = p["conv1"]["kernel"]
+      self.conv1.bias[...] = p["conv1"]["bias"]
+      self.fc.kernel[...] = p["fc"]["kernel"]
+      self.fc.bias[...] = p["fc"]["bias"]
+
+    def __call__(self, x):
+      x = nnx.relu(self.conv1(x))
+      return self.fc(x.reshape(x.shape[0], -1))
+
+  def plain(x):
+    y = jax.lax.conv_general_dilated(x, p["conv1"]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.nn.relu(y + p["conv1"]["bias"]).reshape(x.shape[0], -1)
+    return y @ p["fc"]["kernel"] + p["fc"]["bias"]
+
+  graphdef, state = nnx.split(TinyNNX())
+  fs = [functools.partial(model.apply, params), lambda x: nnx.merge(graphdef, state)(x), plain]
+  x = jax.random.uniform(jax.random.key(1), X_SHAPE)
+  kw = dict(steps=5, baseline="blur", return_gap=True)
+  (ref, ref_gap), *others = [jax.jit(lambda z, f=f: jaxplain.integrated_gradients(f, z, 1, **kw))(x)
+                             for f in fs]
+  for ig, gap in others:
+    np.testing.assert_allclose(ig, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gap, ref_gap, rtol=1e-4, atol=1e-5)
+
+
+def test_baselines():
+  x = jax.random.uniform(jax.random.key(1), (2, 6, 5, 3))
+  np.testing.assert_array_equal(jaxplain.make_baseline(x, "black"), np.zeros(x.shape))
+  white = jaxplain.make_baseline(x, "white")
+  np.testing.assert_allclose(white[:, 0, 0, 0], x.reshape(2, -1).max(1))
+  np.testing.assert_allclose(jaxplain.make_baseline(x, "white", value_range=(0, 1)), 1.0)
+  r1 = jaxplain.make_baseline(x, "random", key=jax.random.key(0), value_range=(0.0, 1.0))
+  r2 = jaxplain.make_baseline(x, "random", key=jax.random.key(0), value_range=(0.0, 1.0))
+  np.testing.assert_array_equal(r1, r2)
+  assert r1.min() >= 0 and r1.max() <= 1 and r1.std() > 0.2
+  # blur: a constant image stays constant; a point spreads as a normalised 2-D Gaussian
+  np.testing.assert_allclose(jaxplain.make_baseline(jnp.full((1, 9, 9, 1), 0.3), "blur"), 0.3,
+                             rtol=1e-6)
+  point = jnp.zeros((1, 21, 21, 1)).at[0, 10, 10, 0].set(1.0)
+  blur = np.asarray(jaxplain.make_baseline(point, "blur", blur_sigma=1.5))[0, :, :, 0]
+  i = np.arange(21) - 10
+  g = np.exp(-(i[:, None] ** 2 + i[None, :] ** 2) / (2 * 1.5 ** 2))
+  np.testing.assert_allclose(blur, g / g.sum(), atol=1e-6)
+  # an array baseline broadcasts: one image for all examples, or a scalar
+  one = jax.random.uniform(jax.random.key(2), (1, 6, 5, 3))
+  np.testing.assert_allclose(jaxplain.make_baseline(x, one)[1], one[0])
+  np.testing.assert_allclose(jaxplain.make_baseline(x, 0.25), 0.25)
+
+
+def test_bad_input_errors_name_the_argument(tiny):
+  f, x = tiny
+  ig = jaxplain.integrated_gradients
+  with pytest.raises(ValueError, match=r"baseline: shape \(3, 4, 4, 2\) does not broadcast"):
+    ig(f, x, 0, baseline=jnp.zeros((3, 4, 4, 2)))
+  with pytest.raises(ValueError, match=r"baseline: shape \(4, 4\) does not broadcast"):
+    ig(f, x, 0, baseline=jnp.zeros((4, 4)))
+  with pytest.raises(ValueError, match="baseline: contains 1 non-finite"):
+    ig(f, x, 0, baseline=jnp.zeros(X_SHAPE[1:]).at[0, 0, 0].set(jnp.nan))
+  with pytest.raises(ValueError, match="baseline: expected one of"):
+    ig(f, x, 0, baseline="grey")
+  with pytest.raises(ValueError, match="key: baseline='random' needs"):
+    ig(f, x, 0, baseline="random")
+  with pytest.raises(ValueError, match="x: expected a batched array"):
+    ig(f, x[0, 0, 0, 0], 0)
+  with pytest.raises(ValueError, match="x: contains 1 non-finite"):
+    ig(f, x.at[1, 2, 3, 0].set(jnp.inf), 0)
+  with pytest.raises(ValueError, match=r"target: class index out of range \[0, 4\)"):
+    ig(f, x, jnp.array([0, 7]))
+  with pytest.raises(ValueError, match="method: expected one of"):
+    ig(f, x, 0, method="simpson")
+  with pytest.raises(ValueError, match="steps: expected an int >= 1"):
+    ig(f, x, 0, steps=0)
+  with pytest.raises(ValueError, match="steps: riemann_trapezoid needs steps >= 2"):
+    ig(f, x, 0, steps=1, method="riemann_trapezoid")
+  with pytest.raises(ValueError, match="chunk: expected None or an int >= 1"):
+    ig(f, x, 0, chunk=0)
+  with pytest.raises(ValueError, match=r"attributions: expected shape \(2, 4, 4, 2\)"):
+    jaxplain.completeness_gap(f, x, 0, x[:1])

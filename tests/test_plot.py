@@ -1,0 +1,98 @@
+"""Plot helpers: grayscale, normalisations (PAIR's 99th percentile), overlay colours, figures
+and PNG files read back."""
+
+from __future__ import annotations
+
+import matplotlib.image
+import numpy as np
+import pytest
+from matplotlib import colormaps
+
+from jaxplain import plot
+
+
+def test_to_grayscale_modes():
+  a = np.random.default_rng(0).normal(size=(2, 5, 4, 3))
+  np.testing.assert_allclose(plot.to_grayscale(a), np.abs(a[..., 0]) + np.abs(a[..., 1])
+                             + np.abs(a[..., 2]))
+  np.testing.assert_allclose(plot.to_grayscale(a, mode="abs_sum"), np.abs(a.sum(-1)))
+  np.testing.assert_allclose(plot.to_grayscale(a, mode="sum"), a.sum(-1))
+  with pytest.raises(ValueError, match="mode: expected one of"):
+    plot.to_grayscale(a, mode="max")
+  with pytest.raises(ValueError, match=r"attr: expected channels last"):
+    plot.to_grayscale(a[0, 0])
+
+
+def test_normalize_minmax_percentile_maxabs():
+  rng = np.random.default_rng(1)
+  m = rng.exponential(size=(2, 10, 10))
+  mm = plot.normalize(m, method="minmax")
+  for b in range(2):
+    np.testing.assert_allclose(mm[b], (m[b] - m[b].min()) / (m[b].max() - m[b].min()))
+  # PAIR VisualizeImageGrayscale: (x - min) / (p99 - min), clipped
+  pc = plot.normalize(m, method="percentile")
+  for b in range(2):
+    flat = np.sort(m[b].ravel())
+    p99 = flat[98] + 0.01 * (flat[99] - flat[98])  # linear interpolation at rank 0.99 * 99
+    np.testing.assert_allclose(pc[b], np.clip((m[b] - flat[0]) / (p99 - flat[0]), 0, 1))
+    assert np.sum(pc[b] == 1.0) == 1  # only the max lies above the interpolated p99
+  s = m - 1.0
+  ma = plot.normalize(s, method="maxabs", percentile=100)
+  np.testing.assert_allclose(ma, s / np.abs(s).max(axis=(1, 2), keepdims=True))
+  np.testing.assert_array_equal(plot.normalize(np.ones((3, 3))), np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="method: expected one of"):
+    plot.normalize(m, method="zscore")
+  with pytest.raises(ValueError, match=r"percentile: expected in \(0, 100\]"):
+    plot.normalize(m, percentile=0)
+
+
+def test_overlay_blends_hot_colours_at_half_alpha():
+  rng = np.random.default_rng(2)
+  img = rng.uniform(size=(6, 5, 3))
+  sal = rng.uniform(size=(6, 5))
+  out = plot.overlay(img, sal)
+  hot = colormaps["hot"]
+  for i, j in ((0, 0), (3, 4), (5, 2)):
+    np.testing.assert_allclose(out[i, j], 0.5 * img[i, j] + 0.5 * np.array(hot(sal[i, j])[:3]))
+  gray = plot.overlay(img[..., 0], sal, alpha=0.25)  # (H, W) images are repeated to RGB
+  np.testing.assert_allclose(gray[1, 1], 0.75 * img[1, 1, 0] + 0.25 * np.array(
+      hot(sal[1, 1])[:3]))
+  with pytest.raises(ValueError, match="alpha: expected in"):
+    plot.overlay(img, sal, alpha=2)
+  with pytest.raises(ValueError, match="saliency: shape"):
+    plot.overlay(img, sal[:3])
+
+
+def test_diverging_is_centred_on_zero():
+  a = np.zeros((3, 3, 2))
+  a[0, 0] = [1.0, 1.0]
+  a[2, 2] = [-2.0, 0.0]
+  rgb = plot.diverging(a, percentile=100)
+  cm = colormaps["RdBu_r"]
+  np.testing.assert_allclose(rgb[1, 1], cm(0.5)[:3])   # zero -> the middle colour
+  np.testing.assert_allclose(rgb[0, 0], cm(1.0)[:3])   # +2 = max |.| -> the red end
+  np.testing.assert_allclose(rgb[2, 2], cm(0.0)[:3])   # -2 -> the blue end
+
+
+def test_figures_and_png_files(tmp_path):
+  rng = np.random.default_rng(3)
+  img = rng.uniform(size=(8, 8, 3))
+  fig = plot.three_panel(img, rng.normal(size=(8, 8, 3)), title="digit 3")
+  assert [ax.get_title() for ax in fig.axes] == ["digit 3, original", "saliency map",
+                                                 "saliency map superimposed"]
+  p = plot.save_png(fig, tmp_path / "sub" / "three.png", dpi=50)
+  back = matplotlib.image.imread(p)
+  assert back.shape == (160, 450, 4)  # 9 x 3.2 inches at 50 dpi
+  maps = {"gradient": rng.normal(size=(3, 8, 8, 3)), "ig": rng.normal(size=(3, 8, 8, 3)),
+          "grad_cam": rng.uniform(size=(3, 8, 8))}
+  grid = plot.method_grid(rng.uniform(size=(3, 8, 8, 3)), maps, signed=("ig",),
+                          overlay_alpha=0.5, col_titles=["a", "b", "c"])
+  assert len(grid.axes) == 12
+  assert [grid.axes[k].get_ylabel() for k in (0, 3, 6, 9)] == ["input", "gradient", "ig",
+                                                              "grad_cam"]
+  plot.save_png(grid, tmp_path / "grid.png")
+  arr = plot.overlay(img, plot.normalize(plot.to_grayscale(maps["gradient"][0])))
+  q = plot.save_png(arr, tmp_path / "overlay.png")
+  np.testing.assert_allclose(matplotlib.image.imread(q)[..., :3], arr, atol=1 / 255 + 1e-6)
+  with pytest.raises(ValueError, match=r"maps\['ig'\]: expected 3 maps"):
+    plot.method_grid(img[None].repeat(3, 0), {"ig": maps["ig"][:2]})
