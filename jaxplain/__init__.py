@@ -11,14 +11,61 @@ The public API is listed here explicitly, module by module.
 __version__ = "0.1.0"
 
 # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
+from jaxplain.gradients import gradient as gradient
+from jaxplain.gradients import gradient_x_input as gradient_x_input
+from jaxplain.gradients import smoothgrad as smoothgrad
+from jaxplain.integrated import completeness_gap as completeness_gap
+from jaxplain.integrated import integrated_gradients as integrated_gradients
+from jaxplain.integrated import make_baseline as make_baseline
+from jaxplain.integrated import quadrature_rule as quadrature_rule
+from jaxplain.cam import grad_cam as grad_cam
+from jaxplain.occlusion import occlusion as occlusion
+from jaxplain import plot as plot
 
 # -- rule engine (rules) ----------------------------------------------------------------------
+from jaxplain.rules import wbp as wbp
+from jaxplain.rules import lrp as lrp
+from jaxplain.rules import deeplift as deeplift
+from jaxplain.rules import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 
 # -- interventions ----------------------------------------------------------------------------
+from jaxplain import interventions as interventions
+from jaxplain.interventions import select as select
+from jaxplain.interventions import set_value as set_value
+from jaxplain.interventions import units as units
+from jaxplain.interventions import sweep as sweep
+from jaxplain.interventions import sweep_layer as sweep_layer
+from jaxplain.interventions import first_order as first_order
+from jaxplain.interventions import causal_effect as causal_effect
+from jaxplain.interventions import walk as causal_walk
 
 # -- PPI --------------------------------------------------------------------------------------
+from jaxplain.ppi import PPIConfig as PPIConfig
+from jaxplain.ppi import box_mask as box_mask
+from jaxplain.ppi import make_ppi_loss as make_ppi_loss
+from jaxplain.ppi import make_ppi_train_step as make_ppi_train_step
+from jaxplain.ppi import normalize_saliency as normalize_saliency
+from jaxplain.ppi import one_vs_others_loss as one_vs_others_loss
+from jaxplain.ppi import ppi_objective as ppi_objective
+from jaxplain.ppi import soft_mask as soft_mask
 
 # -- metrics ----------------------------------------------------------------------------------
+from jaxplain.metrics import area_under_curve as area_under_curve
+from jaxplain.metrics import cascade_layers as cascade_layers
+from jaxplain.metrics import cascading_randomization as cascading_randomization
+from jaxplain.metrics import deletion_curve as deletion_curve
+from jaxplain.metrics import insertion_curve as insertion_curve
+from jaxplain.metrics import map_change as map_change
+from jaxplain.metrics import map_similarity as map_similarity
+from jaxplain.metrics import pixel_saliency as pixel_saliency
+from jaxplain.metrics import random_order_curve as random_order_curve
+from jaxplain.metrics import random_saliency as random_saliency
+from jaxplain.metrics import rank_correlation as rank_correlation
+from jaxplain.metrics import shift_invariance as shift_invariance
+from jaxplain.metrics import ssim as ssim
+from jaxplain.metrics import step_fractions as step_fractions
 
 # -- submodules -------------------------------------------------------------------------------
 from jaxplain import models as models
+from jaxplain import data as data
+from jaxplain import train as train

@@ -1,0 +1,668 @@
+"""Evaluation metrics for attribution maps (SPEC section 6).
+
+* **Deletion / insertion** (seed 004 fig. 4, after Hooker et al. 2019 and Petsiuk et al. 2018):
+  rank the pixels by saliency, remove (replace by ``value``) or insert the top-k pixels for a
+  list of k, and record the class score; summarise each curve by its area.
+  A steeper deletion drop (lower area) and a steeper insertion rise (higher area) are better.
+  A random pixel order is the baseline (:func:`random_order_curve`).
+* **Input-shift invariance** (seed 003, Kindermans et al. 2019): add a constant to every
+  channel, check that the prediction is unchanged and measure how much the map moved
+  (:func:`shift_invariance`, :func:`map_similarity`).
+* **Model-randomisation sanity check** (Adebayo et al. 2018, "cascading randomization"):
+  re-initialise the layers one by one from the logits down and measure the similarity of each
+  map to the original (:func:`cascading_randomization`).
+* The Integrated-Gradients completeness gap is :func:`jaxplain.completeness_gap`.
+
+Conventions. ``x`` is NHWC ``(B, H, W, C)``. A saliency argument is either an attribution
+shaped like ``x`` -- aggregated over channels into a pixel map by ``reduce`` -- or a pixel map
+``(B, H, W)`` (e.g. Grad-CAM). ``reduce``: ``"abs_sum"`` = sum over channels of ``|a|``
+(the seed-000 grayscale, the default), ``"sum"`` = signed sum (ranks pixels by their evidence
+*for* the class: use it for signed attributions such as gradient x input, IG, LRP),
+``"max_abs"`` = max over channels of ``|a|``. Every function is pure and jittable (the
+``steps``, ``reduce`` and ``output`` arguments are static) and never calls ``jax.jit`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxplain._validate import check_batched, check_logits, check_target, select_target
+
+__all__ = [
+    "pixel_saliency", "step_fractions", "deletion_curve", "insertion_curve",
+    "random_saliency", "random_order_curve", "area_under_curve", "rank_correlation",
+    "map_change", "ssim", "map_similarity", "shift_invariance", "cascade_layers",
+    "cascading_randomization",
+]
+
+_REDUCTIONS = ("abs_sum", "sum", "max_abs")
+_OUTPUTS = ("logit", "probability", "log_softmax")
+
+
+# -- pixel maps --------------------------------------------------------------------------------
+
+def pixel_saliency(attributions: Any, *, reduce: str = "abs_sum") -> jax.Array:
+  """Aggregate an attribution over channels into a pixel map.
+
+  Args:
+    attributions: ``(B, H, W, C)`` attribution, or an already aggregated ``(B, H, W)`` map
+      (returned unchanged).
+    reduce: ``"abs_sum"`` (sum of ``|a|`` over channels, seed 000), ``"sum"`` (signed sum)
+      or ``"max_abs"``.
+
+  Returns:
+    ``(B, H, W)`` pixel saliency.
+
+  >>> import jax.numpy as jnp
+  >>> pixel_saliency(jnp.array([[[[1.0, -2.0]]]])).tolist()
+  [[[3.0]]]
+  """
+  if reduce not in _REDUCTIONS:
+    raise ValueError(f"reduce: expected one of {_REDUCTIONS}, got {reduce!r}")
+  a = jnp.asarray(attributions)
+  if a.ndim == 3:
+    return a
+  if a.ndim != 4:
+    raise ValueError("attributions: expected (B, H, W, C) or a pixel map (B, H, W); "
+                     f"got shape {a.shape}")
+  if reduce == "abs_sum":
+    return jnp.sum(jnp.abs(a), axis=-1)
+  if reduce == "sum":
+    return jnp.sum(a, axis=-1)
+  return jnp.max(jnp.abs(a), axis=-1)
+
+
+def _pixel_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
+               name: str = "saliency") -> jax.Array:
+  s = pixel_saliency(saliency, reduce=reduce)
+  if s.shape != x_shape[:3]:
+    raise ValueError(f"{name}: expected an attribution shaped like x {x_shape} or a pixel map "
+                     f"{x_shape[:3]}; got shape {jnp.shape(saliency)}")
+  return s
+
+
+def _check_image(x: Any, name: str = "x") -> jax.Array:
+  x = check_batched(x, name, min_rank=4)
+  if x.ndim != 4:
+    raise ValueError(f"{name}: expected an NHWC batch (B, H, W, C), got shape {x.shape}")
+  return x
+
+
+def step_fractions(steps: int | Sequence[int] | Sequence[float], num_pixels: int) -> np.ndarray:
+  """The fractions of pixels removed/inserted at each step, as actually used (after rounding).
+
+  Args:
+    steps: an int ``n`` -> ``n + 1`` evenly spaced fractions ``0, 1/n, ..., 1``; a sequence of
+      Python/NumPy ints -> pixel counts ``k`` in ``[0, num_pixels]``; a sequence of floats ->
+      fractions in ``[0, 1]`` (rounded to the nearest pixel count). Must be non-decreasing.
+    num_pixels: ``H * W``.
+
+  Returns:
+    ``(S,)`` float64 NumPy array ``k / num_pixels``.
+
+  >>> step_fractions(4, 100).tolist()
+  [0.0, 0.25, 0.5, 0.75, 1.0]
+  >>> step_fractions([0, 10, 50], 100).tolist()
+  [0.0, 0.1, 0.5]
+  """
+  return _step_counts(steps, num_pixels) / float(num_pixels)
+
+
+def _step_counts(steps: Any, num_pixels: int) -> np.ndarray:
+  if isinstance(steps, (bool, np.bool_)):
+    raise TypeError(f"steps: expected an int or a sequence of counts/fractions, got {steps!r}")
+  if isinstance(steps, (int, np.integer)):
+    if steps < 1:
+      raise ValueError(f"steps: expected an int >= 1, got {steps}")
+    return np.round(np.linspace(0.0, 1.0, int(steps) + 1) * num_pixels).astype(np.int64)
+  arr = np.asarray(steps)
+  if arr.ndim != 1 or arr.size == 0:
+    raise ValueError(f"steps: expected a non-empty 1-D sequence, got shape {arr.shape}")
+  if np.issubdtype(arr.dtype, np.integer):
+    if arr.min() < 0 or arr.max() > num_pixels:
+      raise ValueError(f"steps: pixel counts must lie in [0, {num_pixels}], got "
+                       f"[{arr.min()}, {arr.max()}]")
+    counts = arr.astype(np.int64)
+  elif np.issubdtype(arr.dtype, np.floating):
+    if arr.min() < 0.0 or arr.max() > 1.0:
+      raise ValueError(f"steps: fractions must lie in [0, 1], got [{arr.min()}, {arr.max()}]")
+    counts = np.round(arr * num_pixels).astype(np.int64)
+  else:
+    raise TypeError(f"steps: expected ints (counts) or floats (fractions), got {arr.dtype}")
+  if np.any(np.diff(counts) < 0):
+    raise ValueError(f"steps: must be non-decreasing, got {arr.tolist()}")
+  return counts
+
+
+def _class_score(logits: jax.Array, target: jax.Array, output: str) -> jax.Array:
+  if output == "probability":
+    logits = jax.nn.softmax(logits, axis=-1)
+  elif output == "log_softmax":
+    logits = jax.nn.log_softmax(logits, axis=-1)
+  return select_target(logits, target)
+
+
+def _descending_ranks(s: jax.Array) -> jax.Array:
+  """(B, N) -> (B, N) int ranks, 0 = most salient; ties broken by pixel index (stable)."""
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True)
+
+
+def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, insert):
+  x = _check_image(x)
+  if output not in _OUTPUTS:
+    raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
+  b, h, w, _ = x.shape
+  s = _pixel_map(saliency, x.shape, reduce)
+  t = check_target(target, b)
+  try:
+    base = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape)
+  except ValueError as e:
+    raise ValueError(f"value: expected a scalar, a per-channel (C,) array or an array that "
+                     f"broadcasts to x {x.shape}; got shape {jnp.shape(value)}") from e
+  counts = jnp.asarray(_step_counts(steps, h * w), jnp.int32)
+  ranks = _descending_ranks(s.reshape(b, h * w)).reshape(b, h, w, 1)
+  check_logits(jax.eval_shape(f, x), b)
+
+  def score_at(k):
+    top = ranks < k
+    xk = jnp.where(top, x, base) if insert else jnp.where(top, base, x)
+    return _class_score(f(xk), t, output)
+
+  if chunk is None:
+    scores = jax.vmap(score_at)(counts)
+  else:
+    scores = jax.lax.map(score_at, counts, batch_size=int(chunk))
+  return scores.T
+
+
+def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
+                   saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
+                   output: str = "logit", reduce: str = "abs_sum",
+                   chunk: int | None = None) -> jax.Array:
+  """Class score after removing the top-k salient pixels, for each k (deletion metric).
+
+  At step k the k pixels of highest saliency (all channels) are replaced by ``value``;
+  ties are broken by pixel index (row-major).
+
+  Args:
+    f: pure batched model ``(B, H, W, C) -> (B, K)`` logits.
+    x: ``(B, H, W, C)`` inputs.
+    target: int or ``(B,)`` int class indices.
+    saliency: attribution shaped like ``x`` or a pixel map ``(B, H, W)``.
+    steps: see :func:`step_fractions` (default 20 -> fractions 0, 0.05, ..., 1).
+    value: removal value: a scalar, a per-channel ``(C,)`` array, or an array broadcasting to
+      ``x`` (e.g. a blurred copy of ``x``).
+    output: class score: ``"logit"``, ``"probability"`` (softmax) or ``"log_softmax"``.
+    reduce: channel aggregation of ``saliency`` (module docstring).
+    chunk: evaluate this many steps at a time (``jax.lax.map``) to bound memory; ``None`` =
+      all steps in one vectorised call.
+
+  Returns:
+    ``(B, S)`` scores; column 0 is the unmodified input when the first step is 0.
+
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], axis=1)
+  >>> x = jnp.array([[[[1.0], [3.0]]]])                       # (1, 1, 2, 1)
+  >>> deletion_curve(f, x, 0, x, steps=[0, 1, 2]).tolist()    # removes 3 first, then 1
+  [[4.0, 1.0, 0.0]]
+  """
+  return _curve(f, x, target, saliency, steps=steps, value=value, output=output,
+                reduce=reduce, chunk=chunk, insert=False)
+
+
+def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
+                    saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
+                    output: str = "logit", reduce: str = "abs_sum",
+                    chunk: int | None = None) -> jax.Array:
+  """Class score when only the top-k salient pixels of ``x`` are kept on a ``value`` canvas.
+
+  Same arguments and ordering as :func:`deletion_curve`; step k starts from ``value``
+  everywhere (e.g. black, or a blurred ``x``) and inserts the k most salient pixels of ``x``.
+
+  Returns:
+    ``(B, S)`` scores.
+
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], axis=1)
+  >>> x = jnp.array([[[[1.0], [3.0]]]])
+  >>> insertion_curve(f, x, 0, x, steps=[0, 1, 2]).tolist()
+  [[0.0, 3.0, 4.0]]
+  """
+  return _curve(f, x, target, saliency, steps=steps, value=value, output=output,
+                reduce=reduce, chunk=chunk, insert=True)
+
+
+def random_saliency(key: jax.Array, x: jax.Array) -> jax.Array:
+  """A uniformly random pixel map ``(B, H, W)``: the random-order baseline's ranking.
+
+  >>> import jax, jax.numpy as jnp
+  >>> random_saliency(jax.random.key(0), jnp.zeros((2, 4, 4, 3))).shape
+  (2, 4, 4)
+  """
+  x = _check_image(x)
+  return jax.random.uniform(key, x.shape[:3])
+
+
+def random_order_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any, *,
+                       key: jax.Array, num_orders: int = 4, kind: str = "deletion",
+                       **kwargs: Any) -> jax.Array:
+  """Deletion or insertion curve of random pixel orders, averaged over ``num_orders`` keys.
+
+  Args:
+    f, x, target: as in :func:`deletion_curve`.
+    key: ``jax.random`` key; order ``i`` uses ``fold_in(key, i)``.
+    num_orders: number of random orders averaged.
+    kind: ``"deletion"`` or ``"insertion"``.
+    **kwargs: ``steps``, ``value``, ``output``, ``chunk`` as in :func:`deletion_curve`.
+
+  Returns:
+    ``(B, S)`` mean scores.
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], axis=1)
+  >>> c = random_order_curve(f, jnp.ones((1, 2, 2, 1)), 0, key=jax.random.key(0), steps=4)
+  >>> c.tolist()
+  [[4.0, 3.0, 2.0, 1.0, 0.0]]
+  """
+  if kind not in ("deletion", "insertion"):
+    raise ValueError(f"kind: expected 'deletion' or 'insertion', got {kind!r}")
+  if num_orders < 1:
+    raise ValueError(f"num_orders: expected >= 1, got {num_orders}")
+  curve_fn = deletion_curve if kind == "deletion" else insertion_curve
+  curves = [curve_fn(f, x, target, random_saliency(jax.random.fold_in(key, i), x), **kwargs)
+            for i in range(num_orders)]
+  return jnp.mean(jnp.stack(curves), axis=0)
+
+
+def area_under_curve(curve: jax.Array, fractions: Any) -> jax.Array:
+  """Normalised trapezoidal area under deletion/insertion curves.
+
+  The area over the fraction axis divided by its span (``fractions[-1] - fractions[0]``), i.e.
+  the mean score over the range: for fractions spanning [0, 1] it is the plain area.
+
+  Args:
+    curve: ``(..., S)`` scores.
+    fractions: ``(S,)`` increasing fractions (:func:`step_fractions`).
+
+  Returns:
+    ``(...)`` areas.
+
+  >>> import jax.numpy as jnp
+  >>> float(area_under_curve(jnp.array([1.0, 0.0]), [0.0, 1.0]))
+  0.5
+  """
+  fr = jnp.asarray(fractions, jnp.float32)
+  curve = jnp.asarray(curve)
+  if fr.ndim != 1 or curve.shape[-1] != fr.shape[0]:
+    raise ValueError(f"fractions: expected shape ({curve.shape[-1]},) to match the last axis "
+                     f"of curve {curve.shape}; got shape {fr.shape}")
+  if fr.shape[0] == 1:
+    return curve[..., 0]
+  span = fr[-1] - fr[0]
+  area = jnp.trapezoid(curve, fr, axis=-1)
+  return jnp.where(span > 0, area / jnp.where(span > 0, span, 1.0), curve[..., 0])
+
+
+# -- map similarity ----------------------------------------------------------------------------
+
+def _average_ranks(v: jax.Array) -> jax.Array:
+  """(B, N) -> (B, N) ranks 0..N-1 with ties given their average rank (as scipy.stats)."""
+  srt = jnp.sort(v, axis=-1)
+  lo = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(srt, v)
+  hi = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(srt, v)
+  return (lo + hi - 1).astype(jnp.float32) / 2.0
+
+
+def _pearson_rows(a: jax.Array, b: jax.Array, a_raw: jax.Array, b_raw: jax.Array) -> jax.Array:
+  a = a - a.mean(-1, keepdims=True)
+  b = b - b.mean(-1, keepdims=True)
+  na = jnp.sqrt(jnp.sum(a * a, -1))
+  nb = jnp.sqrt(jnp.sum(b * b, -1))
+  ok = (na > 0) & (nb > 0)
+  r = jnp.sum(a * b, -1) / jnp.where(ok, na * nb, 1.0)
+  both_const = (na == 0) & (nb == 0)
+  same = jnp.all(a_raw == b_raw, axis=-1)
+  return jnp.where(ok, jnp.clip(r, -1.0, 1.0), jnp.where(both_const & same, 1.0, 0.0))
+
+
+def _flat_pair(a, b, reduce, names=("a", "b")):
+  sa = pixel_saliency(a, reduce=reduce)
+  sb = pixel_saliency(b, reduce=reduce)
+  if sa.shape != sb.shape:
+    raise ValueError(f"{names[0]}, {names[1]}: maps must have the same shape after channel "
+                     f"aggregation, got {sa.shape} and {sb.shape}")
+  return sa.reshape(sa.shape[0], -1), sb.reshape(sb.shape[0], -1), sa, sb
+
+
+def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum") -> jax.Array:
+  """Spearman rank correlation between two batches of maps, per example.
+
+  Ties get their average rank (as ``scipy.stats.spearmanr``). A constant map carries no rank
+  information: the correlation is then 0, or 1 when both maps are the same constant.
+
+  Args:
+    a, b: attributions ``(B, H, W, C)`` or pixel maps ``(B, H, W)``.
+    reduce: channel aggregation (module docstring).
+
+  Returns:
+    ``(B,)`` correlations in [-1, 1].
+
+  >>> import jax.numpy as jnp
+  >>> a = jnp.array([[[1.0, 2.0, 3.0]]])
+  >>> rank_correlation(a, a ** 2).tolist()
+  [1.0]
+  """
+  fa, fb, _, _ = _flat_pair(a, b, reduce)
+  return _pearson_rows(_average_ranks(fa), _average_ranks(fb), fa, fb)
+
+
+def map_change(reference: jax.Array, other: jax.Array, *, reduce: str = "abs_sum",
+               normalize: str = "reference") -> dict[str, jax.Array]:
+  """Normalised L1 and L2 distance between pixel maps, per example (0 for identical maps).
+
+  ``normalize="reference"``: ``||b - a||_p / ||a||_p`` (relative change, sees scale changes);
+  ``normalize="each"``: ``||b/||b||_p - a/||a||_p||_p`` (shape change only, in [0, 2]).
+  A zero-norm denominator is replaced by 1.
+
+  Args:
+    reference: ``a``, the map before (attribution or ``(B, H, W)`` map).
+    other: ``b``, the map after, same shape.
+    reduce: channel aggregation (module docstring).
+    normalize: ``"reference"`` or ``"each"``.
+
+  Returns:
+    ``{"l1": (B,), "l2": (B,)}``.
+
+  >>> import jax.numpy as jnp
+  >>> a = jnp.array([[[1.0, 3.0]]])
+  >>> {k: v.tolist() for k, v in map_change(a, 2 * a).items()}
+  {'l1': [1.0], 'l2': [1.0]}
+  """
+  if normalize not in ("reference", "each"):
+    raise ValueError(f"normalize: expected 'reference' or 'each', got {normalize!r}")
+  fa, fb, _, _ = _flat_pair(reference, other, reduce, ("reference", "other"))
+  safe = lambda n: jnp.where(n > 0, n, 1.0)
+  out = {}
+  for name, p in (("l1", 1), ("l2", 2)):
+    norm = lambda v: jnp.linalg.norm(v, ord=p, axis=-1)
+    if normalize == "reference":
+      out[name] = norm(fb - fa) / safe(norm(fa))
+    else:
+      out[name] = norm(fb / safe(norm(fb))[:, None] - fa / safe(norm(fa))[:, None])
+  return out
+
+
+def _minmax(m: jax.Array) -> jax.Array:
+  lo = m.min(axis=(1, 2), keepdims=True)
+  hi = m.max(axis=(1, 2), keepdims=True)
+  return jnp.where(hi > lo, (m - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+
+
+def _gaussian_window(size: int, sigma: float) -> jax.Array:
+  r = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2.0
+  g = jnp.exp(-0.5 * (r / sigma) ** 2)
+  g = g / g.sum()
+  return jnp.outer(g, g)
+
+
+def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum", window: int = 7,
+         sigma: float = 1.5, normalize: bool = True) -> jax.Array:
+  """Mean structural similarity (SSIM, Wang et al. 2004) between pixel maps, per example.
+
+  Each map is min-max normalised to [0, 1] first (``normalize=True``, as Adebayo et al. 2018
+  compare normalised maps; a constant map becomes 0), then
+  ``SSIM = (2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))``
+  with Gaussian-weighted local statistics (``window`` x ``window``, ``sigma``), data range 1,
+  ``C1 = 0.01^2``, ``C2 = 0.03^2``, averaged over the valid positions (like
+  ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
+  use_sample_covariance=False, data_range=1)``, with a smaller default window for small maps).
+
+  Args:
+    a, b: attributions ``(B, H, W, C)`` or pixel maps ``(B, H, W)``.
+    reduce: channel aggregation (module docstring).
+    window, sigma: Gaussian window size (clipped to ``min(H, W)``) and width.
+    normalize: min-max normalise each map first.
+
+  Returns:
+    ``(B,)`` SSIM in [-1, 1]; 1 for identical maps.
+
+  >>> import jax, jax.numpy as jnp
+  >>> m = jax.random.uniform(jax.random.key(0), (1, 8, 8))
+  >>> round(float(ssim(m, m)[0]), 4)
+  1.0
+  """
+  _, _, sa, sb = _flat_pair(a, b, reduce)
+  if window < 1:
+    raise ValueError(f"window: expected >= 1, got {window}")
+  window = min(window, sa.shape[1], sa.shape[2])
+  if normalize:
+    sa, sb = _minmax(sa), _minmax(sb)
+  k = _gaussian_window(window, sigma)[:, :, None, None]
+
+  def filt(m):
+    return jax.lax.conv_general_dilated(m[..., None], k, (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))[..., 0]
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  mu_a, mu_b = filt(sa), filt(sb)
+  var_a = filt(sa * sa) - mu_a ** 2
+  var_b = filt(sb * sb) - mu_b ** 2
+  cov = filt(sa * sb) - mu_a * mu_b
+  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+       / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+  return s.mean(axis=(1, 2))
+
+
+def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum",
+                   ssim_window: int = 7) -> dict[str, jax.Array]:
+  """All map comparisons at once: Spearman, SSIM and the normalised L1/L2 change.
+
+  Returns:
+    ``{"spearman", "ssim", "l1", "l2"}``, each ``(B,)`` (see :func:`rank_correlation`,
+    :func:`ssim`, :func:`map_change` with ``normalize="reference"``, ``a`` the reference).
+
+  >>> import jax, jax.numpy as jnp
+  >>> m = jax.random.uniform(jax.random.key(0), (2, 8, 8))
+  >>> sorted(map_similarity(m, m))
+  ['l1', 'l2', 'spearman', 'ssim']
+  """
+  out = {"spearman": rank_correlation(a, b, reduce=reduce),
+         "ssim": ssim(a, b, reduce=reduce, window=ssim_window)}
+  out.update(map_change(a, b, reduce=reduce))
+  return out
+
+
+# -- input-shift invariance (seed 003) ----------------------------------------------------------
+
+def shift_invariance(f: Callable[[jax.Array], jax.Array],
+                     explain: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
+                     target: Any, shift: Any, *, reduce: str = "abs_sum",
+                     ssim_window: int = 7) -> dict[str, jax.Array]:
+  """Input-shift invariance (seed 003; Kindermans et al. 2019): explain ``x`` and ``x + shift``.
+
+  Adds a constant per channel (``shift`` a scalar or ``(C,)``) to every pixel, checks that the
+  predicted class is unchanged, and compares the two maps. The target is the same for both
+  (the explanation of the same class before and after the shift). Baselines used inside
+  ``explain`` (e.g. IG's black image) are whatever ``explain`` closes over: pass fixed arrays
+  to reproduce the seed, where the baselines do not move with the input.
+
+  Args:
+    f: pure batched model, logits ``(B, K)``.
+    explain: ``explain(x, target) -> attribution`` (shaped like ``x``, or ``(B, H, W)``).
+    x: ``(B, H, W, C)`` inputs.
+    target: int or ``(B,)`` ints.
+    shift: scalar or ``(C,)`` constant added to every pixel of each channel.
+    reduce: channel aggregation of the maps.
+    ssim_window: SSIM window.
+
+  Returns:
+    dict of ``(B,)`` arrays: ``prediction_unchanged`` (bool), ``score_change``
+    (``f(x + c)[t] - f(x)[t]``), and ``spearman``, ``ssim``, ``l1``, ``l2`` of the map after
+    against the map before (:func:`map_similarity`).
+
+  >>> import jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x.sum((1, 2, 3)), jnp.zeros(x.shape[0])], axis=1)
+  >>> r = shift_invariance(f, lambda x, t: x, jnp.ones((1, 8, 8, 1)), 0, 1.0)
+  >>> bool(r["prediction_unchanged"][0]), float(r["l1"][0])
+  (True, 1.0)
+  """
+  x = _check_image(x)
+  b, c = x.shape[0], x.shape[-1]
+  t = check_target(target, b)
+  shift = jnp.asarray(shift, x.dtype)
+  if shift.ndim > 1 or (shift.ndim == 1 and shift.shape[0] != c):
+    raise ValueError(f"shift: expected a scalar or a per-channel array of shape ({c},), "
+                     f"got shape {shift.shape}")
+  xs = x + shift
+  l0 = check_logits(f(x), b)
+  l1 = f(xs)
+  out = {"prediction_unchanged": jnp.argmax(l0, -1) == jnp.argmax(l1, -1),
+         "score_change": select_target(l1, t) - select_target(l0, t)}
+  out.update(map_similarity(explain(x, t), explain(xs, t), reduce=reduce,
+                            ssim_window=ssim_window))
+  return out
+
+
+# -- model-randomisation sanity check (Adebayo et al. 2018) -------------------------------------
+
+def _path_str(path) -> str:
+  parts = []
+  for p in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(p, attr):
+        parts.append(str(getattr(p, attr)))
+        break
+    else:
+      parts.append(str(p))
+  return "/".join(parts)
+
+
+def cascade_layers(params: Any, layers: Sequence[str] | None = None) -> list[str]:
+  """The layer order of :func:`cascading_randomization`: ``layers`` normalised, or by default
+  the top-level keys of ``params`` reversed (output first; Flax keeps creation order).
+
+  >>> cascade_layers({"conv1": {}, "fc1": {}, "fc2": {}})
+  ['fc2', 'fc1', 'conv1']
+  """
+  if layers is None:
+    if not isinstance(params, dict) or not params:
+      raise ValueError("layers: required when params is not a non-empty dict of layers")
+    layers = list(params.keys())[::-1]
+  layers = [str(l).strip("/") for l in layers]
+  if not layers:
+    raise ValueError("layers: expected at least one layer path")
+  return layers
+
+
+def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.Array],
+                            params: Any, x: jax.Array, target: Any, *,
+                            random_params: Any = None, key: jax.Array | None = None,
+                            layers: Sequence[str] | None = None, reduce: str = "abs_sum",
+                            ssim_window: int = 7, chunk: int | None = None) -> dict[str, Any]:
+  """Cascading model-parameter randomisation (Adebayo et al. 2018, sec. 3.1).
+
+  Stage 0 is the trained model; stage ``s`` re-initialises the first ``s`` entries of
+  ``layers`` (ordered from the logits down to the input), so the cascade destroys the model
+  from the top. Each stage's map is compared with the stage-0 map. A method that passes the
+  check shows high similarity at stage 0 and low similarity once the weights are random.
+  All stages run as one vectorised computation over a stacked parameter tree.
+
+  Args:
+    explain: ``explain(params, x, target) -> attribution`` (shaped like ``x`` or
+      ``(B, H, W)``), closing over the model, e.g.
+      ``lambda p, x, t: gradient(lambda z: model.apply({"params": p}, z), x, t)``.
+    params: the trained parameter pytree (nested dicts, e.g. ``variables["params"]``).
+    x: ``(B, H, W, C)`` inputs.
+    target: int or ``(B,)`` ints.
+    random_params: a re-initialised tree with the same structure, e.g.
+      ``model.init(other_key, x)["params"]`` (the paper's re-initialisation). If ``None``,
+      each leaf is replaced by Gaussian noise with that leaf's own standard deviation, drawn
+      from ``key``.
+    key: ``jax.random`` key, required when ``random_params`` is ``None``.
+    layers: ``/``-joined paths of subtrees (e.g. ``"fc3"`` or ``"stage3_block1/conv2"``),
+      from the output towards the input; default: the top-level keys of ``params`` reversed
+      (Flax stores them in creation order). A path matching no parameter is an error.
+    reduce: channel aggregation of the maps.
+    ssim_window: SSIM window.
+    chunk: run this many stages at a time (``jax.lax.map``) to bound memory; ``None`` = all.
+
+  Returns:
+    ``{"spearman"``: ``(L + 1, B)`` rank correlation of the ``reduce`` maps with the original,
+    ``"spearman_signed"``: ``(L + 1, B)`` on the signed channel sum,
+    ``"ssim"``: ``(L + 1, B)``, ``"maps"``: ``(L + 1, B, H, W)`` pixel maps (``reduce``),
+    ``"maps_signed"``: ``(L + 1, B, H, W)`` signed channel sums}.
+    Row ``s`` is the stage after re-initialising ``layers[:s]``; the row labels are
+    ``["original", *cascade_layers(params, layers)]`` (arrays only, so the call can be jitted).
+
+  >>> import jax, jax.numpy as jnp
+  >>> p = {"w1": jnp.ones((64, 3)), "w2": jnp.ones((3, 2))}
+  >>> f = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"]
+  >>> ex = lambda p, x, t: jax.grad(lambda z: f(p, z)[:, 0].sum())(x)
+  >>> x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
+  >>> r = cascading_randomization(ex, p, x, 0, key=jax.random.key(0))
+  >>> cascade_layers(p), r["spearman"].shape
+  (['w2', 'w1'], (3, 2))
+  """
+  x = _check_image(x)
+  t = check_target(target, x.shape[0])
+  layers = cascade_layers(params, layers)
+  leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_path_str(p) for p, _ in leaves_p]
+  orig = [v for _, v in leaves_p]
+  if random_params is None:
+    if key is None:
+      raise ValueError("key: required when random_params is None")
+    rnd = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v), jnp.result_type(v))
+           * jnp.std(v) for i, v in enumerate(orig)]
+  else:
+    rleaves, rdef = jax.tree_util.tree_flatten(random_params)
+    if rdef != treedef:
+      raise ValueError("random_params: expected the same tree structure as params")
+    rnd = rleaves
+    for p, a, r in zip(paths, orig, rnd):
+      if jnp.shape(a) != jnp.shape(r):
+        raise ValueError(f"random_params: leaf {p!r} has shape {jnp.shape(r)}, params has "
+                         f"{jnp.shape(a)}")
+  layer_of = []
+  for p in paths:
+    idx = [j for j, l in enumerate(layers) if p == l or p.startswith(l + "/")]
+    layer_of.append(idx[0] if idx else len(layers) + 1)
+  for j, l in enumerate(layers):
+    if j not in layer_of:
+      raise ValueError(f"layers: {l!r} matches no parameter; available paths: {paths}")
+
+  n_stages = len(layers) + 1
+  stage = jnp.arange(n_stages)
+  stacked = []
+  for a, r, j in zip(orig, rnd, layer_of):
+    a = jnp.asarray(a)
+    mask = (stage > j).reshape((n_stages,) + (1,) * a.ndim)
+    stacked.append(jnp.where(mask, jnp.asarray(r, a.dtype)[None], a[None]))
+  stacked = jax.tree_util.tree_unflatten(treedef, stacked)
+
+  def stage_maps(p):
+    att = explain(p, x, t)
+    return pixel_saliency(att, reduce=reduce), pixel_saliency(att, reduce="sum")
+
+  if chunk is None:
+    maps, signed = jax.vmap(stage_maps)(stacked)
+  else:
+    maps, signed = jax.lax.map(stage_maps, stacked, batch_size=int(chunk))
+  if maps.shape[1:] != x.shape[:3]:
+    raise ValueError(f"explain: expected maps shaped like x {x.shape} or {x.shape[:3]}, got "
+                     f"{maps.shape[1:]}")
+  ref = jnp.broadcast_to(maps[0], maps.shape)
+  ref_signed = jnp.broadcast_to(signed[0], signed.shape)
+  flat = lambda m: m.reshape(n_stages * m.shape[1], *m.shape[2:])
+  unflat = lambda v: v.reshape(n_stages, -1)
+  return {
+      "spearman": unflat(rank_correlation(flat(ref), flat(maps))),
+      "spearman_signed": unflat(rank_correlation(flat(ref_signed), flat(signed))),
+      "ssim": unflat(ssim(flat(ref), flat(maps), window=ssim_window)),
+      "maps": maps,
+      "maps_signed": signed,
+  }
