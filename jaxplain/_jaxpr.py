@@ -39,6 +39,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Literal, Var
 
 Array = Any
@@ -160,6 +161,86 @@ def _elementwise_body(jaxpr, active: Sequence[bool]) -> bool:
       act.add(o)
   return len(jaxpr.outvars) == 1 and isinstance(jaxpr.outvars[0], Var) and (
       jaxpr.outvars[0] in act)
+
+
+# positively homogeneous elementwise functions (g(a v) = a g(v) for a > 0: ReLU, leaky ReLU,
+# |v|, ...): their WBP factor g(v) / v is piecewise constant in v, so its derivative is zero
+# wherever it is defined and the factor can be treated as a constant under differentiation.
+
+# classes of values: homogeneous in v / scale-invariant in v (built from signs of v) / a
+# literal constant / anything else from outside (may depend on the parameters, e.g. a PReLU
+# slope: then g(v) / v does too, and is not treated as a constant)
+_LIN, _INV, _CONST, _EXT = "lin", "inv", "const", "ext"
+
+
+def _is_zero_literal(v) -> bool:
+  if not isinstance(v, Literal):
+    return False
+  try:  # NumPy, not jnp: under an outer trace jnp would stage the comparison out
+    return bool(np.all(np.asarray(v.val) == 0))
+  except Exception:  # pragma: no cover - abstract literal
+    return False
+
+
+def _homogeneous_eqn(eqn, kinds: list) -> str | None:
+  """Class of ``eqn``'s outputs given its operands' classes, None if it breaks homogeneity."""
+  name = eqn.primitive.name
+  lit0 = [_is_zero_literal(v) for v in eqn.invars]
+  if all(k == _CONST for k in kinds):
+    return _CONST
+  if all(k in (_CONST, _EXT) for k in kinds):
+    return _EXT
+  if _EXT in kinds:
+    return None
+  if name in _CALLS:
+    body, _ = _call_body(eqn)
+    return _homogeneous_body(body, kinds)
+  if all(k in (_INV, _CONST) for k in kinds):
+    return _INV if name in _ELEMENTWISE else None  # e.g. convert(v > 0) * 2
+  lin = [k == _LIN for k in kinds]
+  if name in ("neg", "abs", "convert_element_type", "copy", "copy_p"):
+    return _LIN
+  if name in ("add", "sub", "add_any", "max", "min"):
+    return _LIN if all(l or z for l, z in zip(lin, lit0)) else None
+  if name == "mul":
+    return _LIN if sum(lin) == 1 else None
+  if name == "div":
+    return _LIN if lin == [True, False] else None
+  if name == "sign":
+    return _INV
+  if name in ("gt", "ge", "lt", "le", "eq", "ne"):
+    return _INV if all(l or z for l, z in zip(lin, lit0)) else None
+  if name == "select_n":
+    cases = kinds[1:]
+    ok = kinds[0] != _LIN and all(k == _LIN or z for k, z in zip(cases, lit0[1:]))
+    return _LIN if ok else None
+  return None
+
+
+def _homogeneous_body(jaxpr, kinds: list) -> str | None:
+  env = dict(zip(jaxpr.invars, kinds))
+
+  def kind(v):
+    return _CONST if isinstance(v, Literal) else env.get(v, _EXT)
+
+  for eqn in jaxpr.eqns:
+    out = _homogeneous_eqn(eqn, [kind(v) for v in eqn.invars])
+    if out is None:
+      return None
+    for o in eqn.outvars:
+      env[o] = out
+  if len(jaxpr.outvars) != 1:
+    return None
+  return kind(jaxpr.outvars[0])
+
+
+def positively_homogeneous(eqn, active: Sequence[bool]) -> bool:
+  """True when ``eqn`` (one input-dependent operand) is provably positively homogeneous of
+  degree 1 in it (a ReLU, leaky ReLU, |v|, ...) with no other non-literal operand, judged
+  from its primitives alone."""
+  kinds = [_LIN if a else (_CONST if isinstance(v, Literal) else _EXT)
+           for v, a in zip(eqn.invars, active)]
+  return _homogeneous_eqn(eqn, kinds) == _LIN
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,7 +406,61 @@ def _subst(ins: list[Val], k: int, v: Array) -> list[Array]:
   return vals
 
 
+# A convolution whose input-dependent operand has at most this many channels carries its
+# modified tangent as patches @ kernel (an explicit im2col, see ``_conv_tangent``).
+PATCH_CONV_MAX_CHANNELS = 8
+
+
+def _patch_conv_ok(eqn, active: list[bool]) -> bool:
+  if eqn.primitive.name != "conv_general_dilated" or active != [True, False]:
+    return False
+  prm = eqn.params
+  lhs = eqn.invars[0].aval
+  dn = prm["dimension_numbers"]
+  return (lhs.ndim == 4 and prm["feature_group_count"] == 1 and prm["batch_group_count"] == 1
+          and all(d == 1 for d in prm["lhs_dilation"])
+          and all(d == 1 for d in prm["rhs_dilation"])
+          and all(lo >= 0 and hi >= 0 for lo, hi in prm["padding"])
+          and prm.get("preferred_element_type") is None
+          and lhs.shape[dn.lhs_spec[1]] <= PATCH_CONV_MAX_CHANNELS)
+
+
+def _conv_tangent(eqn, t: Array, w: Array) -> Array:
+  """The linear map ``t -> conv(t, w)`` of ``eqn`` written as an explicit im2col: shifted
+  strided slices of the padded input stacked into patches, then one ``dot_general`` with the
+  flattened kernel. Same values as the convolution; its transpose (the backward pass) is a
+  dot followed by padded additions instead of a convolution with few output channels, which
+  XLA's CPU backend runs several times slower (the first layer of an image model), and so
+  are the second-order terms of PPI."""
+  prm = eqn.params
+  dn = prm["dimension_numbers"]
+  (plh, phh), (plw, phw) = prm["padding"]
+  sh, sw = prm["window_strides"]
+  x = jnp.transpose(t, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
+  k = jnp.transpose(w, (dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1], dn.rhs_spec[0]))
+  kh, kw, c, o = k.shape
+  x = jnp.pad(x, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+  n, h, wd, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+  cols = [jax.lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                        (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+  patches = jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * c)
+  y = jax.lax.dot_general(patches, k.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
+                          precision=prm.get("precision"))
+  # NHWC -> the output layout of eqn
+  perm = [0] * 4
+  for src, dst in zip((0, 1, 2, 3), (dn.out_spec[0], dn.out_spec[2], dn.out_spec[3],
+                                     dn.out_spec[1])):
+    perm[dst] = src
+  return jnp.transpose(y, perm).astype(eqn.outvars[0].aval.dtype)
+
+
 def _linear(eqn, ins: list[Val], active: list[bool], with_ref: bool) -> list[Val]:
+  if _patch_conv_ok(eqn, active):
+    (p,) = bind(eqn, [i.p for i in ins])
+    r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
+    return [Val(p, r, _conv_tangent(eqn, ins[0].t, ins[1].p), True)]
   idx = [k for k, a in enumerate(active) if a]
   base = [i.p for i in ins]
 
@@ -346,6 +481,11 @@ def _nonlinearity(eqn, ins: list[Val], k: int, g: Callable, rule: Rule,
   r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
   v = ins[k]
   m = multiplier(rule, g, v.p, p, v.r, r)
+  if rule.name == "wbp" and positively_homogeneous(eqn, [i == k for i in range(len(ins))]):
+    # g(v) / v is piecewise constant (ReLU: 1[v > 0]): its exact derivative is zero, so
+    # differentiating it (PPI's second order) would only add a backward pass through the
+    # network that sums to zero. Same value, no gradient path.
+    m = jax.lax.stop_gradient(m)
   return [Val(p, r, (m * v.t).astype(jnp.result_type(p)), True)]
 
 
@@ -474,3 +614,4 @@ def dce(eqns, outvars) -> list:
       kept.append(e)
       live.update(v for v in e.invars if isinstance(v, Var))
   return kept[::-1]
+
