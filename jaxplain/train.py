@@ -379,7 +379,7 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
   """
   if variables is None:
     key = jax.random.key(0) if key is None else key
-    variables = model.init(key, jnp.asarray(sample))
+    variables = jax.jit(model.init)(key, jnp.asarray(sample))  # jitted: no op-by-op init
   variables = dict(variables)
   if "params" not in variables:
     raise ValueError(f"variables must contain 'params', got keys {sorted(variables)}")
