@@ -182,7 +182,7 @@ def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curve
 
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
-  """Run the comparison; return ``{"metrics", "figures", "summary"}`` (CONTRACTS.md)."""
+  """Run the comparison; return ``{"metrics", "figures", "summary"}`` (experiments/README.md)."""
   from experiments.common import get_trained
 
   out = pathlib.Path(out_dir)

@@ -2,9 +2,10 @@
 
     python -m experiments.ppi_decoy [--full | --smoke] [--out outputs] [--seed 0]
 
-Data: :func:`jaxplain.data.load` ``"decoy_digits"`` at 28x28: every image carries a 4x4 patch
-in a random corner whose grey level encodes the label in ``train`` and ``validation``
-(in-distribution, "ID") and is random in ``test`` (out-of-distribution, "OOD").
+Data: :func:`jaxplain.data.load` ``"decoy_digits"`` at 28x28: every image carries a white 6x6
+patch at one of ten border positions (five along the top edge, five along the bottom); the
+position is the label in ``train`` and ``validation`` (in-distribution, "ID") and random in
+``test`` (out-of-distribution, "OOD").
 Model: LeNet. Arms, for each seed:
 
 - *classification*: plain cross-entropy for ``warmup + epochs`` epochs;
@@ -271,7 +272,7 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
           "- Reading: with the decoy sufficient for the label, L_con (\"after removing the "
           "salient pixels, do not predict y\") is satisfied just as well by a model that needs "
           "the decoy, and L_ad only removes an example's own decoy when the partner's patch is "
-          "in the same corner (1 in 4); on this data PPI does not steer the model away from "
+          "at the same border position (1 in 10); on this data PPI does not steer the model away from "
           "the decoy, and the OOD accuracy falls. LRP-epsilon (epsilon 1e-6) and WBP give "
           "nearly the same maps on this ReLU network (both ~ gradient x input)."]),
   ]

@@ -3,7 +3,7 @@
     python -m experiments.run_all [--only NAME[,NAME...]] [--full | --smoke] [--out outputs]
 
 Each experiment module ``experiments.<name>`` exposes ``run(out_dir, *, full, smoke, seed)``
-returning ``{"metrics", "figures", "summary"}`` (docs: notes/CONTRACTS.md). The modules are
+returning ``{"metrics", "figures", "summary"}`` (see experiments/README.md). The modules are
 imported by name, in the order of :data:`EXPERIMENTS` (model training first, so that the later
 experiments restore its checkpoints); a module that is not in the repository is reported and
 skipped, and an experiment that raises is reported (traceback printed), the others still run

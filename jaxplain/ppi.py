@@ -457,7 +457,7 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
 
 def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
                   saliency: str | SaliencyFn = "wbp"):
-  """PPI as a loss for :func:`jaxplain.train.fit` (CONTRACTS: the training-driver form).
+  """PPI as a loss for :func:`jaxplain.train.fit` (the ``loss_fn`` form that ``fit`` takes).
 
   Args:
     model: a Flax linen module returning (B, K) logits; models with batch norm take
