@@ -20,9 +20,10 @@ How the layer is reached, without changing the model:
   replaced in that copy by a wrapper doing the same capture and perturbation.
 - A plain function: pass ``model=(features, head)`` with ``head(features(x)) = logits``.
 
-The named layer's output is taken as it is: in the zoo's models convolutions are named
-(``conv3``) and the ReLU after them is not a module, so ``A`` is the pre-activation
-(negative values enter the weighted sum before the final ReLU).
+The named layer's output is taken as it is. In the zoo's models (:mod:`jaxplain.models`)
+``"conv3"`` is the convolution's pre-activation output and ``"conv3_relu"`` the rectified
+feature maps, the usual Grad-CAM choice (with pre-activations, negative values enter the
+weighted sum before the final ReLU and maps are often blank).
 """
 
 from __future__ import annotations
