@@ -9,6 +9,7 @@ lock makes concurrent callers (parallel experiments) train a model only once.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import json
@@ -17,6 +18,7 @@ import shutil
 import time
 from typing import Callable
 
+import numpy as np
 import optax
 
 from jaxplain import data as jdata
@@ -137,3 +139,37 @@ def summary_path(name: str, *, dataset: str = "digits", seed: int = 0, out_dir="
 def trained_summary(name: str, **kwargs) -> dict:
   """The summary JSON of a trained model (see :func:`summary_path`; same keyword arguments)."""
   return json.loads(summary_path(name, **kwargs).read_text())
+
+
+def pick_round_robin(data: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``n`` images of a split taken round-robin over the classes (deterministic):
+  ``(images, labels)``.
+
+  >>> d = {"image": np.arange(6.0), "label": np.array([0, 0, 0, 1, 1, 2])}
+  >>> pick_round_robin(d, 4)[1].tolist()
+  [0, 1, 2, 0]
+  """
+  labels = data["label"]
+  per_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
+  idx = []
+  while len(idx) < min(n, len(labels)):
+    for lst in per_class:
+      if lst and len(idx) < n:
+        idx.append(lst.pop(0))
+  idx = np.array(idx)
+  return data["image"][idx], labels[idx]
+
+
+def cli(run: Callable, doc: str | None) -> dict:
+  """The command line shared by the experiment scripts: ``[--full | --smoke] [--out DIR]
+  [--seed N]``; runs ``run`` and prints its summary. Returns the result."""
+  ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+  g = ap.add_mutually_exclusive_group()
+  g.add_argument("--full", action="store_true", help="paper-size settings")
+  g.add_argument("--smoke", action="store_true", help="tiny settings (seconds)")
+  ap.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+  ap.add_argument("--seed", type=int, default=0)
+  a = ap.parse_args()
+  result = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
+  print(result["summary"])
+  return result

@@ -26,7 +26,6 @@ non-negative pixel map, computed on the rectified ``conv2`` features (:func:`len
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 from typing import Any, Callable
@@ -57,18 +56,6 @@ def _settings(full: bool, smoke: bool) -> dict[str, Any]:
   return dict(n=32, steps=20, ig_steps=16, sg_samples=16, orders=4, n_show=6,
               occ_patch=4, occ_stride=4, occ_chunk=None, stage_chunk=None, epochs=None)
 
-
-def _pick(data: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` test images taken round-robin over the classes (deterministic)."""
-  labels = data["label"]
-  per_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
-  idx = []
-  while len(idx) < min(n, len(labels)):
-    for lst in per_class:
-      if lst and len(idx) < n:
-        idx.append(lst.pop(0))
-  idx = np.array(idx)
-  return data["image"][idx], labels[idx]
 
 
 def lenet_split(params: dict):
@@ -183,7 +170,7 @@ def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curve
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
   """Run the comparison; return ``{"metrics", "figures", "summary"}`` (experiments/README.md)."""
-  from experiments.common import get_trained
+  from experiments.common import get_trained, pick_round_robin
 
   out = pathlib.Path(out_dir)
   cfg = _settings(full, smoke)
@@ -192,7 +179,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
                                        progress=not smoke)
   params = variables["params"]
   f = jax.jit(lambda z: model.apply({"params": params}, z))
-  x, y = _pick(data["test"], cfg["n"])
+  x, y = pick_round_robin(data["test"], cfg["n"])
   x = jnp.asarray(x)
   pred = jnp.argmax(f(x), -1)
   feats, head = lenet_split(params)
@@ -342,12 +329,5 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  g = ap.add_mutually_exclusive_group()
-  g.add_argument("--full", action="store_true")
-  g.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out", default="outputs")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args()
-  res = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
-  print(res["summary"])
+  from experiments.common import cli
+  cli(run, __doc__)

@@ -27,7 +27,6 @@ step for every seed, ``run`` turns on JAX's persistent compilation cache under
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -314,11 +313,5 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--full", action="store_true")
-  ap.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out", default="outputs")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args()
-  result = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
-  print(result["summary"])
+  from experiments.common import cli
+  cli(run, __doc__)

@@ -19,7 +19,6 @@ digit's strokes, and the deletion AUC of the predicted-class map against a rando
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 from typing import Any
@@ -41,18 +40,6 @@ def _settings(full: bool, smoke: bool) -> dict[str, Any]:
     return dict(n_show=10, n_eval=270, steps=50, orders=16, epochs=None)
   return dict(n_show=6, n_eval=64, steps=20, orders=4, epochs=None)
 
-
-def _pick(data: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` test images taken round-robin over the classes (deterministic)."""
-  labels = data["label"]
-  per_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
-  idx = []
-  while len(idx) < min(n, len(labels)):
-    for lst in per_class:
-      if lst and len(idx) < n:
-        idx.append(lst.pop(0))
-  idx = np.array(idx)
-  return data["image"][idx], labels[idx]
 
 
 def _three_panel_grid(path: pathlib.Path, images, grads, titles: list[str]) -> None:
@@ -82,7 +69,7 @@ def _three_panel_grid(path: pathlib.Path, images, grads, titles: list[str]) -> N
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
   """Run the seed-000 experiment; return ``{"metrics", "figures", "summary"}``."""
-  from experiments.common import get_trained
+  from experiments.common import get_trained, pick_round_robin
   from jaxplain import plot as jplot
 
   out = pathlib.Path(out_dir)
@@ -93,7 +80,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
   model, variables, data = get_trained("lenet", seed=seed, out_dir=out, epochs=cfg["epochs"],
                                        progress=not smoke)
   f = lambda z: model.apply(variables, z)
-  x_np, y = _pick(data["test"], max(cfg["n_eval"], cfg["n_show"]))
+  x_np, y = pick_round_robin(data["test"], max(cfg["n_eval"], cfg["n_show"]))
   x = jnp.asarray(x_np)
 
   @jax.jit
@@ -191,12 +178,5 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  g = ap.add_mutually_exclusive_group()
-  g.add_argument("--full", action="store_true")
-  g.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out", default="outputs")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args()
-  res = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
-  print(res["summary"])
+  from experiments.common import cli
+  cli(run, __doc__)

@@ -30,7 +30,6 @@ so "conv2 step, unit i" is conv1's filter/channel i, "fc1 step, unit c" is conv2
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import time
@@ -485,12 +484,5 @@ def _summary(met: dict, cfg: dict) -> str:
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  g = ap.add_mutually_exclusive_group()
-  g.add_argument("--full", action="store_true")
-  g.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out", default="outputs")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args()
-  res = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
-  print(res["summary"])
+  from experiments.common import cli
+  cli(run, __doc__)

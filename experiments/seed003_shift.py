@@ -23,7 +23,6 @@ are included as a reference.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 from typing import Any
@@ -49,18 +48,6 @@ def _settings(full: bool, smoke: bool) -> dict[str, Any]:
   return dict(n=24, shifts=(0.1, 0.25, 0.5), main_shift=0.25, ig_steps=16, n_show=4,
               epochs=None)
 
-
-def _pick(data: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` test images taken round-robin over the classes (deterministic)."""
-  labels = data["label"]
-  per_class = [list(np.flatnonzero(labels == c)) for c in range(int(labels.max()) + 1)]
-  idx = []
-  while len(idx) < min(n, len(labels)):
-    for lst in per_class:
-      if lst and len(idx) < n:
-        idx.append(lst.pop(0))
-  idx = np.array(idx)
-  return data["image"][idx], labels[idx]
 
 
 def cnn003_split(params: dict):
@@ -124,7 +111,7 @@ def _figure(path: pathlib.Path, x, c, maps_before, maps_after, n_show: int) -> N
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
   """Run the seed-003 experiment; return ``{"metrics", "figures", "summary"}``."""
-  from experiments.common import get_trained
+  from experiments.common import get_trained, pick_round_robin
 
   out = pathlib.Path(out_dir)
   folder = out / NAME
@@ -134,7 +121,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
   model, variables, data = get_trained("cnn003", seed=seed, out_dir=out, epochs=cfg["epochs"],
                                        progress=not smoke)
   f = lambda z: model.apply(variables, z)
-  x_np, y = _pick(data["test"], cfg["n"])
+  x_np, y = pick_round_robin(data["test"], cfg["n"])
   x = jnp.asarray(x_np)
   pred = jnp.argmax(jax.jit(f)(x), -1)
   accuracy = float(jnp.mean(pred == jnp.asarray(y)))
@@ -257,12 +244,5 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
 
 
 if __name__ == "__main__":
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  g = ap.add_mutually_exclusive_group()
-  g.add_argument("--full", action="store_true")
-  g.add_argument("--smoke", action="store_true")
-  ap.add_argument("--out", default="outputs")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args()
-  res = run(pathlib.Path(a.out), full=a.full, smoke=a.smoke, seed=a.seed)
-  print(res["summary"])
+  from experiments.common import cli
+  cli(run, __doc__)

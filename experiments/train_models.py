@@ -15,7 +15,6 @@ VGG and ResNet; ``smoke`` trains one epoch of the two LeNets.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -118,12 +117,6 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--full", action="store_true")
-  parser.add_argument("--smoke", action="store_true")
-  parser.add_argument("--out", default="outputs")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
-  result = run(pathlib.Path(args.out), full=args.full, smoke=args.smoke, seed=args.seed)
-  print(result["summary"])
+  from experiments.common import cli
+  result = cli(run, __doc__)
   print(json.dumps(result["metrics"], indent=1))

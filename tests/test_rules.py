@@ -195,7 +195,7 @@ def test_wbp_param_gradient_matches_finite_differences():
     flat, unravel = ravel_pytree(params)
     gflat, _ = ravel_pytree(g)
     eps = 1e-6
-    fd = np.array([(loss(unravel(flat.at[i].add(eps))) - loss(unravel(flat.at[i].add(-eps))))
+    fd = np.array([(jloss(unravel(flat.at[i].add(eps))) - jloss(unravel(flat.at[i].add(-eps))))
                    / (2 * eps) for i in range(flat.size)])
     np.testing.assert_allclose(np.asarray(gflat), fd, rtol=1e-6, atol=1e-8)
 
