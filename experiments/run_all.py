@@ -149,9 +149,11 @@ def write_outputs(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     if r.get("status") == "failed" and "summary" not in r:
       lines.append(f"**Failed:** `{r.get('error')}`")
       continue
-    lines.append(r.get("summary", "").strip())
+    summary = r.get("summary", "").strip()
+    lines.append(summary)
     for fig in r.get("figures", []):
-      lines += ["", f"![{pathlib.Path(fig).stem}]({fig})"]
+      if f"]({fig})" not in summary:  # not embedded by the summary itself
+        lines += ["", f"![{pathlib.Path(fig).stem}]({fig})"]
   rpath = out / "report.md"
   rpath.write_text("\n".join(lines) + "\n")
   return mpath, rpath
