@@ -13,13 +13,16 @@ of an approximation (Captum's "convergence delta").
 How the m steps are batched decides speed and memory. ``chunk`` steps of all B examples go
 through ``f`` as one batch of ``chunk * B`` rows; the ``ceil(m / chunk)`` chunks are unrolled
 in the traced program (``loop="unroll"``, default) or run by ``lax.scan`` (``loop="scan"``).
-Measured on a shared 2-core CPU (benchmarks/bench_attribution.md; SmallCNN 32x32x3, B = 64):
-the unrolled chunks run at about the floor (m x one jitted forward+backward) and ahead of
-Captum, while the loop body of ``lax.scan``/``lax.map`` ran about 3x slower on XLA:CPU.
-XLA:CPU does not reuse buffers between unrolled chunks, so their temp memory grows with m
-(about 48 MB per step there: 1.5 GB at m = 32, 6.2 GB at m = 128) whatever the chunk size;
-``loop="scan"`` bounds it by one chunk (about 0.2 GB). On a GPU prefer a large chunk or
-``chunk=None`` (one vmap over all steps).
+Each unrolled chunk's nodes carry an exactly-zero data dependency on the previous chunks'
+sum, so XLA runs the chunks one after another and reuses one chunk's buffers (without it,
+XLA:CPU's concurrency-oriented scheduler kept every chunk live: 1.5 GB at m = 32, 6.2 GB at
+m = 128; an ``optimization_barrier`` did not survive its passes). Measured on a shared
+2-core CPU (benchmarks/bench_attribution.md; SmallCNN 32x32x3, B = 64, chunk = 4): about the
+floor (m x one jitted forward+backward) at m = 32 and 128, ahead of Captum, with XLA temp
+memory about 0.22 GB whatever m (it grows with ``chunk``). The loop body of
+``lax.scan``/``lax.map`` ran 2-3.5x slower there (inside the while loop XLA:CPU does not
+route the backward convolutions to its fast YNNPACK kernels). On a GPU prefer a large chunk
+or ``chunk=None`` (one vmap over all steps).
 """
 
 from __future__ import annotations
@@ -173,14 +176,15 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
 
   Memory and speed: all ``steps`` of all B examples are vectorised; ``chunk`` steps (so
   ``chunk * B`` rows) go through ``f`` per call. ``loop="unroll"`` (default) unrolls the
-  ``ceil(steps / chunk)`` calls in the traced program: fastest on XLA:CPU (about the floor
-  of m x one forward+backward, ahead of Captum), compile time grows with the number of
-  chunks, and XLA:CPU keeps every chunk's buffers (temp memory ~ m x one gradient's, e.g.
-  6.2 GB for SmallCNN, B = 64, m = 128). ``loop="scan"`` runs the chunks in a ``lax.scan``:
-  memory bounded by one chunk and constant compile time, but the loop body ran about 3x
-  slower on XLA:CPU. ``chunk=None`` runs all ``steps * B`` rows as one batch (best on a
-  GPU; on CPU the largest memory). Results do not depend on ``chunk`` or ``loop`` beyond
-  float rounding. See benchmarks/bench_attribution.md.
+  ``ceil(steps / chunk)`` calls in the traced program, chained by an exactly-zero data
+  dependency so they run in sequence and share one chunk's buffers: on XLA:CPU about the
+  floor of m x one forward+backward (ahead of Captum) with temp memory bounded by one chunk
+  (about 0.22 GB for SmallCNN, B = 64, chunk = 4, at m = 32 and m = 128); compile time grows
+  with the number of chunks. ``loop="scan"`` runs the chunks in a ``lax.scan``: the same
+  memory and constant compile time, but the loop body ran 2-3.5x slower on XLA:CPU.
+  ``chunk=None`` runs all ``steps * B`` rows as one batch (best on a GPU; on CPU the largest
+  memory). Results do not depend on ``chunk`` or ``loop`` beyond float rounding. See
+  benchmarks/bench_attribution.md.
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
@@ -244,7 +248,15 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   else:
     start = 0
   for s in range(start, m, c):
-    total = total + chunk_sum(a_all[s:s + c], w_all[s:s + c])
+    a = a_all[s:s + c]
+    if s > 0:
+      # Sequence the unrolled chunks: XLA:CPU schedules independent chunks as if concurrent
+      # and keeps all their buffers live (temp memory ~ m; an optimization_barrier does not
+      # survive its passes). A data dependency of this chunk's nodes on the previous chunks'
+      # sum forces them to run one after another and reuse one chunk's buffers. The term is
+      # exactly 0 (min(|v|, 0)), NaN only if the sum already is.
+      a = a + jax.lax.stop_gradient(jnp.minimum(jnp.abs(total.reshape(-1)[0]), 0))
+    total = total + chunk_sum(a, w_all[s:s + c])
   attr = diff * total
   if not return_gap:
     return attr
