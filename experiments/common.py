@@ -160,6 +160,21 @@ def pick_round_robin(data: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
   return data["image"][idx], labels[idx]
 
 
+def md_table(header: list[str], rows: list[list]) -> str:
+  """A markdown table; floats with three decimals.
+
+  >>> print(md_table(["a", "b"], [[1, 0.5]]))
+  | a | b |
+  |---|---|
+  | 1 | 0.500 |
+  """
+  def fmt(v):
+    return f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
+  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+  return "\n".join(out)
+
+
 def cli(run: Callable, doc: str | None) -> dict:
   """The command line shared by the experiment scripts: ``[--full | --smoke] [--out DIR]
   [--seed N]``; runs ``run`` and prints its summary. Returns the result."""

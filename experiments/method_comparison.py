@@ -108,14 +108,6 @@ def methods(model, cfg: dict, key: jax.Array) -> dict[str, tuple[Callable, str]]
   }
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-  def fmt(v):
-    return f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
-  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-  return "\n".join(out)
-
-
 def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curves, sanity,
              layer_names, n_show: int) -> list[str]:
   import matplotlib
@@ -170,7 +162,7 @@ def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curve
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
   """Run the comparison; return ``{"metrics", "figures", "summary"}`` (experiments/README.md)."""
-  from experiments.common import get_trained, pick_round_robin
+  from experiments.common import get_trained, md_table, pick_round_robin
 
   out = pathlib.Path(out_dir)
   cfg = _settings(full, smoke)
@@ -290,7 +282,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
       f"on the same images, layers re-initialised from the top (fresh Flax initialisation): "
       f"{', '.join(layers)}.",
       "",
-      _md_table(["method", "deletion AUC (p), lower = better",
+      md_table(["method", "deletion AUC (p), lower = better",
                  "insertion AUC (p), higher = better", "deletion AUC (logit)",
                  f"Spearman abs, {layers[0]} random", "Spearman abs, all random",
                  "Spearman signed, all random", "SSIM abs, all random"], rows),
@@ -315,7 +307,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
       f"{max(cfg['ig_steps'], 2)} steps): completeness gap = sum IG - (f(x)[t] - f(0)[t]) "
       "(jaxplain.completeness_gap)",
       "",
-      _md_table(["rule", "mean abs gap", "mean abs gap / abs(f(x)[t] - f(0)[t])",
+      md_table(["rule", "mean abs gap", "mean abs gap / abs(f(x)[t] - f(0)[t])",
                  "deletion AUC (p)"],
                 [[r, v["mean_abs_gap"], v["mean_relative_gap"], v["deletion_auc"]]
                  for r, v in ig_rules.items()]),

@@ -86,14 +86,6 @@ def cnn003_split(params: dict):
   return features, head
 
 
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-  def fmt(v):
-    return f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
-  out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-  return "\n".join(out)
-
-
 def _figure(path: pathlib.Path, x, c, maps_before, maps_after, n_show: int) -> None:
   from jaxplain import plot as jplot
 
@@ -111,7 +103,7 @@ def _figure(path: pathlib.Path, x, c, maps_before, maps_after, n_show: int) -> N
 def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         seed: int = 0) -> dict:
   """Run the seed-003 experiment; return ``{"metrics", "figures", "summary"}``."""
-  from experiments.common import get_trained, pick_round_robin
+  from experiments.common import get_trained, md_table, pick_round_robin
 
   out = pathlib.Path(out_dir)
   folder = out / NAME
@@ -217,7 +209,7 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
                   ((float(k), v) for k, v in met["prediction_unchanged_fraction"].items()))
       + ". Numbers are means over the images whose prediction did not change.",
       "",
-      _md_table(["method", "shift", "Spearman (1 = same ranking)", "SSIM",
+      md_table(["method", "shift", "Spearman (1 = same ranking)", "SSIM",
                  "L1 change / L1 before", "L2 change / L2 before"], table),
       "",
       f"**Does the seed's finding hold here (shift +{c:g})?** It {verdict}. Largest L1 change "
