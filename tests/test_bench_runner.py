@@ -1,0 +1,25 @@
+"""The benchmark runner times each contender in its own process and alternates them."""
+
+import os
+import time
+
+from benchmarks import _runner
+
+
+def setup_sleep(seconds):
+  """A contender: returns a callable that sleeps, and its pid so the test sees the process."""
+  return {"run": lambda: time.sleep(seconds), "info": {"pid": os.getpid()}}
+
+
+def test_compare_times_each_contender_in_a_fresh_process():
+  res = _runner.compare({
+      "short": _runner.Contender("tests.test_bench_runner:setup_sleep", {"seconds": 0.02}),
+      "long": _runner.Contender("tests.test_bench_runner:setup_sleep", {"seconds": 0.08}),
+  }, rounds=2, repeats=2, verbose=False)
+  assert abs(res["short"]["median"] - 0.02) < 0.015
+  assert abs(res["long"]["median"] - 0.08) < 0.03
+  assert res["short"]["cpu"] < 0.5          # sleeping uses no CPU
+  assert res["short"]["info"]["pid"] != os.getpid()
+  r = _runner.ratio(res, "long", "short")
+  assert 2.0 < r["ratio"] < 6.0 and len(r["per_round"]) == 2
+  assert "| short |" in _runner.table(res, "sleep")
