@@ -220,9 +220,10 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
+  k = _validate.check_model(f, x).shape[1]
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   b = x.shape[0]
-  t = _validate.check_target(target, b, None, "target")
+  t = _validate.check_target(target, b, k, "target")
   diff = x - base
   m = len(alphas)
   c = m if chunk is None else min(int(chunk), m)

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxplain import _jaxpr
+from jaxplain import _validate
 from jaxplain._jaxpr import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 from jaxplain._validate import check_batched, check_logits, check_target
 
@@ -63,7 +64,9 @@ Array = Any
 def _modified_backprop(f: Callable, x: Array, target: Any, rule: _jaxpr.Rule,
                        reference: Array | None = None) -> Array:
   x = check_batched(x, "x")
-  closed = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  closed, out_shape = _validate.call_model(
+      lambda: jax.make_jaxpr(f, return_shape=True)(jax.ShapeDtypeStruct(x.shape, x.dtype)), f, x)
+  check_logits(out_shape, x.shape[0], f=f, x=x)
   jaxpr = closed.jaxpr
   if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
     raise ValueError(f"f: expected a function of one array returning one (B, K) logits array; "
@@ -94,7 +97,8 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule: _jaxpr.Rule,
     zero = den == 0
     cot = cot * jnp.where(zero, 0.0, z / jnp.where(zero, 1.0, den)).astype(z.dtype)
   (c,) = pullback(cot)
-  return c * (x - ref) if with_ref else c * x
+  att = c * (x - ref) if with_ref else c * x
+  return _validate.select_valid(att, t, logits.shape[1])  # NaN for a traced bad target
 
 
 def wbp(f: Callable[[Array], Array], x: Array, target: Any) -> Array:
@@ -158,6 +162,8 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   except ValueError as e:
     raise ValueError(f"reference: expected an array broadcastable to x.shape={x.shape}, "
                      f"got shape {jnp.shape(reference)}") from e
+  if reference is not None:
+    _validate.check_finite(reference, "reference")
   return _modified_backprop(f, x, target, _jaxpr.Rule("deeplift"), reference=ref)
 
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import pathlib
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -101,7 +102,7 @@ def classification_loss(model) -> LossFn:
     denom = jnp.maximum(w.sum(), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     loss = jnp.sum(ce * w) / denom
-    acc = jnp.sum((jnp.argmax(logits, -1) == labels) * w) / denom
+    acc = jnp.sum((jnp.argmax(logits, -1) == labels).astype(w.dtype) * w) / denom
     return loss, ({"loss": loss, "accuracy": acc}, new_state)
 
   return loss_fn
@@ -146,7 +147,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (metrics, new_ms)), grads = grad_fn(state["params"], state["model_state"], batch,
                                                k, step)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    # optax's own code (adam's bias correction: float ** int32 step) needs standard promotion
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **metrics}
     new_state = {"params": params, "model_state": new_ms, "opt_state": opt_state,
@@ -177,7 +180,8 @@ def make_eval_step(model, *, mesh: Mesh | None = None):
     w = _weights(batch, labels.shape[0])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {"loss_sum": jnp.sum(ce * w),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w), "count": jnp.sum(w)}
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels).astype(w.dtype) * w),
+            "count": jnp.sum(w)}
 
   return jax.jit(eval_fn, in_shardings=(rep, data), out_shardings=rep)
 
@@ -432,7 +436,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
     keep: checkpoints kept.
     early_stop_patience: stop when ``monitor`` has not improved for this many epochs and
       return the best epoch's variables (needs ``validation``).
-    progress: tqdm bar with loss and accuracy.
+    progress: a tqdm bar with loss and accuracy when stderr is a terminal; otherwise (a log
+      file, CI) one line per epoch on stderr.
     devices: devices of the data mesh (default all local devices).
     remainder: the last partial batch: "drop" (reshuffled each epoch) or "pad" (masked).
     init_variables: start from these variables (fine-tuning) instead of a fresh init.
@@ -512,6 +517,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
   """The body of :func:`fit` (resume, loop, saves); ``mngr`` is closed by the caller."""
   from tqdm.auto import tqdm
 
+  from jaxplain import _progress
+
+  lines = progress and not _progress.is_terminal()  # a log: one line per epoch, no bar
   early = early_stop_patience is not None
   history: list[dict] = []
   epoch_metrics: dict[str, list[float]] = {}
@@ -547,8 +555,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
     _save(mngr, int(state["step"]), tree, meta)
 
   step = int(state["step"])
-  bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit",
+  bar = tqdm(total=total, initial=min(step, total), disable=not progress or lines, desc="fit",
              leave=False)
+  started = time.perf_counter()
   pending: list[dict] = []  # device metrics not yet fetched
 
   def flush():
@@ -601,6 +610,11 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
             if es["bad_epochs"] >= early_stop_patience:
               es["stopped"] = True
       history.append(rec)
+      if lines:
+        shown = [f"{k} {rec[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                 if k in rec]
+        _progress.line(f"fit: epoch {epoch + 1}/{epochs}, step {step}: {', '.join(shown)} "
+                       f"({time.perf_counter() - started:.1f} s)")
       epoch_metrics = {}
       if save_every and step % save_every == 0 and epoch + 1 < epochs and not es["stopped"]:
         save(epoch + 1, 0)

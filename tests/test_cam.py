@@ -36,7 +36,8 @@ X_SHAPE = (3, 6, 6, 2)
 
 def conv(x, p):
   return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")
+                                      ) + p["bias"].reshape(1, 1, 1, -1)
 
 
 def split_by_hand(p):
@@ -47,7 +48,7 @@ def split_by_hand(p):
   def head(a):
     y = jax.nn.relu(conv(jax.nn.relu(a), p["block"]["conv"]))
     y = y.reshape(y.shape[0], 3, 2, 3, 2, 4).mean(axis=(2, 4))
-    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
   return features, head
 
 
@@ -141,7 +142,7 @@ def test_linen_nnx_and_plain_functions_agree(tiny):
 
   def head(a):
     y = jaxplain.models.avg_pool_2x2(jax.nn.relu(a))
-    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
   plain = jaxplain.grad_cam((features, head), None, x, t, relu=False)
   np.testing.assert_allclose(plain, ref, rtol=1e-4, atol=1e-6)
 

@@ -46,8 +46,8 @@ class TinyNNX(nnx.Module):
 def plain_fn(p, x):
   y = jax.lax.conv_general_dilated(x, p["conv1"]["kernel"], (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y = jax.nn.relu(y + p["conv1"]["bias"])
-  return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+  y = jax.nn.relu(y + p["conv1"]["bias"].reshape(1, 1, 1, -1))
+  return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
 
 
 def nnx_fn(model):
@@ -71,7 +71,7 @@ def test_gradient_matches_central_differences_float64():
     model = TinyLinen(act="tanh")
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2), jnp.float64)
     params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(jax.random.key(0), x))
+                          model.init(jax.random.key(0), x.astype(jnp.float32)))
     f = jax.jit(functools.partial(model.apply, params))
     target = jnp.array([1, 3])
     xn = np.asarray(x)

@@ -27,7 +27,7 @@ A = np.array([[2.0, 0.5, 0.0, -0.3, 0.1], [0.5, 1.0, 0.2, 0.0, 0.0], [0.0, 0.2, 
 
 def closed_f(x):
   c, a = jnp.asarray(C, x.dtype), jnp.asarray(A, x.dtype)
-  return jnp.stack([jnp.sum(jnp.exp(c * x), axis=1), jnp.einsum("bi,ij,bj->b", x, a, x)], 1)
+  return jnp.stack([jnp.sum(jnp.exp(c[None] * x), axis=1), jnp.einsum("bi,ij,bj->b", x, a, x)], 1)
 
 
 def exact_ig(x, base, target):
@@ -145,7 +145,7 @@ def test_vectorised_ig_equals_python_loop_over_steps(tiny, method):
     for b in range(2):
       pt = base + a * (x[b] - base)
       total[b] += w * np.asarray(jax.grad(lambda z: f(z[None])[0, int(t[b])])(pt))
-  np.testing.assert_allclose(ig, (x - base) * total, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ig, (x - base[None]) * total, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_and_loop_do_not_change_the_result(tiny):
@@ -229,8 +229,8 @@ def test_linen_nnx_and_plain_function_agree():
   def plain(x):
     y = jax.lax.conv_general_dilated(x, p["conv1"]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.nn.relu(y + p["conv1"]["bias"]).reshape(x.shape[0], -1)
-    return y @ p["fc"]["kernel"] + p["fc"]["bias"]
+    y = jax.nn.relu(y + p["conv1"]["bias"].reshape(1, 1, 1, -1)).reshape(x.shape[0], -1)
+    return y @ p["fc"]["kernel"] + p["fc"]["bias"][None]
 
   graphdef, state = nnx.split(TinyNNX())
   fs = [functools.partial(model.apply, params), lambda x: nnx.merge(graphdef, state)(x), plain]

@@ -195,7 +195,8 @@ def _fd_check(cfg):
   model = TanhMLP()
   x = jax.random.uniform(jax.random.key(4), (4, 3, 3, 1), dtype=jnp.float64)
   y = jnp.array([0, 1, 2, 0])
-  params = model.init(jax.random.key(5), x)["params"]
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        model.init(jax.random.key(5), x.astype(jnp.float32))["params"])
   batch = {"image": x, "label": y}
   params0 = params
 

@@ -90,9 +90,9 @@ def significance(e: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arr
   ok = sigma > 0
   safe = jnp.where(ok, sigma, 1.0)
   delta = jnp.abs(mean) / safe
-  z = e / safe
-  pos = (z < -delta) & ok
-  neg = (z > delta) & ok
+  z = e / safe[None]
+  pos = (z < -delta[None]) & ok[None]
+  neg = (z > delta[None]) & ok[None]
   return pos, neg, z, delta
 
 
@@ -111,6 +111,7 @@ def causal_effect(logits: jax.Array, logits_do: jax.Array) -> jax.Array:
   """
   lp = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
   lq = jax.nn.log_softmax(jnp.asarray(logits_do), axis=-1)
+  lp = jnp.broadcast_to(lp, lq.shape)  # (B, K) against (N, B, K)
   return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 

@@ -31,6 +31,7 @@ an exact sweep.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -87,6 +88,8 @@ def sweep(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.A
          [2., 2., 1.]], dtype=float32)
   """
   masks = _masks_of(units)
+  x = _validate.check_batched(x, "x")
+  _validate.check_finite(value, "value")
   sel = select(*[re.escape(p) for p in masks])
   masks = {p: jnp.asarray(m) for p, m in masks.items()}
 
@@ -143,7 +146,8 @@ def _input_contrib(mod: nn.Module, h: jax.Array, w: jax.Array, i: jax.Array,
   """L_nobias(h restricted to input unit / channel / flatten group i; w): shaped like z."""
   if isinstance(mod, nn.Dense):
     if channels is None:
-      return jnp.take(h, i, axis=-1)[..., None] * jnp.take(w, i, axis=0)
+      hi = jnp.take(h, i, axis=-1)[..., None]
+      return hi * jnp.take(w, i, axis=0).reshape((1,) * (hi.ndim - 1) + (-1,))
     rows = i + channels * jnp.arange(h.shape[-1] // channels)
     return jnp.tensordot(jnp.take(h, rows, axis=-1), jnp.take(w, rows, axis=0),
                          axes=((-1,), (0,)))
@@ -171,6 +175,8 @@ def _new_outputs(units: Units, mod: nn.Module, h: jax.Array, z: jax.Array, w: ja
     om = jnp.asarray(units.outputs if out_mask is None else out_mask, z.dtype)
     if om.ndim == 2:  # per example (B, K_out)
       om = om.reshape((om.shape[0],) + (1,) * (z.ndim - 2) + (n_out,))
+    else:
+      om = om.reshape((1,) * (z.ndim - 1) + (n_out,))
 
     def fn(i):
       return z - _input_contrib(mod, h, wd, i, units.channels) * om
@@ -186,7 +192,7 @@ def _new_outputs(units: Units, mod: nn.Module, h: jax.Array, z: jax.Array, w: ja
       wik = jax.lax.dynamic_slice_in_dim(
           jax.lax.dynamic_slice_in_dim(wd, i, 1, axis=w.ndim - 2), k, 1, axis=w.ndim - 1)
       c = _linear(mod, hi, wik)
-    return z - c * _one_hot_channel(k, n_out, z.dtype)
+    return z - c * _one_hot_channel(k, n_out, z.dtype).reshape((1,) * (z.ndim - 1) + (n_out,))
 
   return fn, jnp.asarray(units.index)
 
@@ -232,6 +238,7 @@ def sweep_layer(model: nn.Module, variables: Any, x: jax.Array, units: Units, *,
     raise TypeError("units: sweep_layer needs a Units value (from units(...)); for raw masks use "
                     "sweep")
   x = _validate.check_batched(x, "x")
+  _validate.check_finite(value, "value")
   layers = [units.layer] + ([channelwise_until] if channelwise_until else [])
   _, caps = _hooks.capture(model, variables, x, layers, apply_kwargs=apply_kwargs)
   h, z, mod = caps[units.layer]
@@ -299,7 +306,11 @@ def first_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x:
   """
   masks = _masks_of(units)
   x = _validate.check_batched(x, "x")
-  t = _validate.check_target(target, x.shape[0])
+  _validate.check_finite(value, "value")
+  out = _validate.call_model(lambda: jax.eval_shape(apply_fn, params, x), functools.partial(
+      apply_fn, params), x)
+  k = _validate.check_logits(out, x.shape[0]).shape[1]
+  t = _validate.check_target(target, x.shape[0], k)
   leaves = {p: jnp.asarray(_leaf(params, p)) for p in masks}
 
   def y(sub, xb, tb):
@@ -307,9 +318,10 @@ def first_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x:
     return apply_fn(p, xb[None])[0, tb]
 
   grads = jax.vmap(jax.grad(y), in_axes=(None, 0, 0))(leaves, x, t)   # {path: (B, *shape)}
+  grads = {p: _validate.select_valid(g, t, k) for p, g in grads.items()}  # traced bad target
   est = 0.0
   for p, m in masks.items():
-    d = jnp.asarray(m, leaves[p].dtype) * (jnp.asarray(value, leaves[p].dtype) - leaves[p])
+    d = jnp.asarray(m, leaves[p].dtype) * (jnp.asarray(value, leaves[p].dtype) - leaves[p])[None]
     est = est + jnp.einsum("n...,b...->nb", d, grads[p])
   return est
 
