@@ -525,7 +525,9 @@ class _Keras:
   def apply(self, params, x):
     import keras  # pylint: disable=import-outside-toplevel
     mapping = [(v, params[l][k]) for v, l, k in self.keys]
-    with keras.StatelessScope(state_mapping=mapping):
+    # Keras' own layers rely on numpy rank promotion and standard dtype promotion.
+    with keras.StatelessScope(state_mapping=mapping), jax.numpy_rank_promotion("allow"), \
+        jax.numpy_dtype_promotion("standard"):
       out = self.model(x, training=False)
     return _select_output(out, self.output)
 
