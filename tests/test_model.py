@@ -335,3 +335,124 @@ def test_wrap_errors_name_the_argument():
     jaxplain.wrap((lambda p, z: (z, z), {}))(jnp.ones((1, 2)))
   f = jaxplain.wrap((lambda p, z: (z @ p, z), jnp.ones((2, 3))), output=0)
   assert f(jnp.ones((4, 2))).shape == (4, 3)
+
+
+def test_keras_inception_v3_ig_and_grad_cam_by_layer_name():
+  """Seed 000's network: keras.applications.InceptionV3 at its smallest input (75 x 75).
+  With network access a user passes weights="imagenet"; here weights=None (no download).
+  Grad-CAM on "mixed10" vs the hand split (mixed10 -> global average pool -> dense)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from jaxplain import plot  # pylint: disable=import-outside-toplevel
+  km = keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3),
+                                      classifier_activation=None)
+  m = jaxplain.wrap(km)
+  x = jax.random.uniform(jax.random.key(0), (1, 75, 75, 3))
+  assert m.layer_names(x)[-3:] == ("mixed10", "avg_pool", "predictions")
+
+  @jax.jit
+  def run(z):
+    logits, caps = m.capture(z, ["mixed10"])
+    cam = jaxplain.grad_cam(m, z, 7, layer="mixed10", relu=False, upsample=None)
+    ig = jaxplain.integrated_gradients(m, z, 7, steps=2)
+    return logits, caps["mixed10"][1], cam, ig
+  logits, a, cam, ig = run(x)
+  wd, bd = km.get_layer("predictions").get_weights()
+  head = lambda f: f.mean(axis=(1, 2)) @ wd + bd[None]  # noqa: E731
+  np.testing.assert_allclose(head(a), logits, rtol=1e-4, atol=1e-4)
+  g = jax.grad(lambda f: head(f)[0, 7])(a)
+  ref = np.einsum("bhwc,bc->bhw", np.asarray(a), np.asarray(g).mean(axis=(1, 2)))
+  assert ref.shape == (1, 2, 2)
+  np.testing.assert_allclose(cam, ref, rtol=1e-3, atol=1e-6 * np.abs(ref).max())
+  assert ig.shape == x.shape and np.isfinite(np.asarray(ig)).all()
+  fig = plot.three_panel(np.asarray(x[0]), np.asarray(ig[0]), title="InceptionV3 IG")
+  assert len(fig.axes) == 3
+
+
+# -- beyond images: tokens and integer inputs -------------------------------------------------
+
+
+class ViTBlock(nn.Module):
+  @nn.compact
+  def __call__(self, t):
+    h = nn.LayerNorm(name="ln1")(t)
+    t = t + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h, h)
+    h = nn.LayerNorm(name="ln2")(t)
+    return t + nn.Dense(8, name="mlp2")(jax.nn.gelu(nn.Dense(16, name="mlp1")(h)))
+
+
+class TinyViT(nn.Module):
+  """8x8x1 images, 4x4 patches -> 4 tokens of width 8, two blocks, mean-pool head."""
+
+  @nn.compact
+  def __call__(self, x):
+    b = x.shape[0]
+    p = x.reshape(b, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 4, 16)
+    t = nn.Dense(8, name="embed")(p)
+    t = ViTBlock(name="block0")(t)
+    t = ViTBlock(name="block1")(t)
+    return nn.Dense(3, name="head")(t.mean(axis=1))
+
+
+def test_grad_cam_on_a_vit_last_block_is_a_map_over_tokens():
+  vit = TinyViT()
+  x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 1))
+  v = vit.init(jax.random.key(5), x)
+  p = v["params"]
+  # the hand split: tokens after block1 (linen submodules applied one by one), then the head
+  patches = x.reshape(2, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16)
+  t = patches @ p["embed"]["kernel"] + p["embed"]["bias"][None, None]
+  for blk in ("block0", "block1"):
+    t = ViTBlock().apply({"params": p[blk]}, t)
+  head = lambda a: a.mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"][None]  # noqa: E731
+  np.testing.assert_allclose(head(t), vit.apply(v, x), rtol=1e-5, atol=1e-6)
+  tgt = np.array([2, 0])
+  g = np.stack([np.asarray(jax.grad(lambda a: head(a[None])[0, tgt[b]])(t[b])) for b in range(2)])
+  ref = np.einsum("blc,bc->bl", np.asarray(t), g.mean(axis=1))
+  got = jaxplain.grad_cam(jaxplain.wrap(vit, v), x, jnp.asarray(tgt), layer="block1", relu=False)
+  assert got.shape == (2, 4)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+class TextNet(nn.Module):
+  """Token ids (B, L) -> embedding -> dense "proj" per token -> ReLU -> mean -> "out"."""
+
+  @nn.compact
+  def __call__(self, ids):
+    e = nn.Embed(11, 6, name="embed")(ids)
+    h = jax.nn.relu(nn.Dense(5, name="proj")(e))
+    return nn.Dense(3, name="out")(h.mean(axis=1))
+
+
+def test_sweeps_walk_and_first_order_on_integer_token_inputs():
+  net = TextNet()
+  ids = jnp.array([[1, 4, 4, 9, 0], [3, 3, 7, 2, 10]], jnp.int32)
+  v = net.init(jax.random.key(6), ids)
+  v = jax.tree_util.tree_map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(7), a.shape), v)
+  m = jaxplain.wrap(net, v)
+  apply = jax.jit(net.apply)
+  # a Python loop: zero output unit k of "proj" (its kernel column and bias) and re-run
+  ref = []
+  for k in range(5):
+    q = jax.tree_util.tree_map(np.array, v)
+    q["params"]["proj"]["kernel"][:, k] = 0
+    q["params"]["proj"]["bias"][k] = 0
+    ref.append(apply(q, ids))
+  ref = np.stack(ref)
+  u = iv.units(m, "proj", "filter")
+  np.testing.assert_allclose(iv.sweep_layer(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(iv.sweep(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  # first order on the last layer's weights is exact: e = -w_ik * mean_l relu(proj)_i
+  pn = jax.tree_util.tree_map(np.asarray, v["params"])
+  h = np.maximum(pn["embed"]["embedding"][np.asarray(ids)] @ pn["proj"]["kernel"]
+                 + pn["proj"]["bias"], 0).mean(axis=1)           # (B, 5)
+  uo = iv.units(m, "out", "weight", [[0, 1], [4, 1], [2, 1]])
+  est = iv.first_order(m, ids, 1, uo)
+  w = np.asarray(v["params"]["out"]["kernel"])
+  np.testing.assert_allclose(est, np.stack([-w[i, 1] * h[:, i] for i in (0, 4, 2)]),
+                             rtol=1e-5, atol=1e-6)
+  # the walk and Grad-CAM / mediator maps over tokens run on token ids
+  r = jax.jit(lambda z: iv.walk(m, z, 1, ["proj", "out"]))(ids)
+  assert r.per_layer["proj"].effect.shape == (2, 6) and r.per_layer["out"].effect.shape == (2, 5)
+  assert iv.mediator_map(m, ids, r, "proj").shape == (2, 5)
+  assert jaxplain.grad_cam(m, ids, 1, layer="proj").shape == (2, 5)
