@@ -846,6 +846,23 @@ def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
                   f"a (features, head) pair of functions; got {type(obj).__name__}")
 
 
+def linen_parts(model: Any, what: str = "model") -> tuple[Any, Any]:
+  """``(module, variables)`` of a linen model given as a module or as ``wrap(module,
+  variables)`` (variables ``None`` for a bare module): the entry points that train a linen
+  module (``train.fit``, ``ppi.make_ppi_loss``) accept both. Other frameworks raise."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  if isinstance(model, Model):
+    if model.framework != "linen":
+      raise TypeError(f"{what}: training supports Flax linen models only (got a wrapped "
+                      f"{model.framework} model); wrap(module, variables) of a linen module "
+                      "works")
+    return model.adapter.module, model.params
+  if isinstance(model, nn.Module):
+    return model, None
+  raise TypeError(f"{what}: expected a flax.linen Module or wrap(module, variables), got "
+                  f"{type(model).__name__}")
+
+
 def as_model(model: Any, args: tuple, n: int, what: str) -> tuple[Model, tuple]:
   """Accept ``f(model, *args)`` (n args) and the older ``f(model, variables, *args)``.
 

@@ -446,10 +446,13 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
     return lambda variables, f, x, y: fn(f, x, y)
   from jaxplain import cam  # pylint: disable=import-outside-toplevel
 
+  from jaxplain.model import linen_parts, wrap  # pylint: disable=import-outside-toplevel
+  module, _ = linen_parts(model, "model")
+
   def grad_cam(variables, f, x, y):
     del f
     layer = config.grad_cam_layer or _last_conv_layer(variables["params"])
-    return cam.grad_cam(model, variables, x, y, layer=layer)
+    return cam.grad_cam(wrap(module, variables), x, y, layer=layer)
   return grad_cam
 
 
@@ -460,8 +463,9 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   """PPI as a loss for :func:`jaxplain.train.fit` (the ``loss_fn`` form that ``fit`` takes).
 
   Args:
-    model: a Flax linen module returning (B, K) logits; models with batch norm take
-      ``train: bool`` and have ``model_state = {"batch_stats": ...}``.
+    model: a Flax linen module returning (B, K) logits (or ``jaxplain.wrap(module,
+      variables)``); models with batch norm take ``train: bool`` and have
+      ``model_state = {"batch_stats": ...}``.
     config: :class:`PPIConfig` (default ``PPIConfig()``).
     saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES``.
 
@@ -482,7 +486,9 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   >>> float(metrics["ppi_on"])
   1.0
   """
+  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
   config = PPIConfig() if config is None else config
+  model, _ = linen_parts(model, "model")   # a linen module or wrap(module, variables)
   sal = _resolve_saliency(saliency, model, config)
 
   def loss_fn(params, model_state, batch, key, step):

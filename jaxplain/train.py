@@ -414,7 +414,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   """Train ``model`` on a data dict: shuffled fixed-size batches, jitted data-parallel steps.
 
   Args:
-    model: Flax linen module returning logits.
+    model: Flax linen module returning logits, or ``jaxplain.wrap(module, variables)`` (then
+      training starts from those variables). Other frameworks are not trained here.
     train: dict with "image" (N, H, W, C), "label" (N,) and any extra per-example arrays
       (they reach ``loss_fn`` in the batch).
     validation: optional dict ("image", "label") evaluated after every epoch.
@@ -451,6 +452,10 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   >>> r.step, len(r.history)
   (2, 1)
   """
+  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
+  model, wrapped_variables = linen_parts(model, "model")   # a module or wrap(module, variables)
+  if init_variables is None:
+    init_variables = wrapped_variables
   for k in ("image", "label"):
     if k not in train:
       raise KeyError(f"fit: train must have key {k!r}, got keys {sorted(train)}")

@@ -340,7 +340,8 @@ def test_wrap_errors_name_the_argument():
 def test_keras_inception_v3_ig_and_grad_cam_by_layer_name():
   """Seed 000's network: keras.applications.InceptionV3 at its smallest input (75 x 75).
   With network access a user passes weights="imagenet"; here weights=None (no download).
-  Grad-CAM on "mixed10" vs the hand split (mixed10 -> global average pool -> dense)."""
+  Grad-CAM on "mixed10" vs the hand split (mixed10 -> global average pool -> dense); at
+  75 x 75 mixed10 is 1 x 1, so "mixed5" (7 x 7) gives the spatial map."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from jaxplain import plot  # pylint: disable=import-outside-toplevel
@@ -355,14 +356,16 @@ def test_keras_inception_v3_ig_and_grad_cam_by_layer_name():
     logits, caps = m.capture(z, ["mixed10"])
     cam = jaxplain.grad_cam(m, z, 7, layer="mixed10", relu=False, upsample=None)
     ig = jaxplain.integrated_gradients(m, z, 7, steps=2)
-    return logits, caps["mixed10"][1], cam, ig
-  logits, a, cam, ig = run(x)
+    cam5 = jaxplain.grad_cam(m, z, 7, layer="mixed5")   # 7 x 7 maps, upsampled
+    return logits, caps["mixed10"][1], cam, ig, cam5
+  logits, a, cam, ig, cam5 = run(x)
   wd, bd = km.get_layer("predictions").get_weights()
   head = lambda f: f.mean(axis=(1, 2)) @ wd + bd[None]  # noqa: E731
   np.testing.assert_allclose(head(a), logits, rtol=1e-4, atol=1e-4)
   g = jax.grad(lambda f: head(f)[0, 7])(a)
   ref = np.einsum("bhwc,bc->bhw", np.asarray(a), np.asarray(g).mean(axis=(1, 2)))
-  assert ref.shape == (1, 2, 2)
+  assert ref.shape == (1, 1, 1)   # mixed10 is 1 x 1 at the smallest input
+  assert cam5.shape == (1, 75, 75) and np.isfinite(np.asarray(cam5)).all()
   np.testing.assert_allclose(cam, ref, rtol=1e-3, atol=1e-6 * np.abs(ref).max())
   assert ig.shape == x.shape and np.isfinite(np.asarray(ig)).all()
   fig = plot.three_panel(np.asarray(x[0]), np.asarray(ig[0]), title="InceptionV3 IG")
