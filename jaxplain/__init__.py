@@ -65,6 +65,16 @@ from jaxplain.metrics import shift_invariance as shift_invariance
 from jaxplain.metrics import ssim as ssim
 from jaxplain.metrics import step_fractions as step_fractions
 
+# -- perturbation attributions and evaluation (issue 16) --------------------------------------
+from jaxplain import perturbation as perturbation
+from jaxplain.perturbation import feature_ablation as feature_ablation
+from jaxplain.perturbation import kernel_shap as kernel_shap
+from jaxplain.perturbation import lime as lime
+from jaxplain.perturbation import rise as rise
+from jaxplain.perturbation import shapley_value_sampling as shapley_value_sampling
+from jaxplain import evaluation as evaluation
+from jaxplain.evaluation import evaluate as evaluate
+
 # -- submodules -------------------------------------------------------------------------------
 from jaxplain import models as models
 from jaxplain import data as data
