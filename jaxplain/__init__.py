@@ -10,6 +10,10 @@ The public API is listed here explicitly, module by module.
 
 __version__ = "0.1.0"
 
+# -- the model interface (model) ------------------------------------------------------------
+from jaxplain.model import Model as Model
+from jaxplain.model import wrap as wrap
+
 # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
 from jaxplain.gradients import gradient as gradient
 from jaxplain.gradients import gradient_x_input as gradient_x_input
