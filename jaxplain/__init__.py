@@ -50,6 +50,7 @@ from jaxplain.ppi import make_ppi_loss as make_ppi_loss
 from jaxplain.ppi import make_ppi_train_step as make_ppi_train_step
 from jaxplain.ppi import normalize_saliency as normalize_saliency
 from jaxplain.ppi import one_vs_others_loss as one_vs_others_loss
+from jaxplain.ppi import partner_indices as partner_indices
 from jaxplain.ppi import ppi_objective as ppi_objective
 from jaxplain.ppi import soft_mask as soft_mask
 
