@@ -30,6 +30,10 @@ from jaxplain import plot as plot
 from jaxplain.rules import wbp as wbp
 from jaxplain.rules import lrp as lrp
 from jaxplain.rules import deeplift as deeplift
+from jaxplain.rules import guided_backprop as guided_backprop
+from jaxplain.rules import deconvnet as deconvnet
+from jaxplain.rules import Composite as Composite
+from jaxplain import rules as rules
 from jaxplain.rules import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 
 # -- interventions ----------------------------------------------------------------------------
