@@ -717,11 +717,11 @@ class Model:
     """Logits and ``{layer: (input, output)}`` of the named layers (channels-last).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
-    >>> m = wrap(nn.Dense(3), nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2))))
-    >>> logits, caps = m.capture(jnp.ones((4, 2)), [""])
-    Traceback (most recent call last):
-    ...
-    ValueError: layer: unknown layer name ''; available layers: 
+    >>> net = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(3)])
+    >>> m = wrap(net, net.init(jax.random.key(0), jnp.ones((1, 2))))
+    >>> logits, caps = m.capture(jnp.ones((5, 2)), ["layers_0"])
+    >>> [a.shape for a in caps["layers_0"]]
+    [(5, 2), (5, 4)]
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     return self.run(x, {l: (lambda i, o, e: (o, (i, o))) for l in layers}, params=params)
