@@ -380,7 +380,8 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
   lines += ["## PPI's claims on digit constructions (seed 004, Tables 2 and 3)", "",
             f"SmallCNN 16x16, Adam 3e-3, batch 32, {S['steps']} steps ({S['warmup']} plain "
             f"warm-up, then PPI: w = 1/0.1/1, L_reg = ||s||_1, one-vs-others, soft mask, "
-            f"omega 50, sigma {sigma}); up to {len(seeds)} seed(s) per cell (n in the paired columns); "
+            f"omega 50, sigma {sigma}); up to {len(seeds)} seed(s) per cell (n in the paired "
+            "columns); "
             "differences are paired PPI - baseline per seed with 95 % t-intervals. "
             "Constructions: `experiments/ppi_claims.py`.", ""]
   if sweep:
