@@ -201,7 +201,22 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       q["kernel"][c::C2, 3] = 0
     ref_g.append(hand_logits(_hand_edit(p, "fc", zero), x))
   ref_g = np.stack(ref_g)
+  # single fc weights (input row, output): NHWC rows in the hand model; Equinox numbers its
+  # fc inputs in CHW order, so the same weight has another row index there
+  rows_hwc = [(5, 2), (30, 4)]
+  ref_d = []
+  for r, k in rows_hwc:
+    def zero(q, r=r, k=k):
+      q["kernel"][r, k] = 0
+    ref_d.append(hand_logits(_hand_edit(p, "fc", zero), x))
+  ref_d = np.stack(ref_d)
+  chw = lambda r: (r % C2) * 9 + r // C2  # noqa: E731
   for name, (m, xm) in models.items():
+    idx = [[chw(r) if name == "equinox" else r, k] for r, k in rows_hwc]
+    ud = iv.units(m, "fc", "weight", idx)
+    np.testing.assert_allclose(iv.sweep_layer(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(iv.sweep(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5, err_msg=name)
     uf = iv.units(m, "conv2", "filter")
     uw = iv.units(m, "conv2", "weight", [[1, 2], [0, 3]])
     ug = iv.units(m, "fc", "input", channels=C2, outputs=[0, 3])
@@ -211,6 +226,25 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
       slow = iv.sweep(m, xm, u)   # the native-layout masks through the general path
       np.testing.assert_allclose(slow, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
+
+
+def test_keras_fused_activation_is_handled_by_sweep_layer_and_walk():
+  """Keras Dense(activation="relu"): the intervention acts before the activation."""
+  km = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="h"),
+                         keras.layers.Dense(3, name="out")])
+  m = jaxplain.wrap(km)
+  x = jax.random.normal(jax.random.key(8), (3, 4))
+  wh, bh = (np.asarray(a) for a in km.get_layer("h").get_weights())
+  wo, bo = (np.asarray(a) for a in km.get_layer("out").get_weights())
+  ref = []
+  for i in range(4):   # all weights leaving input i of "h", by hand in numpy
+    w = wh.copy()
+    w[i, :] = 0
+    ref.append(np.maximum(np.asarray(x) @ w + bh, 0) @ wo + bo)
+  u = iv.units(m, "h", "input")
+  np.testing.assert_allclose(iv.sweep_layer(m, x, u), np.stack(ref), rtol=1e-5, atol=1e-6)
+  r = iv.walk(m, x, 2, ["h", "out"])
+  assert r.per_layer["h"].effect.shape == (3, 4)
 
 
 def test_first_order_matches_the_closed_form(four):
