@@ -493,3 +493,34 @@ def test_sweeps_walk_and_first_order_on_integer_token_inputs():
   assert r.per_layer["proj"].effect.shape == (2, 6) and r.per_layer["out"].effect.shape == (2, 5)
   assert iv.mediator_map(m, ids, r, "proj").shape == (2, 5)
   assert jaxplain.grad_cam(m, ids, 1, layer="proj").shape == (2, 5)
+
+
+def test_fit_and_ppi_take_a_wrapped_linen_model():
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxplain import ppi, train  # pylint: disable=import-outside-toplevel
+
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv")(x))
+      return nn.Dense(2, name="fc")(x.reshape(x.shape[0], -1))
+  mod = Small()
+  x = jax.random.uniform(jax.random.key(9), (4, 4, 4, 1))
+  v = mod.init(jax.random.key(10), x)
+  data = {"image": np.asarray(x), "label": np.array([0, 1, 0, 1])}
+  # lr 0: fit must return the wrapped variables themselves (not a fresh init)
+  r = train.fit(jaxplain.wrap(mod, v), data, epochs=1, batch_size=4, progress=False,
+                optimizer=optax.sgd(0.0))
+  for a, b in zip(jax.tree_util.tree_leaves(r.variables), jax.tree_util.tree_leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="training supports Flax linen models only"):
+    train.fit(jaxplain.wrap(NNX(jax.tree_util.tree_map(np.zeros_like, {
+        "conv1": {"kernel": np.zeros((3, 3, C0, C1)), "bias": np.zeros(C1)},
+        "conv2": {"kernel": np.zeros((3, 3, C1, C2)), "bias": np.zeros(C2)},
+        "fc": {"kernel": np.zeros((36, K)), "bias": np.zeros(K)}}))), data, epochs=1)
+  batch = {"image": x, "label": jnp.array([0, 1, 0, 1])}
+  a = ppi.make_ppi_loss(jaxplain.wrap(mod, v), saliency="grad_cam")(
+      v["params"], {}, batch, jax.random.key(0), 10**6)
+  b = ppi.make_ppi_loss(mod, saliency="grad_cam")(v["params"], {}, batch, jax.random.key(0),
+                                                   10**6)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
