@@ -190,12 +190,12 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
   # and insertion curves
   init_key = jax.random.key(seed + 1000)
   random_params = model.init(init_key, x[:1])["params"]
-  layers = jm.cascade_layers(params)
+  layers = jm.cascade_layers(params, model=model, x=x[:1])  # the model's execution order
   maps, sanity, seconds = {}, {}, {}
   for name, (explain, reduce) in tqdm(meths.items(), desc="methods + sanity check",
                                       disable=smoke):
     fn = jax.jit(lambda p, rp, x, t, explain=explain:
-                 jm.cascading_randomization(explain, p, x, t, random_params=rp,
+                 jm.cascading_randomization(explain, p, x, t, random_params=rp, layers=layers,
                                             reduce="abs_sum", chunk=cfg["stage_chunk"]))
     t1 = time.perf_counter()
     r = fn(params, random_params, x, pred)

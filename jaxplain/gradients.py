@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxplain import _validate
 
@@ -84,42 +85,118 @@ def _grad_rows(f: Fn, x: Array, target: Array, output: str,
   return logits, g
 
 
-def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit") -> Array:
+def _is_multi(target: Any) -> bool:
+  """True for ``target="all"`` or a (B, T) array: one map per (example, target)."""
+  if isinstance(target, str):
+    if target != "all":
+      raise ValueError(f"target: expected an int, a (B,) or (B, T) int array or 'all', "
+                       f"got {target!r}")
+    return True
+  return jnp.ndim(target) == 2
+
+
+def _check_target_chunk(target_chunk: Any) -> None:
+  if target_chunk is not None and (not isinstance(target_chunk, int) or target_chunk < 1):
+    raise ValueError(f"target_chunk: expected None or an int >= 1, got {target_chunk!r}")
+
+
+def _multi_targets(target: Any, batch: int, num_classes: int | None,
+                   name: str = "target") -> Array:
+  """Normalise ``"all"`` (every class 0..K-1) or a (B, T) int array to (B, T) int32."""
+  if isinstance(target, str):
+    if num_classes is None:
+      raise ValueError(f"{name}: 'all' needs the number of classes K")
+    return jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (batch, num_classes))
+  t = jnp.asarray(target)
+  if not jnp.issubdtype(t.dtype, jnp.integer):
+    raise TypeError(f"{name}: expected an int, a (B,) or (B, T) integer array or 'all', "
+                    f"got dtype {t.dtype}")
+  if t.ndim != 2 or t.shape[0] != batch or t.shape[1] < 1:
+    raise ValueError(f"{name}: a per-example list of targets must have shape ({batch}, T), "
+                     f"got shape {t.shape}")
+  if num_classes is not None and _validate.is_concrete(t):
+    tn = np.asarray(t)
+    if tn.min() < 0 or tn.max() >= num_classes:
+      raise ValueError(f"{name}: class index out of range [0, {num_classes}): "
+                       f"got values in [{tn.min()}, {tn.max()}]")
+  return t.astype(jnp.int32)
+
+
+def _num_classes(f: Fn, x: Array) -> int:
+  """K of ``f`` from its output shape (a trace, no computation)."""
+  out = jax.eval_shape(f, x)
+  _validate.check_logits(out, x.shape[0])
+  return out.shape[-1]
+
+
+def _grad_rows_multi(f: Fn, x: Array, target: Any, output: str,
+                     target_chunk: int | None = None) -> tuple[Array, Array]:
+  """Gradients of T outputs per row from ONE forward pass: (logits (N, K), grads (N, T, ...)).
+
+  ``target`` is ``"all"`` or an (N, T) int array. The T output cotangents go through the
+  shared linearisation with ``vmap`` (``target_chunk`` of them at a time).
+  """
+  logits, vjp = jax.vjp(f, x)
+  _validate.check_logits(logits, x.shape[0])
+  t = _multi_targets(target, x.shape[0], logits.shape[-1])
+  n_t = t.shape[1]
+  cts = jax.vmap(lambda tc: _cotangent(logits, tc, output), in_axes=1)(t)  # (T, N, K)
+  step = n_t if target_chunk is None else min(target_chunk, n_t)
+  parts = [jax.vmap(vjp)(cts[s:s + step])[0] for s in range(0, n_t, step)]
+  g = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+  return logits, jnp.moveaxis(g, 0, 1)
+
+
+def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
+             target_chunk: int | None = None) -> Array:
   """Gradient saliency d out[t] / dx for a batch (Simonyan et al. 2014, eq. 2).
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
     x: inputs, (B, ...) floating.
-    target: an int or a (B,) int array of classes in [0, K).
+    target: an int or a (B,) int array of classes in [0, K); or ``"all"`` (every class
+      0..K-1, T = K) or a (B, T) int array (T targets per example), which return one map
+      per target, (B, T, ...), from one shared forward pass (the T output cotangents are
+      vmapped through one linearisation, not T calls).
     output: what is differentiated: ``"logit"`` (y[t], default), ``"log_softmax"``
       (log p[t]), ``"softmax"`` (p[t]) or ``"cross_entropy"`` (-log p[t], the seed-000 form:
       categorical cross-entropy against a one-hot target; its sign is that of the loss).
+    target_chunk: with several targets, how many backward passes are vmapped at once
+      (``None``: all T); bounds memory to ``target_chunk`` maps in flight.
 
   Returns:
-    Gradients shaped like ``x``, (B, ...).
+    Gradients shaped like ``x``, (B, ...); (B, T, ...) for several targets.
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
   >>> gradient(f, jnp.array([[1., 2.]]), 1)
   Array([[2., 4.]], dtype=float32)
+  >>> gradient(f, jnp.array([[1., 2.]]), "all").shape  # (B, T = K, 2)
+  (1, 2, 2)
   """
   _check_output(output)
+  _check_target_chunk(target_chunk)
   x = _validate.check_batched(x, "x")
+  if _is_multi(target):
+    return _grad_rows_multi(f, x, target, output, target_chunk)[1]
   _, g = _grad_rows(f, x, target, output)
   return g
 
 
-def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit") -> Array:
+def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
+                     target_chunk: int | None = None) -> Array:
   """Gradient times input, ``x * d out[t] / dx`` (Shrikumar et al. 2016).
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
     x: inputs, (B, ...) floating.
-    target: an int or a (B,) int array.
+    target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
+      target (see :func:`gradient`).
     output: as in :func:`gradient`.
+    target_chunk: as in :func:`gradient`.
 
   Returns:
-    Attributions shaped like ``x``.
+    Attributions shaped like ``x``; (B, T, ...) for several targets.
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
@@ -127,7 +204,10 @@ def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit") -> 
   Array([[2., 8.]], dtype=float32)
   """
   _check_output(output)
+  _check_target_chunk(target_chunk)
   x = _validate.check_batched(x, "x")
+  if _is_multi(target):
+    return _grad_rows_multi(f, x, target, output, target_chunk)[1] * x[:, None]
   _, g = _grad_rows(f, x, target, output)
   return g * x
 
@@ -138,7 +218,7 @@ SMOOTHGRAD_FORMS = ("mean", "squared", "vargrad")
 def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 32,
                noise_level: float = 0.15, form: str = "mean",
                multiply_by_input: bool = False, output: str = "logit",
-               chunk: int | None = 8) -> Array:
+               chunk: int | None = 8, target_chunk: int | None = None) -> Array:
   """SmoothGrad and its squared and VarGrad forms (Smilkov et al. 2017, eq. 3).
 
   For n = 1..N, ``g_n = grad out[t](x + e_n)`` with ``e_n ~ N(0, sigma^2)`` and
@@ -155,7 +235,8 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
     x: inputs, (B, ...) floating.
-    target: an int or a (B,) int array.
+    target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
+      target, (B, T, ...) (see :func:`gradient`); the noisy samples are shared by the targets.
     key: a ``jax.random`` key; the same key gives the same result.
     num_samples: N, the number of noisy copies per example.
     noise_level: sigma relative to each example's value range (Smilkov et al. use 0.1-0.2).
@@ -166,9 +247,10 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
       ``None`` evaluates all ``N * B`` rows in one call (fastest on accelerators, most
       memory). The calls are unrolled in the traced program. Results do not depend on it
       beyond float rounding.
+    target_chunk: as in :func:`gradient`.
 
   Returns:
-    Attributions shaped like ``x``.
+    Attributions shaped like ``x``; (B, T, ...) for several targets.
 
   >>> import jax, jax.numpy as jnp
   >>> f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
@@ -192,18 +274,30 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
   span = jnp.max(x, axis=red, keepdims=True) - jnp.min(x, axis=red, keepdims=True)
   sigma = noise_level * span
   noise = jax.random.normal(key, (num_samples,) + x.shape, x.dtype) * sigma[None]
-  t = _validate.check_target(target, b, None, "target")
+  _check_target_chunk(target_chunk)
+  multi = _is_multi(target)
+  if multi:
+    t = _multi_targets(target, b, _num_classes(f, x) if isinstance(target, str) else None)
+    out_shape = (b, t.shape[1]) + x.shape[1:]
+  else:
+    t = _validate.check_target(target, b, None, "target")
+    out_shape = x.shape
   step = num_samples if chunk is None else min(chunk, num_samples)
   count = 0
-  mean = jnp.zeros_like(x)
-  m2 = jnp.zeros_like(x)  # sum of g**2 ("squared") or of squared deviations ("vargrad")
+  mean = jnp.zeros(out_shape, x.dtype)
+  m2 = jnp.zeros(out_shape, x.dtype)  # sum of g**2 ("squared") or of squared deviations
   for s in range(0, num_samples, step):
     n = min(step, num_samples - s)
     xs = (x[None] + noise[s:s + n]).reshape((n * b,) + x.shape[1:])
-    _, g = _grad_rows(f, xs, jnp.tile(t, n), output)
-    if multiply_by_input:
-      g = g * xs
-    g = g.reshape((n,) + x.shape)
+    if multi:
+      _, g = _grad_rows_multi(f, xs, jnp.tile(t, (n, 1)), output, target_chunk)
+      if multiply_by_input:
+        g = g * xs[:, None]
+    else:
+      _, g = _grad_rows(f, xs, jnp.tile(t, n), output)
+      if multiply_by_input:
+        g = g * xs
+    g = g.reshape((n,) + out_shape)
     g_mean = jnp.mean(g, axis=0)
     if form == "squared":
       m2 = m2 + jnp.sum(g * g, axis=0)

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
-from jaxplain.gradients import _check_output, _grad_rows, _output_value
+from jaxplain.gradients import (_check_output, _check_target_chunk, _grad_rows,
+                                _grad_rows_multi, _is_multi, _multi_targets, _num_classes,
+                                _output_value)
 
 Array = jax.Array
 Fn = Callable[[Array], Array]
@@ -168,7 +170,12 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
                          key: Array | None = None, output: str = "logit",
                          value_range: tuple[float, float] | None = None,
                          blur_sigma: float | None = None,
-                         return_gap: bool = False) -> Array | tuple[Array, Array]:
+                         return_gap: bool = False,
+                         target_chunk: int | None = None,
+                         tol: float | None = None, atol: float = 1e-6,
+                         min_steps: int = 5, max_steps: int = 1025,
+                         driver: str = "while",
+                         return_info: bool = False) -> Array | tuple[Array, Any]:
   """Integrated Gradients for a batch (Sundararajan et al. 2017, eqs. 1 and 3).
 
   ``IG(x) = (x - x') * sum_k w_k grad out[t](x' + a_k (x - x'))`` with the nodes and weights
@@ -189,7 +196,9 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
     x: inputs, (B, ...) floating.
-    target: an int or a (B,) int array.
+    target: an int or a (B,) int array; ``"all"`` (every class, T = K) or a (B, T) int
+      array for one map per target, (B, T, ...): each path point's forward pass is shared
+      by the T targets (their cotangents are vmapped through one linearisation).
     baseline: ``"black"``, ``"white"``, ``"random"``, ``"blur"`` or an array broadcasting
       to ``x`` (see :func:`make_baseline`).
     steps: m, the number of quadrature nodes.
@@ -203,74 +212,180 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     value_range: ``(lo, hi)`` for the white and random baselines (default: per example).
     blur_sigma: the blur baseline's sigma in pixels.
     return_gap: also return the completeness gap (B,) (one extra forward pass).
+    target_chunk: with several targets, how many backward passes are vmapped at once
+      (``None``: all T).
+    tol: refine each example until its completeness gap is at most
+      ``max(tol * |out(x)[t] - out(x')[t]|, atol)``, by nested trapezoid rules (level L:
+      2^L + 1 nodes; each level adds the midpoints and reuses every gradient already
+      evaluated). ``method`` and ``steps`` are then ignored. See ``driver``.
+    atol: the absolute floor of the tolerance (for tiny ``out(x) - out(x')``).
+    min_steps, max_steps: with ``tol``, the first level has the least 2^L + 1 >= min_steps
+      nodes, the last at most ``max_steps``; examples that do not converge by then are
+      reported in ``info["converged"]``.
+    driver: with ``tol``, ``"while"`` (a bounded ``lax.while_loop`` over levels; usable
+      under ``jit``; every level computes the whole batch until all examples converged) or
+      ``"host"`` (a Python loop over jitted levels that evaluates only the examples not yet
+      converged; not under ``jit``). See benchmarks/bench_ig_accuracy.md for which is faster.
+    return_info: also return ``info``, a dict of (B,) arrays: ``"steps"`` (nodes evaluated
+      per example), ``"gap"`` (final completeness gap) and ``"converged"``.
 
   Returns:
-    Attributions shaped like ``x``; with ``return_gap``, ``(attributions, gap)`` where
-    ``gap = sum_i IG_i - (out(x)[t] - out(x')[t])``.
+    Attributions shaped like ``x`` ((B, T, ...) for several targets) in the accumulation
+    dtype ``promote_types(x.dtype, float32)``: for bfloat16 inputs the nodes, weights and
+    sum are float32 and so is the result. With ``return_gap``, ``(attributions, gap)`` where
+    ``gap = sum_i IG_i - (out(x)[t] - out(x')[t])``, (B,) or (B, T).
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([(x ** 2).sum(1), x.sum(1)], axis=1)
   >>> integrated_gradients(f, jnp.array([[1., 2.]]), 0, steps=4)  # x^2 - 0^2
   Array([[1., 4.]], dtype=float32)
   """
+  if method == "exact" or tol is not None:
+    return _integrated_special(f, x, target, baseline=baseline, method=method, chunk=chunk,
+                               key=key, output=output, value_range=value_range,
+                               blur_sigma=blur_sigma, return_gap=return_gap, tol=tol,
+                               atol=atol, min_steps=min_steps, max_steps=max_steps,
+                               driver=driver, return_info=return_info)
   _check_output(output)
   if loop not in ("unroll", "scan"):
     raise ValueError(f"loop: expected 'unroll' or 'scan', got {loop!r}")
   if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
     raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _check_target_chunk(target_chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   b = x.shape[0]
-  t = _validate.check_target(target, b, None, "target")
-  diff = x - base
+  multi = _is_multi(target)
+  if multi:
+    t = _multi_targets(target, b, _num_classes(f, x) if isinstance(target, str) else None)
+    per = (t.shape[1],) + x.shape[1:]  # one example's (T, ...) block
+  else:
+    t = _validate.check_target(target, b, None, "target")
+    per = x.shape[1:]
+  # Nodes, weights and the running sum are kept in the accumulation dtype (float32 for
+  # bfloat16 / float16 inputs); only the points handed to f are in x's dtype.
+  acc = accumulation_dtype(x.dtype)
+  diff = x.astype(acc) - base.astype(acc)
+  base_acc = base.astype(acc)
   m = len(alphas)
   c = m if chunk is None else min(int(chunk), m)
   bshape = (1,) * x.ndim
 
   def chunk_sum(a: Array, w: Array) -> Array:
-    n = a.shape[0]
-    pts = base[None] + a.reshape((n,) + bshape) * diff[None]
-    pts = pts.reshape((n * b,) + x.shape[1:])
-    _, g = _grad_rows(f, pts, jnp.tile(t, n), output, weights=jnp.repeat(w, b))
-    return jnp.sum(g.reshape((n,) + x.shape), axis=0)
+    # Rows ordered (example, step), so a batch sharded over devices stays sharded: the
+    # (step, example) order made GSPMD all-gather every chunk's points (each device then did
+    # all the rows). ``a`` is (B, n): each example's nodes.
+    n = a.shape[-1]
+    pts = base_acc[:, None] + a.reshape(a.shape + bshape[1:]) * diff[:, None]
+    pts = pts.reshape((b * n,) + x.shape[1:]).astype(x.dtype)
+    if multi:
+      _, g = _grad_rows_multi(f, pts, jnp.repeat(t, n, axis=0), output, target_chunk)
+    else:
+      _, g = _grad_rows(f, pts, jnp.repeat(t, n), output)
+    g = g.reshape((b, n) + per).astype(acc)
+    return jnp.sum(g * w.reshape((1, n) + (1,) * len(per)), axis=1)
 
-  a_all = jnp.asarray(alphas, x.dtype)
-  w_all = jnp.asarray(weights, x.dtype)
+  a_all = jnp.asarray(alphas, acc)
+  w_all = jnp.asarray(weights, acc)
   n_full = m // c
-  total = jnp.zeros_like(x)
+  total = jnp.zeros((b,) + per, acc)
   if loop == "scan" and n_full > 1:
-    def body(acc, aw):
-      return acc + chunk_sum(*aw), None
+    def body(acc_sum, aw):
+      return acc_sum + chunk_sum(jnp.broadcast_to(aw[0], (b, c)), aw[1]), None
     total, _ = jax.lax.scan(body, total, (a_all[:n_full * c].reshape(n_full, c),
                                           w_all[:n_full * c].reshape(n_full, c)))
     start = n_full * c
   else:
     start = 0
   for s in range(start, m, c):
-    a = a_all[s:s + c]
+    a = jnp.broadcast_to(a_all[s:s + c], (b, min(c, m - s)))
     if s > 0:
       # Sequence the unrolled chunks: XLA:CPU schedules independent chunks as if concurrent
       # and keeps all their buffers live (temp memory ~ m; an optimization_barrier does not
       # survive its passes). A data dependency of this chunk's nodes on the previous chunks'
       # sum forces them to run one after another and reuse one chunk's buffers. The term is
-      # exactly 0 (min(|v|, 0)), NaN only if the sum already is.
-      a = a + jax.lax.stop_gradient(jnp.minimum(jnp.abs(total.reshape(-1)[0]), 0))
+      # exactly 0 (min(|v|, 0)), NaN only if the sum already is. It is taken per example,
+      # (B,), so a batch sharded over devices needs no cross-device step between chunks.
+      dep = jnp.minimum(jnp.abs(total.reshape(b, -1)[:, 0]), 0)
+      a = a + jax.lax.stop_gradient(dep)[:, None]
     total = total + chunk_sum(a, w_all[s:s + c])
-  attr = diff * total
-  if not return_gap:
+  attr = (diff[:, None] if multi else diff) * total
+  if not (return_gap or return_info):
     return attr
-  return attr, _gap(f, x, base, t, attr, output)
+  gap = _gap(f, x, base, t, attr, output)
+  if return_info:
+    return attr, {"steps": jnp.full(gap.shape, m, jnp.int32), "gap": gap,
+                  "converged": jnp.ones(gap.shape, bool)}
+  return attr, gap
+
+
+def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, value_range,
+                        blur_sigma, return_gap, tol, atol, min_steps, max_steps, driver,
+                        return_info):
+  """IG to a tolerance (``tol``) or exact IG (``method="exact"``)."""
+  _check_output(output)
+  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  x = _validate.check_batched(x, "x")
+  if _is_multi(target):
+    raise ValueError("target: tol= and method='exact' take one target per example (an int "
+                     "or a (B,) array); call once per target column")
+  base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
+  t = _validate.check_target(target, x.shape[0], None, "target")
+  acc = accumulation_dtype(x.dtype)
+  base_acc = base.astype(acc)
+  diff = x.astype(acc) - base_acc
+  if method == "exact":
+    if tol is not None:
+      raise ValueError("tol: method='exact' needs no tolerance; pass tol=None")
+    from jaxplain import _exact_ig
+    attr, info = _exact_ig.exact_ig(f, x, base, t, output, chunk)
+  else:
+    from jaxplain import _adaptive_ig
+    if not float(tol) > 0:
+      raise ValueError(f"tol: expected a float > 0, got {tol!r}")
+    if driver not in _adaptive_ig.DRIVERS:
+      raise ValueError(f"driver: expected one of {_adaptive_ig.DRIVERS}, got {driver!r}")
+    l0, lmax = _adaptive_ig._levels(min_steps, max_steps)
+    run = (_adaptive_ig.adaptive_ig_while if driver == "while"
+           else _adaptive_ig.adaptive_ig_host)
+    attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),
+                                 float(atol), l0, lmax)
+    info = {"steps": steps, "gap": gap, "converged": done}
+  if return_info:
+    return attr, info
+  if return_gap:
+    return attr, info["gap"]
+  return attr
+
+
+def accumulation_dtype(dtype: Any) -> Any:
+  """The dtype IG sums in: ``dtype`` promoted to at least float32 (bfloat16 -> float32).
+
+  >>> import jax.numpy as jnp
+  >>> accumulation_dtype(jnp.bfloat16), accumulation_dtype(jnp.float64)
+  (dtype('float32'), dtype('float64'))
+  """
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
 
 
 def _gap(f: Fn, x: Array, base: Array, t: Array, attr: Array, output: str) -> Array:
+  """sum_i attr_i - (out(x)[t] - out(x')[t]): (B,) for t (B,), (B, T) for t (B, T)."""
   b = x.shape[0]
   logits = f(jnp.concatenate([x, base], axis=0))
   _validate.check_logits(logits, 2 * b)
+  acc = accumulation_dtype(attr.dtype)
+  if t.ndim == 2:
+    t2 = _multi_targets(jnp.concatenate([t, t]), 2 * b, logits.shape[-1])
+    out = jax.vmap(lambda tc: _output_value(logits, tc, output), in_axes=1, out_axes=1)(t2)
+    delta = (out[:b] - out[b:]).astype(acc)
+    return jnp.sum(attr.reshape(b, t.shape[1], -1).astype(acc), axis=2) - delta
   t2 = _validate.check_target(jnp.concatenate([t, t]), 2 * b, logits.shape[-1], "target")
   out = _output_value(logits, t2, output)
-  delta = out[:b] - out[b:]
-  return jnp.sum(attr.reshape(b, -1), axis=1) - delta
+  delta = (out[:b] - out[b:]).astype(acc)
+  return jnp.sum(attr.reshape(b, -1).astype(acc), axis=1) - delta
 
 
 def completeness_gap(f: Fn, x: Array, target: Any, attributions: Array, *,
@@ -287,13 +402,13 @@ def completeness_gap(f: Fn, x: Array, target: Any, attributions: Array, *,
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
     x: inputs, (B, ...).
-    target: an int or a (B,) int array.
-    attributions: shaped like ``x``.
+    target: an int or a (B,) int array; ``"all"`` or (B, T) for maps (B, T, ...).
+    attributions: shaped like ``x`` (or (B, T, ...) for several targets).
     baseline, key, value_range, blur_sigma: as in :func:`make_baseline`.
     output: as in :func:`integrated_gradients`.
 
   Returns:
-    The signed gap per example, (B,).
+    The signed gap per example, (B,) (or (B, T)).
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([(x ** 2).sum(1), x.sum(1)], axis=1)
@@ -303,9 +418,15 @@ def completeness_gap(f: Fn, x: Array, target: Any, attributions: Array, *,
   _check_output(output)
   x = _validate.check_batched(x, "x")
   attributions = jnp.asarray(attributions)
-  if attributions.shape != x.shape:
-    raise ValueError(f"attributions: expected shape {x.shape} (like x), got "
-                     f"{attributions.shape}")
+  if _is_multi(target):
+    t = _multi_targets(target, x.shape[0], _num_classes(f, x) if isinstance(target, str)
+                       else None)
+    want = (x.shape[0], t.shape[1]) + x.shape[1:]
+  else:
+    t = _validate.check_target(target, x.shape[0], None, "target")
+    want = x.shape
+  if attributions.shape != want:
+    raise ValueError(f"attributions: expected shape {want} (like x, with a target axis for "
+                     f"several targets), got {attributions.shape}")
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
-  t = _validate.check_target(target, x.shape[0], None, "target")
   return _gap(f, x, base, t, attributions, output)

@@ -46,8 +46,8 @@ class TinyNNX(nnx.Module):
 def plain_fn(p, x):
   y = jax.lax.conv_general_dilated(x, p["conv1"]["kernel"], (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y = jax.nn.relu(y + p["conv1"]["bias"])
-  return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+  y = jax.nn.relu(y + p["conv1"]["bias"].reshape(1, 1, 1, -1))
+  return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
 
 
 def nnx_fn(model):
@@ -71,7 +71,7 @@ def test_gradient_matches_central_differences_float64():
     model = TinyLinen(act="tanh")
     x = jax.random.normal(jax.random.key(1), (2, 4, 4, 2), jnp.float64)
     params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                          model.init(jax.random.key(0), x))
+                          model.init(jax.random.key(0), x.astype(jnp.float32)))
     f = jax.jit(functools.partial(model.apply, params))
     target = jnp.array([1, 3])
     xn = np.asarray(x)
@@ -201,3 +201,56 @@ def test_bad_input_errors_name_the_argument(tiny):
     jaxplain.smoothgrad(f, x, 0, key=None)
   with pytest.raises(ValueError, match=r"f\(x\): the model must return logits"):
     jaxplain.gradient(lambda z: z.sum(axis=(1, 2, 3)), x, 0)
+
+
+def test_all_targets_equal_a_loop_over_classes_and_chunks_do_not_matter(tiny):
+  model, params, x = tiny
+  f = jax.jit(functools.partial(model.apply, params))
+  key = jax.random.key(2)
+  for output in ("logit", "log_softmax"):
+    all_g = jaxplain.gradient(f, x, "all", output=output)
+    all_gx = jaxplain.gradient_x_input(f, x, "all", output=output, target_chunk=3)
+    assert all_g.shape == (3, 4) + x.shape[1:]
+    out = (lambda z: jax.nn.log_softmax(f(z))) if output == "log_softmax" else f
+    # independent reference: the per-example Jacobian of every class, one example at a time
+    jac = jax.jit(jax.jacrev(lambda xb: out(xb[None])[0]))
+    ref = np.stack([np.asarray(jac(x[b])) for b in range(3)])
+    np.testing.assert_allclose(all_g, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(all_gx, ref * np.asarray(x)[:, None], rtol=1e-5, atol=1e-6)
+  all_sg = jaxplain.smoothgrad(f, x, "all", key=key, num_samples=3, target_chunk=2,
+                               form="vargrad")
+  for k in (0, 3):
+    np.testing.assert_allclose(all_sg[:, k], jaxplain.smoothgrad(
+        f, x, k, key=key, num_samples=3, form="vargrad"), rtol=1e-4, atol=1e-6)
+  # a (B, T) array: a per-example list of targets; target_chunk does not change it
+  t = jnp.array([[3, 0], [1, 1], [2, 3]])
+  all_g = jaxplain.gradient(f, x, "all")
+  g = jax.jit(lambda z: jaxplain.gradient(f, z, t, target_chunk=1))(x)
+  for b in range(3):
+    for j in range(2):
+      np.testing.assert_allclose(g[b, j], all_g[b, int(t[b, j])], rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match=r"target: a per-example list of targets must have "
+                                       r"shape \(3, T\)"):
+    jaxplain.gradient(f, x, jnp.zeros((2, 2), jnp.int32))
+  with pytest.raises(ValueError, match=r"target: class index out of range \[0, 4\)"):
+    jaxplain.gradient(f, x, jnp.array([[0, 4], [1, 1], [2, 3]]))
+  with pytest.raises(ValueError, match="target: expected an int, a"):
+    jaxplain.gradient(f, x, "every")
+  with pytest.raises(ValueError, match="target_chunk: expected None or an int >= 1"):
+    jaxplain.gradient(f, x, "all", target_chunk=0)
+
+
+def test_all_targets_share_one_forward_pass(tiny):
+  # the forward pass is traced once whatever T: count the calls of f while tracing
+  model, params, x = tiny
+  calls = []
+
+  def f(z):
+    calls.append(z.shape)
+    return model.apply(params, z)
+
+  jax.make_jaxpr(lambda z: jaxplain.gradient(f, z, "all", target_chunk=2))(x)
+  assert calls == [x.shape], calls  # one forward pass for the K targets
+  calls.clear()
+  jax.make_jaxpr(lambda z: jaxplain.gradient(f, z, jnp.array([[0, 1]] * 3)))(x)
+  assert calls == [x.shape], calls

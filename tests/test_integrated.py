@@ -27,7 +27,8 @@ A = np.array([[2.0, 0.5, 0.0, -0.3, 0.1], [0.5, 1.0, 0.2, 0.0, 0.0], [0.0, 0.2, 
 
 def closed_f(x):
   c, a = jnp.asarray(C, x.dtype), jnp.asarray(A, x.dtype)
-  return jnp.stack([jnp.sum(jnp.exp(c * x), axis=1), jnp.einsum("bi,ij,bj->b", x, a, x)], 1)
+  return jnp.stack([jnp.sum(jnp.exp(c[None] * x), axis=1),
+                    jnp.einsum("bi,ij,bj->b", x, a, x)], 1)
 
 
 def exact_ig(x, base, target):
@@ -145,7 +146,7 @@ def test_vectorised_ig_equals_python_loop_over_steps(tiny, method):
     for b in range(2):
       pt = base + a * (x[b] - base)
       total[b] += w * np.asarray(jax.grad(lambda z: f(z[None])[0, int(t[b])])(pt))
-  np.testing.assert_allclose(ig, (x - base) * total, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ig, (x - base[None]) * total, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_and_loop_do_not_change_the_result(tiny):
@@ -229,8 +230,8 @@ def test_linen_nnx_and_plain_function_agree():
   def plain(x):
     y = jax.lax.conv_general_dilated(x, p["conv1"]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jax.nn.relu(y + p["conv1"]["bias"]).reshape(x.shape[0], -1)
-    return y @ p["fc"]["kernel"] + p["fc"]["bias"]
+    y = jax.nn.relu(y + p["conv1"]["bias"].reshape(1, 1, 1, -1)).reshape(x.shape[0], -1)
+    return y @ p["fc"]["kernel"] + p["fc"]["bias"][None]
 
   graphdef, state = nnx.split(TinyNNX())
   fs = [functools.partial(model.apply, params), lambda x: nnx.merge(graphdef, state)(x), plain]
@@ -296,3 +297,134 @@ def test_bad_input_errors_name_the_argument(tiny):
     ig(f, x, 0, chunk=0)
   with pytest.raises(ValueError, match=r"attributions: expected shape \(2, 4, 4, 2\)"):
     jaxplain.completeness_gap(f, x, 0, x[:1])
+
+
+def test_all_targets_equal_a_loop_over_classes(tiny):
+  f, x = tiny
+  kw = dict(steps=5, baseline="white", return_gap=True)
+  ig_all, gap_all = jaxplain.integrated_gradients(f, x, "all", **kw)
+  assert ig_all.shape == (2, 4) + X_SHAPE[1:] and gap_all.shape == (2, 4)
+  for k in range(4):
+    ig, gap = jaxplain.integrated_gradients(f, x, k, **kw)
+    np.testing.assert_allclose(ig_all[:, k], ig, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gap_all[:, k], gap, rtol=1e-4, atol=1e-6)
+  t = jnp.array([[3, 1, 1], [0, 2, 3]])  # a per-example list of targets, chunked
+  ig_t = jax.jit(lambda z: jaxplain.integrated_gradients(f, z, t, steps=5, baseline="white",
+                                                         target_chunk=2, chunk=2))(x)
+  for b in range(2):
+    for j in range(3):
+      np.testing.assert_allclose(ig_t[b, j], ig_all[b, int(t[b, j])], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      jaxplain.completeness_gap(f, x, "all", ig_all, baseline="white"), gap_all, atol=1e-6)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  # Before: nodes, weights and the running sum were bf16, so the error grew with m (issue 10,
+  # item 7). Reference: the exact path integral in float64 of the bf16-rounded x and x'.
+  x, base = closed_data()
+  xb = jnp.asarray(x, jnp.bfloat16)
+  bb = jnp.asarray(base, jnp.bfloat16)
+  exact = exact_ig(np.asarray(xb, np.float64), np.asarray(bb, np.float64), 0)
+  errs = {}
+  for m in (8, 128):
+    ig = jaxplain.integrated_gradients(closed_f, xb, 0, baseline=bb, steps=m,
+                                       method="riemann_middle", chunk=None)
+    assert ig.dtype == jnp.float32
+    errs[m] = np.max(np.abs(np.asarray(ig, np.float64) - exact)) / np.max(np.abs(exact))
+  # m = 8 carries the O(1/m^2) rule error; at m = 128 the bf16 evaluation of f remains,
+  # 1.9e-4 measured (a bf16 sum or a bf16 result: 1.9e-3, the bf16 rounding of the output)
+  assert errs[128] < 6e-4 and errs[128] < errs[8] / 10, errs
+
+
+# -- IG to a tolerance ---------------------------------------------------------------------
+
+W_KINK = np.linspace(-1.0, 1.5, D)
+
+
+def kink_f(x):
+  """relu(w . x - 0.3): along a straight path the integrand is a step at one known alpha."""
+  w = jnp.asarray(W_KINK, x.dtype)
+  z = x @ w - 0.3
+  return jnp.stack([jax.nn.relu(z), z], 1)
+
+
+def kink_ig(x, base):
+  d = x - base
+  z0, z1 = base @ W_KINK - 0.3, x @ W_KINK - 0.3
+  a = np.clip(-z0 / (z1 - z0), 0, 1)  # where w . x(a) - 0.3 crosses 0
+  on = np.where(z1 > z0, 1 - a, a)  # the fraction of the path on which relu' = 1
+  on = np.where(np.sign(z0) == np.sign(z1), (z0 > 0).astype(float), on)
+  return W_KINK * d * on[:, None]
+
+
+def counting(f, rows):
+  def g(z):  # counts the rows that f evaluates at run time (also inside jit / while loops)
+    jax.debug.callback(lambda n: rows.append(int(n)), z.shape[0])
+    return f(z)
+  return g
+
+
+def test_adaptive_ig_meets_tol_on_closed_forms_and_counts_fewer_evaluations():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, D)) * np.array([0.25, 0.5, 1.0, 2.0])[:, None]  # unequal difficulty
+  tol = 1e-3
+  with jax.enable_x64(True):
+    xj = jnp.asarray(x)
+    delta = np.asarray(closed_f(xj) - closed_f(jnp.zeros_like(xj)))[:, 0]
+    res = {}
+    for driver in ("while", "host"):
+      rows = []
+      ig, info = jaxplain.integrated_gradients(counting(closed_f, rows), xj, 0, tol=tol,
+                                               driver=driver, return_info=True, chunk=4,
+                                               max_steps=257)
+      res[driver] = (np.asarray(ig), {k: np.asarray(v) for k, v in info.items()}, sum(rows))
+    ig, info, rows_host = res["host"]
+    np.testing.assert_allclose(res["while"][0], ig, rtol=1e-12)
+    np.testing.assert_array_equal(res["while"][1]["steps"], info["steps"])
+    gap = ig.sum(1) - delta  # recomputed here, not read from info
+    np.testing.assert_allclose(info["gap"], gap, atol=1e-12)
+    assert info["converged"].all() and np.all(np.abs(gap) <= tol * np.abs(delta))
+    # exp is convex along the path: the trapezoid errors of all features share a sign, so
+    # the gap bounds the summed attribution error
+    err = np.abs(ig - np.exp(C * x) + 1).sum(1)
+    assert np.all(err <= tol * np.abs(delta) * (1 + 1e-9)), (err, tol * np.abs(delta))
+    assert len(set(info["steps"])) > 1  # the examples stopped at different levels
+    # the fixed trapezoid m that reaches tol for the worst example, found by a scan over m
+    # (numpy: d/dx_i exp(c_i x_i) at a x is c_i exp(c_i a x_i))
+    def trap_gap(m):
+      a, w = hand_rule("riemann_trapezoid", m)
+      g = C * np.exp(C * a[:, None, None] * x[None])  # (m, B, D)
+      return np.abs(np.einsum("m,mbd->b", w, g * x[None]) - delta)
+    m_fixed = next(m for m in range(2, 1100) if np.all(trap_gap(m) <= tol * np.abs(delta)))
+    assert info["steps"].sum() <= rows_host < m_fixed * 4, (info["steps"], rows_host, m_fixed)
+    # under jit (the while driver) it compiles and gives the same
+    ig_jit, info_jit = jax.jit(lambda z: jaxplain.integrated_gradients(
+        closed_f, z, 0, tol=tol, return_info=True, chunk=4, max_steps=257))(xj)
+    np.testing.assert_allclose(ig_jit, ig, rtol=1e-12)
+    np.testing.assert_array_equal(info_jit["steps"], info["steps"])
+    # the quadratic has a linear integrand: the first level (5 nodes) is exact
+    _, info_q = jaxplain.integrated_gradients(closed_f, xj, 1, tol=1e-9, return_info=True)
+    np.testing.assert_array_equal(np.asarray(info_q["steps"]), 5)
+
+
+def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
+  rng = np.random.default_rng(1)
+  x, base = rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.3
+  with jax.enable_x64(True):
+    ig, info = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-3,
+                                             baseline=jnp.asarray(base), return_info=True,
+                                             max_steps=4097)
+    steps = np.asarray(info["steps"])
+  exact = kink_ig(x, base)
+  delta = exact.sum(1)  # completeness of the exact integral
+  assert np.all(np.abs(np.asarray(ig).sum(1) - delta) <= 1e-3 * np.abs(delta) + 1e-6)
+  # a step in the integrand: the trapezoid error of feature i is at most h/2 |w_i d_i|
+  h = 1.0 / (steps - 1)
+  bound = 0.5 * h[:, None] * np.abs(W_KINK * (x - base))
+  assert np.all(np.abs(np.asarray(ig) - exact) <= bound + 1e-12)
+  _, info1 = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-12,
+                                           baseline=jnp.asarray(base), return_info=True,
+                                           max_steps=17)
+  assert not np.asarray(info1["converged"]).all()  # reported, not hidden
+  np.testing.assert_array_equal(np.asarray(info1["steps"])[~np.asarray(info1["converged"])],
+                                17)
