@@ -597,6 +597,13 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
     return _inactive_outs(ps, rs, True)
 
   n_act = sum(active)
+  if name == "scan":
+    return _scan(eqn, ins, rule)
+  if name == "while":
+    raise _unsupported(
+        eqn, rule.name, "(a while loop: its trip count is not static). Write the loop as "
+        "jax.lax.scan or jax.lax.fori_loop with Python-int bounds (lowered to a scan), so "
+        "that the rule is applied inside the body at every iteration")
   if name in _CALLS:
     body, consts = _call_body(eqn)
     if (n_act == 1 and len(eqn.outvars) == 1 and _elementwise_body(body, active)
@@ -665,6 +672,36 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
     return _linear(eqn, ins, active, rule)
 
   raise _unsupported(eqn, rule.name, "applied to an input-dependent value")
+
+
+def _scan(eqn, ins: list[Val], rule) -> list[Val]:
+  """``lax.scan`` with its static length: the body is interpreted at every iteration
+  (unrolled at trace time), so the map equals that of the same loop written out by hand."""
+  prm = eqn.params
+  body = prm["jaxpr"]
+  nc, nk, n = prm["num_consts"], prm["num_carry"], prm["length"]
+  consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
+  ys = []
+  for i in (range(n - 1, -1, -1) if prm["reverse"] else range(n)):
+    xi = [Val(v.p[i], v.r[i], None if v.t is None else v.t[i], v.dep, False) for v in xs]
+    outs = evaluate(body.jaxpr.eqns, body.jaxpr.invars, body.jaxpr.constvars,
+                    body.jaxpr.outvars, body.consts, consts + carry + xi, rule)
+    carry, y = outs[:nk], outs[nk:]
+    ys.append(y)
+  if prm["reverse"]:
+    ys = ys[::-1]
+  stacked = []
+  for j, ov in enumerate(eqn.outvars[nk:]):
+    col = [y[j] for y in ys]
+    p = jnp.stack([c.p for c in col]) if n else jnp.zeros(ov.aval.shape, ov.aval.dtype)
+    r = jnp.stack([jnp.asarray(c.r) for c in col]) if n else p
+    if any(c.t is not None for c in col):
+      t = jnp.stack([c.t if c.t is not None else jnp.zeros_like(c.p) for c in col])
+    else:
+      t = None
+    stacked.append(Val(p, r, t, any(c.dep for c in col), False))
+  carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
+  return carry + stacked
 
 
 def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:

@@ -334,3 +334,97 @@ def test_bfloat16_inputs_accumulate_in_float32():
   # m = 8 carries the O(1/m^2) rule error; at m = 128 the bf16 evaluation of f remains,
   # 1.9e-4 measured (a bf16 sum or a bf16 result: 1.9e-3, the bf16 rounding of the output)
   assert errs[128] < 6e-4 and errs[128] < errs[8] / 10, errs
+
+
+# -- IG to a tolerance ---------------------------------------------------------------------
+
+W_KINK = np.linspace(-1.0, 1.5, D)
+
+
+def kink_f(x):
+  """relu(w . x - 0.3): along a straight path the integrand is a step at one known alpha."""
+  w = jnp.asarray(W_KINK, x.dtype)
+  z = x @ w - 0.3
+  return jnp.stack([jax.nn.relu(z), z], 1)
+
+
+def kink_ig(x, base):
+  d = x - base
+  z0, z1 = base @ W_KINK - 0.3, x @ W_KINK - 0.3
+  a = np.clip(-z0 / (z1 - z0), 0, 1)  # where w . x(a) - 0.3 crosses 0
+  on = np.where(z1 > z0, 1 - a, a)  # the fraction of the path on which relu' = 1
+  on = np.where(np.sign(z0) == np.sign(z1), (z0 > 0).astype(float), on)
+  return W_KINK * d * on[:, None]
+
+
+def counting(f, rows):
+  def g(z):  # counts the rows that f evaluates at run time (also inside jit / while loops)
+    jax.debug.callback(lambda n: rows.append(int(n)), z.shape[0])
+    return f(z)
+  return g
+
+
+def test_adaptive_ig_meets_tol_on_closed_forms_and_counts_fewer_evaluations():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, D)) * np.array([0.25, 0.5, 1.0, 2.0])[:, None]  # unequal difficulty
+  tol = 1e-3
+  with jax.enable_x64(True):
+    xj = jnp.asarray(x)
+    delta = np.asarray(closed_f(xj) - closed_f(jnp.zeros_like(xj)))[:, 0]
+    res = {}
+    for driver in ("while", "host"):
+      rows = []
+      ig, info = jaxplain.integrated_gradients(counting(closed_f, rows), xj, 0, tol=tol,
+                                               driver=driver, return_info=True, chunk=4,
+                                               max_steps=257)
+      res[driver] = (np.asarray(ig), {k: np.asarray(v) for k, v in info.items()}, sum(rows))
+    ig, info, rows_host = res["host"]
+    np.testing.assert_allclose(res["while"][0], ig, rtol=1e-12)
+    np.testing.assert_array_equal(res["while"][1]["steps"], info["steps"])
+    gap = ig.sum(1) - delta  # recomputed here, not read from info
+    np.testing.assert_allclose(info["gap"], gap, atol=1e-12)
+    assert info["converged"].all() and np.all(np.abs(gap) <= tol * np.abs(delta))
+    # exp is convex along the path: the trapezoid errors of all features share a sign, so
+    # the gap bounds the summed attribution error
+    err = np.abs(ig - np.exp(C * x) + 1).sum(1)
+    assert np.all(err <= tol * np.abs(delta) * (1 + 1e-9)), (err, tol * np.abs(delta))
+    assert len(set(info["steps"])) > 1  # the examples stopped at different levels
+    # the fixed trapezoid m that reaches tol for the worst example, found by a scan over m
+    # (numpy: d/dx_i exp(c_i x_i) at a x is c_i exp(c_i a x_i))
+    def trap_gap(m):
+      a, w = hand_rule("riemann_trapezoid", m)
+      g = C * np.exp(C * a[:, None, None] * x[None])  # (m, B, D)
+      return np.abs(np.einsum("m,mbd->b", w, g * x[None]) - delta)
+    m_fixed = next(m for m in range(2, 1100) if np.all(trap_gap(m) <= tol * np.abs(delta)))
+    assert info["steps"].sum() <= rows_host < m_fixed * 4, (info["steps"], rows_host, m_fixed)
+    # under jit (the while driver) it compiles and gives the same
+    ig_jit, info_jit = jax.jit(lambda z: jaxplain.integrated_gradients(
+        closed_f, z, 0, tol=tol, return_info=True, chunk=4, max_steps=257))(xj)
+    np.testing.assert_allclose(ig_jit, ig, rtol=1e-12)
+    np.testing.assert_array_equal(info_jit["steps"], info["steps"])
+    # the quadratic has a linear integrand: the first level (5 nodes) is exact
+    _, info_q = jaxplain.integrated_gradients(closed_f, xj, 1, tol=1e-9, return_info=True)
+    np.testing.assert_array_equal(np.asarray(info_q["steps"]), 5)
+
+
+def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
+  rng = np.random.default_rng(1)
+  x, base = rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.3
+  with jax.enable_x64(True):
+    ig, info = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-3,
+                                             baseline=jnp.asarray(base), return_info=True,
+                                             max_steps=4097)
+    steps = np.asarray(info["steps"])
+  exact = kink_ig(x, base)
+  delta = exact.sum(1)  # completeness of the exact integral
+  assert np.all(np.abs(np.asarray(ig).sum(1) - delta) <= 1e-3 * np.abs(delta) + 1e-6)
+  # a step in the integrand: the trapezoid error of feature i is at most h/2 |w_i d_i|
+  h = 1.0 / (steps - 1)
+  bound = 0.5 * h[:, None] * np.abs(W_KINK * (x - base))
+  assert np.all(np.abs(np.asarray(ig) - exact) <= bound + 1e-12)
+  _, info1 = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-12,
+                                           baseline=jnp.asarray(base), return_info=True,
+                                           max_steps=17)
+  assert not np.asarray(info1["converged"]).all()  # reported, not hidden
+  np.testing.assert_array_equal(np.asarray(info1["steps"])[~np.asarray(info1["converged"])],
+                                17)
