@@ -171,7 +171,11 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
                          value_range: tuple[float, float] | None = None,
                          blur_sigma: float | None = None,
                          return_gap: bool = False,
-                         target_chunk: int | None = None) -> Array | tuple[Array, Array]:
+                         target_chunk: int | None = None,
+                         tol: float | None = None, atol: float = 1e-6,
+                         min_steps: int = 5, max_steps: int = 1025,
+                         driver: str = "while",
+                         return_info: bool = False) -> Array | tuple[Array, Any]:
   """Integrated Gradients for a batch (Sundararajan et al. 2017, eqs. 1 and 3).
 
   ``IG(x) = (x - x') * sum_k w_k grad out[t](x' + a_k (x - x'))`` with the nodes and weights
@@ -210,6 +214,20 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     return_gap: also return the completeness gap (B,) (one extra forward pass).
     target_chunk: with several targets, how many backward passes are vmapped at once
       (``None``: all T).
+    tol: refine each example until its completeness gap is at most
+      ``max(tol * |out(x)[t] - out(x')[t]|, atol)``, by nested trapezoid rules (level L:
+      2^L + 1 nodes; each level adds the midpoints and reuses every gradient already
+      evaluated). ``method`` and ``steps`` are then ignored. See ``driver``.
+    atol: the absolute floor of the tolerance (for tiny ``out(x) - out(x')``).
+    min_steps, max_steps: with ``tol``, the first level has the least 2^L + 1 >= min_steps
+      nodes, the last at most ``max_steps``; examples that do not converge by then are
+      reported in ``info["converged"]``.
+    driver: with ``tol``, ``"while"`` (a bounded ``lax.while_loop`` over levels; usable
+      under ``jit``; every level computes the whole batch until all examples converged) or
+      ``"host"`` (a Python loop over jitted levels that evaluates only the examples not yet
+      converged; not under ``jit``). See benchmarks/bench_ig_accuracy.md for which is faster.
+    return_info: also return ``info``, a dict of (B,) arrays: ``"steps"`` (nodes evaluated
+      per example), ``"gap"`` (final completeness gap) and ``"converged"``.
 
   Returns:
     Attributions shaped like ``x`` ((B, T, ...) for several targets) in the accumulation
@@ -222,6 +240,12 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   >>> integrated_gradients(f, jnp.array([[1., 2.]]), 0, steps=4)  # x^2 - 0^2
   Array([[1., 4.]], dtype=float32)
   """
+  if method == "exact" or tol is not None:
+    return _integrated_special(f, x, target, baseline=baseline, method=method, chunk=chunk,
+                               key=key, output=output, value_range=value_range,
+                               blur_sigma=blur_sigma, return_gap=return_gap, tol=tol,
+                               atol=atol, min_steps=min_steps, max_steps=max_steps,
+                               driver=driver, return_info=return_info)
   _check_output(output)
   if loop not in ("unroll", "scan"):
     raise ValueError(f"loop: expected 'unroll' or 'scan', got {loop!r}")
@@ -230,6 +254,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   _check_target_chunk(target_chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
+  k = _validate.check_model(f, x).shape[1]
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   b = x.shape[0]
   multi = _is_multi(target)
@@ -237,7 +262,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     t = _multi_targets(target, b, _num_classes(f, x) if isinstance(target, str) else None)
     per = (t.shape[1],) + x.shape[1:]  # one example's (T, ...) block
   else:
-    t = _validate.check_target(target, b, None, "target")
+    t = _validate.check_target(target, b, k, "target")
     per = x.shape[1:]
   # Nodes, weights and the running sum are kept in the accumulation dtype (float32 for
   # bfloat16 / float16 inputs); only the points handed to f are in x's dtype.
@@ -287,9 +312,53 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       a = a + jax.lax.stop_gradient(dep)[:, None]
     total = total + chunk_sum(a, w_all[s:s + c])
   attr = (diff[:, None] if multi else diff) * total
-  if not return_gap:
+  if not (return_gap or return_info):
     return attr
-  return attr, _gap(f, x, base, t, attr, output)
+  gap = _gap(f, x, base, t, attr, output)
+  if return_info:
+    return attr, {"steps": jnp.full(gap.shape, m, jnp.int32), "gap": gap,
+                  "converged": jnp.ones(gap.shape, bool)}
+  return attr, gap
+
+
+def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, value_range,
+                        blur_sigma, return_gap, tol, atol, min_steps, max_steps, driver,
+                        return_info):
+  """IG to a tolerance (``tol``) or exact IG (``method="exact"``)."""
+  _check_output(output)
+  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  x = _validate.check_batched(x, "x")
+  if _is_multi(target):
+    raise ValueError("target: tol= and method='exact' take one target per example (an int "
+                     "or a (B,) array); call once per target column")
+  base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
+  t = _validate.check_target(target, x.shape[0], None, "target")
+  acc = accumulation_dtype(x.dtype)
+  base_acc = base.astype(acc)
+  diff = x.astype(acc) - base_acc
+  if method == "exact":
+    if tol is not None:
+      raise ValueError("tol: method='exact' needs no tolerance; pass tol=None")
+    from jaxplain import _exact_ig
+    attr, info = _exact_ig.exact_ig(f, x, base, t, output, chunk)
+  else:
+    from jaxplain import _adaptive_ig
+    if not float(tol) > 0:
+      raise ValueError(f"tol: expected a float > 0, got {tol!r}")
+    if driver not in _adaptive_ig.DRIVERS:
+      raise ValueError(f"driver: expected one of {_adaptive_ig.DRIVERS}, got {driver!r}")
+    l0, lmax = _adaptive_ig._levels(min_steps, max_steps)
+    run = (_adaptive_ig.adaptive_ig_while if driver == "while"
+           else _adaptive_ig.adaptive_ig_host)
+    attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),
+                                 float(atol), l0, lmax)
+    info = {"steps": steps, "gap": gap, "converged": done}
+  if return_info:
+    return attr, info
+  if return_gap:
+    return attr, info["gap"]
+  return attr
 
 
 def accumulation_dtype(dtype: Any) -> Any:

@@ -717,11 +717,11 @@ class Model:
     """Logits and ``{layer: (input, output)}`` of the named layers (channels-last).
 
     >>> import flax.linen as nn, jax, jax.numpy as jnp
-    >>> m = wrap(nn.Dense(3), nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 2))))
-    >>> logits, caps = m.capture(jnp.ones((4, 2)), [""])
-    Traceback (most recent call last):
-    ...
-    ValueError: layer: unknown layer name ''; available layers: 
+    >>> net = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(3)])
+    >>> m = wrap(net, net.init(jax.random.key(0), jnp.ones((1, 2))))
+    >>> logits, caps = m.capture(jnp.ones((5, 2)), ["layers_0"])
+    >>> [a.shape for a in caps["layers_0"]]
+    [(5, 2), (5, 4)]
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     return self.run(x, {l: (lambda i, o, e: (o, (i, o))) for l in layers}, params=params)
@@ -844,6 +844,23 @@ def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
   raise TypeError(f"obj: expected a flax.linen Module (with variables), a flax.nnx Module, an "
                   f"equinox Module, a keras.Model (JAX backend), an (apply_fn, params) pair or "
                   f"a (features, head) pair of functions; got {type(obj).__name__}")
+
+
+def linen_parts(model: Any, what: str = "model") -> tuple[Any, Any]:
+  """``(module, variables)`` of a linen model given as a module or as ``wrap(module,
+  variables)`` (variables ``None`` for a bare module): the entry points that train a linen
+  module (``train.fit``, ``ppi.make_ppi_loss``) accept both. Other frameworks raise."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  if isinstance(model, Model):
+    if model.framework != "linen":
+      raise TypeError(f"{what}: training supports Flax linen models only (got a wrapped "
+                      f"{model.framework} model); wrap(module, variables) of a linen module "
+                      "works")
+    return model.adapter.module, model.params
+  if isinstance(model, nn.Module):
+    return model, None
+  raise TypeError(f"{what}: expected a flax.linen Module or wrap(module, variables), got "
+                  f"{type(model).__name__}")
 
 
 def as_model(model: Any, args: tuple, n: int, what: str) -> tuple[Model, tuple]:

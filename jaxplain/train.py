@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import pathlib
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -442,7 +443,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   """Train ``model`` on a data dict: shuffled fixed-size batches, jitted data-parallel steps.
 
   Args:
-    model: Flax linen module returning logits.
+    model: Flax linen module returning logits, or ``jaxplain.wrap(module, variables)`` (then
+      training starts from those variables). Other frameworks are not trained here.
     train: dict with "image" (N, H, W, C), "label" (N,) and any extra per-example arrays
       (they reach ``loss_fn`` in the batch).
     validation: optional dict ("image", "label") evaluated after every epoch.
@@ -460,7 +462,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
     keep: checkpoints kept.
     early_stop_patience: stop when ``monitor`` has not improved for this many epochs and
       return the best epoch's variables (needs ``validation``).
-    progress: tqdm bar with loss and accuracy.
+    progress: a tqdm bar with loss and accuracy when stderr is a terminal; otherwise (a log
+      file, CI) one line per epoch on stderr.
     devices: devices of the data mesh (default all local devices).
     remainder: the last partial batch: "drop" (reshuffled each epoch) or "pad" (masked).
     init_variables: start from these variables (fine-tuning) instead of a fresh init.
@@ -479,6 +482,10 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   >>> r.step, len(r.history)
   (2, 1)
   """
+  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
+  model, wrapped_variables = linen_parts(model, "model")   # a module or wrap(module, variables)
+  if init_variables is None:
+    init_variables = wrapped_variables
   for k in ("image", "label"):
     if k not in train:
       raise KeyError(f"fit: train must have key {k!r}, got keys {sorted(train)}")
@@ -540,6 +547,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
   """The body of :func:`fit` (resume, loop, saves); ``mngr`` is closed by the caller."""
   from tqdm.auto import tqdm
 
+  from jaxplain import _progress
+
+  lines = progress and not _progress.is_terminal()  # a log: one line per epoch, no bar
   early = early_stop_patience is not None
   history: list[dict] = []
   epoch_metrics: dict[str, list[float]] = {}
@@ -575,8 +585,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
     _save(mngr, int(state["step"]), tree, meta)
 
   step = int(state["step"])
-  bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit",
+  bar = tqdm(total=total, initial=min(step, total), disable=not progress or lines, desc="fit",
              leave=False)
+  started = time.perf_counter()
   pending: list[dict] = []  # device metrics not yet fetched
 
   def flush():
@@ -629,6 +640,11 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
             if es["bad_epochs"] >= early_stop_patience:
               es["stopped"] = True
       history.append(rec)
+      if lines:
+        shown = [f"{k} {rec[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                 if k in rec]
+        _progress.line(f"fit: epoch {epoch + 1}/{epochs}, step {step}: {', '.join(shown)} "
+                       f"({time.perf_counter() - started:.1f} s)")
       epoch_metrics = {}
       if save_every and step % save_every == 0 and epoch + 1 < epochs and not es["stopped"]:
         save(epoch + 1, 0)

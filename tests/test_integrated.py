@@ -334,3 +334,183 @@ def test_bfloat16_inputs_accumulate_in_float32():
   # m = 8 carries the O(1/m^2) rule error; at m = 128 the bf16 evaluation of f remains,
   # 1.9e-4 measured (a bf16 sum or a bf16 result: 1.9e-3, the bf16 rounding of the output)
   assert errs[128] < 6e-4 and errs[128] < errs[8] / 10, errs
+
+
+# -- IG to a tolerance ---------------------------------------------------------------------
+
+W_KINK = np.linspace(-1.0, 1.5, D)
+
+
+def kink_f(x):
+  """relu(w . x - 0.3): along a straight path the integrand is a step at one known alpha."""
+  w = jnp.asarray(W_KINK, x.dtype)
+  z = x @ w - 0.3
+  return jnp.stack([jax.nn.relu(z), z], 1)
+
+
+def kink_ig(x, base):
+  d = x - base
+  z0, z1 = base @ W_KINK - 0.3, x @ W_KINK - 0.3
+  a = np.clip(-z0 / (z1 - z0), 0, 1)  # where w . x(a) - 0.3 crosses 0
+  on = np.where(z1 > z0, 1 - a, a)  # the fraction of the path on which relu' = 1
+  on = np.where(np.sign(z0) == np.sign(z1), (z0 > 0).astype(float), on)
+  return W_KINK * d * on[:, None]
+
+
+def counting(f, rows):
+  def g(z):  # counts the rows that f evaluates at run time (also inside jit / while loops)
+    jax.debug.callback(lambda n: rows.append(int(n)), z.shape[0])
+    return f(z)
+  return g
+
+
+def test_adaptive_ig_meets_tol_on_closed_forms_and_counts_fewer_evaluations():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, D)) * np.array([0.25, 0.5, 1.0, 2.0])[:, None]  # unequal difficulty
+  tol = 1e-3
+  with jax.enable_x64(True):
+    xj = jnp.asarray(x)
+    delta = np.asarray(closed_f(xj) - closed_f(jnp.zeros_like(xj)))[:, 0]
+    res = {}
+    for driver in ("while", "host"):
+      rows = []
+      ig, info = jaxplain.integrated_gradients(counting(closed_f, rows), xj, 0, tol=tol,
+                                               driver=driver, return_info=True, chunk=4,
+                                               max_steps=257)
+      res[driver] = (np.asarray(ig), {k: np.asarray(v) for k, v in info.items()}, sum(rows))
+    ig, info, rows_host = res["host"]
+    np.testing.assert_allclose(res["while"][0], ig, rtol=1e-12)
+    np.testing.assert_array_equal(res["while"][1]["steps"], info["steps"])
+    gap = ig.sum(1) - delta  # recomputed here, not read from info
+    np.testing.assert_allclose(info["gap"], gap, atol=1e-12)
+    assert info["converged"].all() and np.all(np.abs(gap) <= tol * np.abs(delta))
+    # exp is convex along the path: the trapezoid errors of all features share a sign, so
+    # the gap bounds the summed attribution error
+    err = np.abs(ig - np.exp(C * x) + 1).sum(1)
+    assert np.all(err <= tol * np.abs(delta) * (1 + 1e-9)), (err, tol * np.abs(delta))
+    assert len(set(info["steps"])) > 1  # the examples stopped at different levels
+    # the fixed trapezoid m that reaches tol for the worst example, found by a scan over m
+    # (numpy: d/dx_i exp(c_i x_i) at a x is c_i exp(c_i a x_i))
+    def trap_gap(m):
+      a, w = hand_rule("riemann_trapezoid", m)
+      g = C * np.exp(C * a[:, None, None] * x[None])  # (m, B, D)
+      return np.abs(np.einsum("m,mbd->b", w, g * x[None]) - delta)
+    m_fixed = next(m for m in range(2, 1100) if np.all(trap_gap(m) <= tol * np.abs(delta)))
+    assert info["steps"].sum() <= rows_host < m_fixed * 4, (info["steps"], rows_host, m_fixed)
+    # under jit (the while driver) it compiles and gives the same
+    ig_jit, info_jit = jax.jit(lambda z: jaxplain.integrated_gradients(
+        closed_f, z, 0, tol=tol, return_info=True, chunk=4, max_steps=257))(xj)
+    np.testing.assert_allclose(ig_jit, ig, rtol=1e-12)
+    np.testing.assert_array_equal(info_jit["steps"], info["steps"])
+    # the quadratic has a linear integrand: the first level (5 nodes) is exact
+    _, info_q = jaxplain.integrated_gradients(closed_f, xj, 1, tol=1e-9, return_info=True)
+    np.testing.assert_array_equal(np.asarray(info_q["steps"]), 5)
+
+
+def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
+  rng = np.random.default_rng(1)
+  x, base = rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.3
+  with jax.enable_x64(True):
+    ig, info = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-3,
+                                             baseline=jnp.asarray(base), return_info=True,
+                                             max_steps=4097)
+    steps = np.asarray(info["steps"])
+  exact = kink_ig(x, base)
+  delta = exact.sum(1)  # completeness of the exact integral
+  assert np.all(np.abs(np.asarray(ig).sum(1) - delta) <= 1e-3 * np.abs(delta) + 1e-6)
+  # a step in the integrand: the trapezoid error of feature i is at most h/2 |w_i d_i|
+  h = 1.0 / (steps - 1)
+  bound = 0.5 * h[:, None] * np.abs(W_KINK * (x - base))
+  assert np.all(np.abs(np.asarray(ig) - exact) <= bound + 1e-12)
+  _, info1 = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-12,
+                                           baseline=jnp.asarray(base), return_info=True,
+                                           max_steps=17)
+  assert not np.asarray(info1["converged"]).all()  # reported, not hidden
+  np.testing.assert_array_equal(np.asarray(info1["steps"])[~np.asarray(info1["converged"])],
+                                17)
+
+
+# -- exact IG for piecewise-linear networks -------------------------------------------------
+
+
+def pl_params(dtype):
+  r = np.random.default_rng(3)
+  return {"w1": r.normal(size=(3, 3, 1, 3)), "b1": r.normal(size=3) * 0.5,
+          "w2": r.normal(size=(12, 5)) * 0.5, "b2": r.normal(size=5) * 0.5,
+          "w3": r.normal(size=(5, 3)), "b3": r.normal(size=3) * 0.1,
+          "dtype": dtype}
+
+
+def pl_net(p, x, pattern=False):
+  """conv -> relu -> 2x2 max-pool (lax.reduce_window) -> dense -> leaky relu -> dense."""
+  dt = p["dtype"]
+  z1 = jax.lax.conv_general_dilated(x, jnp.asarray(p["w1"], dt), (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z1 = z1 + jnp.asarray(p["b1"], dt).reshape(1, 1, 1, -1)
+  h = nn.max_pool(jax.nn.relu(z1), (2, 2), (2, 2))
+  z2 = h.reshape(x.shape[0], -1) @ jnp.asarray(p["w2"], dt) + jnp.asarray(p["b2"], dt)[None]
+  out = jax.nn.leaky_relu(z2, 0.1) @ jnp.asarray(p["w3"], dt) + jnp.asarray(p["b3"], dt)[None]
+  if not pattern:
+    return out
+  r = jax.nn.relu(z1).reshape(x.shape[0], 2, 2, 2, 2, 3).transpose(0, 1, 3, 5, 2, 4)
+  win = jnp.argmax(r.reshape(x.shape[0], 2, 2, 3, 4), axis=-1)  # the pool's arg-max
+  return jnp.concatenate([(z1 > 0).reshape(x.shape[0], -1).astype(jnp.int32),
+                          win.reshape(x.shape[0], -1).astype(jnp.int32),
+                          (z2 > 0).reshape(x.shape[0], -1).astype(jnp.int32)], axis=1)
+
+
+def test_exact_ig_on_a_relu_maxpool_cnn():
+  p = pl_params(jnp.float32)
+  f = functools.partial(pl_net, p)
+  r = np.random.default_rng(4)
+  x = jnp.asarray(r.normal(size=(2, 4, 4, 1)), jnp.float32)
+  base = jnp.asarray(r.normal(size=(2, 4, 4, 1)) * 0.5, jnp.float32)
+  t = jnp.array([0, 2])
+  ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
+                                           return_info=True)
+  y, y0 = np.asarray(f(x)), np.asarray(f(base))
+  delta = y[[0, 1], [0, 2]] - y0[[0, 1], [0, 2]]
+  gap = np.asarray(ig, np.float64).sum(axis=(1, 2, 3)) - delta
+  assert np.all(np.abs(gap) <= 1e-5 * np.abs(delta)), (gap, delta)
+  # Gauss-Legendre at m = 4096 converges only as O(1/m) on this step-wise integrand (its own
+  # gap is ~1e-4 here), so it agrees to about that
+  gl, gl_gap = jax.jit(lambda z: jaxplain.integrated_gradients(
+      f, z, t, baseline=base, steps=4096, chunk=None, return_gap=True))(x)
+  scale = np.abs(np.asarray(ig)).max()
+  assert np.abs(np.asarray(ig) - np.asarray(gl)).max() <= 1e-3 * scale
+  assert np.all(np.abs(gap) < np.abs(np.asarray(gl_gap)))
+  # the breakpoints equal those of a dense scan of the activation pattern along the path
+  n = 20001
+  grid = np.linspace(0, 1, n)
+  for b in range(2):
+    pts = base[b][None] + jnp.asarray(grid, jnp.float32).reshape(-1, 1, 1, 1) * (x - base)[b][None]
+    pat = np.asarray(jax.jit(lambda z: pl_net(p, z, pattern=True))(pts))
+    changed = set(np.flatnonzero(np.any(pat[1:] != pat[:-1], axis=1)))
+    bp = np.asarray(info["breakpoints"][b])
+    found = set(np.searchsorted(grid, bp) - 1)
+    assert len(bp) > 5 and found == changed, (sorted(found ^ changed), len(bp))
+    assert int(info["steps"][b]) == len(bp) + 1
+
+
+def test_exact_ig_float64_completeness_and_errors():
+  with jax.enable_x64(True):
+    p = pl_params(jnp.float64)
+    f = functools.partial(pl_net, p)
+    r = np.random.default_rng(5)
+    x = jnp.asarray(r.normal(size=(1, 4, 4, 1)))
+    base = jnp.asarray(r.normal(size=(1, 4, 4, 1)) * 0.5)
+    ig, gap = jaxplain.integrated_gradients(f, x, 1, method="exact", baseline=base,
+                                            return_gap=True)
+    delta = float(f(x)[0, 1] - f(base)[0, 1])
+    assert ig.dtype == jnp.float64
+    assert abs(float(np.asarray(ig).sum()) - delta) <= 1e-10 * abs(delta)
+    assert abs(float(gap[0])) <= 1e-10 * abs(delta)
+  smooth = lambda z: jnp.tanh(z.reshape(z.shape[0], -1)[:, :3])
+  with pytest.raises(ValueError, match="first non-piecewise-linear primitive is 'tanh'"):
+    jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact")
+  with pytest.raises(ValueError, match="output: method='exact' needs output='logit'"):
+    jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact",
+                                  output="softmax")
+  with pytest.raises(ValueError, match="cannot be traced"):
+    jax.jit(lambda z: jaxplain.integrated_gradients(smooth, z, 0, method="exact"))(
+        jnp.ones((1, 4)))

@@ -201,7 +201,22 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       q["kernel"][c::C2, 3] = 0
     ref_g.append(hand_logits(_hand_edit(p, "fc", zero), x))
   ref_g = np.stack(ref_g)
+  # single fc weights (input row, output): NHWC rows in the hand model; Equinox numbers its
+  # fc inputs in CHW order, so the same weight has another row index there
+  rows_hwc = [(5, 2), (30, 4)]
+  ref_d = []
+  for r, k in rows_hwc:
+    def zero(q, r=r, k=k):
+      q["kernel"][r, k] = 0
+    ref_d.append(hand_logits(_hand_edit(p, "fc", zero), x))
+  ref_d = np.stack(ref_d)
+  chw = lambda r: (r % C2) * 9 + r // C2  # noqa: E731
   for name, (m, xm) in models.items():
+    idx = [[chw(r) if name == "equinox" else r, k] for r, k in rows_hwc]
+    ud = iv.units(m, "fc", "weight", idx)
+    np.testing.assert_allclose(iv.sweep_layer(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(iv.sweep(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5, err_msg=name)
     uf = iv.units(m, "conv2", "filter")
     uw = iv.units(m, "conv2", "weight", [[1, 2], [0, 3]])
     ug = iv.units(m, "fc", "input", channels=C2, outputs=[0, 3])
@@ -211,6 +226,25 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
       slow = iv.sweep(m, xm, u)   # the native-layout masks through the general path
       np.testing.assert_allclose(slow, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
+
+
+def test_keras_fused_activation_is_handled_by_sweep_layer_and_walk():
+  """Keras Dense(activation="relu"): the intervention acts before the activation."""
+  km = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="h"),
+                         keras.layers.Dense(3, name="out")])
+  m = jaxplain.wrap(km)
+  x = jax.random.normal(jax.random.key(8), (3, 4))
+  wh, bh = (np.asarray(a) for a in km.get_layer("h").get_weights())
+  wo, bo = (np.asarray(a) for a in km.get_layer("out").get_weights())
+  ref = []
+  for i in range(4):   # all weights leaving input i of "h", by hand in numpy
+    w = wh.copy()
+    w[i, :] = 0
+    ref.append(np.maximum(np.asarray(x) @ w + bh, 0) @ wo + bo)
+  u = iv.units(m, "h", "input")
+  np.testing.assert_allclose(iv.sweep_layer(m, x, u), np.stack(ref), rtol=1e-5, atol=1e-6)
+  r = iv.walk(m, x, 2, ["h", "out"])
+  assert r.per_layer["h"].effect.shape == (3, 4)
 
 
 def test_first_order_matches_the_closed_form(four):
@@ -335,3 +369,158 @@ def test_wrap_errors_name_the_argument():
     jaxplain.wrap((lambda p, z: (z, z), {}))(jnp.ones((1, 2)))
   f = jaxplain.wrap((lambda p, z: (z @ p, z), jnp.ones((2, 3))), output=0)
   assert f(jnp.ones((4, 2))).shape == (4, 3)
+
+
+def test_keras_inception_v3_ig_and_grad_cam_by_layer_name():
+  """Seed 000's network: keras.applications.InceptionV3 at its smallest input (75 x 75).
+  With network access a user passes weights="imagenet"; here weights=None (no download).
+  Grad-CAM on "mixed10" vs the hand split (mixed10 -> global average pool -> dense); at
+  75 x 75 mixed10 is 1 x 1, so "mixed5" (7 x 7) gives the spatial map."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from jaxplain import plot  # pylint: disable=import-outside-toplevel
+  km = keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3),
+                                      classifier_activation=None)
+  m = jaxplain.wrap(km)
+  x = jax.random.uniform(jax.random.key(0), (1, 75, 75, 3))
+  assert m.layer_names(x)[-3:] == ("mixed10", "avg_pool", "predictions")
+
+  @jax.jit
+  def run(z):
+    logits, caps = m.capture(z, ["mixed10"])
+    cam = jaxplain.grad_cam(m, z, 7, layer="mixed10", relu=False, upsample=None)
+    ig = jaxplain.integrated_gradients(m, z, 7, steps=2)
+    cam5 = jaxplain.grad_cam(m, z, 7, layer="mixed5")   # 7 x 7 maps, upsampled
+    return logits, caps["mixed10"][1], cam, ig, cam5
+  logits, a, cam, ig, cam5 = run(x)
+  wd, bd = km.get_layer("predictions").get_weights()
+  head = lambda f: f.mean(axis=(1, 2)) @ wd + bd[None]  # noqa: E731
+  np.testing.assert_allclose(head(a), logits, rtol=1e-4, atol=1e-4)
+  g = jax.grad(lambda f: head(f)[0, 7])(a)
+  ref = np.einsum("bhwc,bc->bhw", np.asarray(a), np.asarray(g).mean(axis=(1, 2)))
+  assert ref.shape == (1, 1, 1)   # mixed10 is 1 x 1 at the smallest input
+  assert cam5.shape == (1, 75, 75) and np.isfinite(np.asarray(cam5)).all()
+  np.testing.assert_allclose(cam, ref, rtol=1e-3, atol=1e-6 * np.abs(ref).max())
+  assert ig.shape == x.shape and np.isfinite(np.asarray(ig)).all()
+  fig = plot.three_panel(np.asarray(x[0]), np.asarray(ig[0]), title="InceptionV3 IG")
+  assert len(fig.axes) == 3
+
+
+# -- beyond images: tokens and integer inputs -------------------------------------------------
+
+
+class ViTBlock(nn.Module):
+  @nn.compact
+  def __call__(self, t):
+    h = nn.LayerNorm(name="ln1")(t)
+    t = t + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h, h)
+    h = nn.LayerNorm(name="ln2")(t)
+    return t + nn.Dense(8, name="mlp2")(jax.nn.gelu(nn.Dense(16, name="mlp1")(h)))
+
+
+class TinyViT(nn.Module):
+  """8x8x1 images, 4x4 patches -> 4 tokens of width 8, two blocks, mean-pool head."""
+
+  @nn.compact
+  def __call__(self, x):
+    b = x.shape[0]
+    p = x.reshape(b, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 4, 16)
+    t = nn.Dense(8, name="embed")(p)
+    t = ViTBlock(name="block0")(t)
+    t = ViTBlock(name="block1")(t)
+    return nn.Dense(3, name="head")(t.mean(axis=1))
+
+
+def test_grad_cam_on_a_vit_last_block_is_a_map_over_tokens():
+  vit = TinyViT()
+  x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 1))
+  v = vit.init(jax.random.key(5), x)
+  p = v["params"]
+  # the hand split: tokens after block1 (linen submodules applied one by one), then the head
+  patches = x.reshape(2, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16)
+  t = patches @ p["embed"]["kernel"] + p["embed"]["bias"][None, None]
+  for blk in ("block0", "block1"):
+    t = ViTBlock().apply({"params": p[blk]}, t)
+  head = lambda a: a.mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"][None]  # noqa: E731
+  np.testing.assert_allclose(head(t), vit.apply(v, x), rtol=1e-5, atol=1e-6)
+  tgt = np.array([2, 0])
+  g = np.stack([np.asarray(jax.grad(lambda a: head(a[None])[0, tgt[b]])(t[b])) for b in range(2)])
+  ref = np.einsum("blc,bc->bl", np.asarray(t), g.mean(axis=1))
+  got = jaxplain.grad_cam(jaxplain.wrap(vit, v), x, jnp.asarray(tgt), layer="block1", relu=False)
+  assert got.shape == (2, 4)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+class TextNet(nn.Module):
+  """Token ids (B, L) -> embedding -> dense "proj" per token -> ReLU -> mean -> "out"."""
+
+  @nn.compact
+  def __call__(self, ids):
+    e = nn.Embed(11, 6, name="embed")(ids)
+    h = jax.nn.relu(nn.Dense(5, name="proj")(e))
+    return nn.Dense(3, name="out")(h.mean(axis=1))
+
+
+def test_sweeps_walk_and_first_order_on_integer_token_inputs():
+  net = TextNet()
+  ids = jnp.array([[1, 4, 4, 9, 0], [3, 3, 7, 2, 10]], jnp.int32)
+  v = net.init(jax.random.key(6), ids)
+  v = jax.tree_util.tree_map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(7), a.shape), v)
+  m = jaxplain.wrap(net, v)
+  apply = jax.jit(net.apply)
+  # a Python loop: zero output unit k of "proj" (its kernel column and bias) and re-run
+  ref = []
+  for k in range(5):
+    q = jax.tree_util.tree_map(np.array, v)
+    q["params"]["proj"]["kernel"][:, k] = 0
+    q["params"]["proj"]["bias"][k] = 0
+    ref.append(apply(q, ids))
+  ref = np.stack(ref)
+  u = iv.units(m, "proj", "filter")
+  np.testing.assert_allclose(iv.sweep_layer(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(iv.sweep(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  # first order on the last layer's weights is exact: e = -w_ik * mean_l relu(proj)_i
+  pn = jax.tree_util.tree_map(np.asarray, v["params"])
+  h = np.maximum(pn["embed"]["embedding"][np.asarray(ids)] @ pn["proj"]["kernel"]
+                 + pn["proj"]["bias"], 0).mean(axis=1)           # (B, 5)
+  uo = iv.units(m, "out", "weight", [[0, 1], [4, 1], [2, 1]])
+  est = iv.first_order(m, ids, 1, uo)
+  w = np.asarray(v["params"]["out"]["kernel"])
+  np.testing.assert_allclose(est, np.stack([-w[i, 1] * h[:, i] for i in (0, 4, 2)]),
+                             rtol=1e-5, atol=1e-6)
+  # the walk and Grad-CAM / mediator maps over tokens run on token ids
+  r = jax.jit(lambda z: iv.walk(m, z, 1, ["proj", "out"]))(ids)
+  assert r.per_layer["proj"].effect.shape == (2, 6) and r.per_layer["out"].effect.shape == (2, 5)
+  assert iv.mediator_map(m, ids, r, "proj").shape == (2, 5)
+  assert jaxplain.grad_cam(m, ids, 1, layer="proj").shape == (2, 5)
+
+
+def test_fit_and_ppi_take_a_wrapped_linen_model():
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxplain import ppi, train  # pylint: disable=import-outside-toplevel
+
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv")(x))
+      return nn.Dense(2, name="fc")(x.reshape(x.shape[0], -1))
+  mod = Small()
+  x = jax.random.uniform(jax.random.key(9), (4, 4, 4, 1))
+  v = mod.init(jax.random.key(10), x)
+  data = {"image": np.asarray(x), "label": np.array([0, 1, 0, 1])}
+  # lr 0: fit must return the wrapped variables themselves (not a fresh init)
+  r = train.fit(jaxplain.wrap(mod, v), data, epochs=1, batch_size=4, progress=False,
+                optimizer=optax.sgd(0.0))
+  for a, b in zip(jax.tree_util.tree_leaves(r.variables), jax.tree_util.tree_leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="training supports Flax linen models only"):
+    train.fit(jaxplain.wrap(NNX(jax.tree_util.tree_map(np.zeros_like, {
+        "conv1": {"kernel": np.zeros((3, 3, C0, C1)), "bias": np.zeros(C1)},
+        "conv2": {"kernel": np.zeros((3, 3, C1, C2)), "bias": np.zeros(C2)},
+        "fc": {"kernel": np.zeros((36, K)), "bias": np.zeros(K)}}))), data, epochs=1)
+  batch = {"image": x, "label": jnp.array([0, 1, 0, 1])}
+  a = ppi.make_ppi_loss(jaxplain.wrap(mod, v), saliency="grad_cam")(
+      v["params"], {}, batch, jax.random.key(0), 10**6)
+  b = ppi.make_ppi_loss(mod, saliency="grad_cam")(v["params"], {}, batch, jax.random.key(0),
+                                                   10**6)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)

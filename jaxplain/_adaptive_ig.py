@@ -1,0 +1,178 @@
+"""Integrated Gradients to a requested completeness tolerance (private; see integrated.py).
+
+Nested trapezoid rules: level L has the 2^L + 1 nodes k / 2^L; level L + 1 adds the 2^L
+midpoints and reuses every gradient already evaluated (the endpoints' forward passes give
+out(x') and out(x) for the gap at no extra cost). Example b stops at the first level where
+
+  |gap_b| = |sum_i IG_i - (out(x)[t] - out(x')[t])| <= max(tol * |out(x)[t] - out(x')[t]|, atol)
+
+and reports its steps (nodes evaluated, 2^L + 1) and final gap. Two drivers:
+
+- ``"while"``: a bounded ``lax.while_loop`` over levels (a ``lax.switch`` holds one branch per
+  level, each with its static node count); pure, usable under ``jit``. Every iteration
+  computes all B examples (converged ones are frozen, not skipped), and the loop stops when
+  all have converged.
+- ``"host"``: a Python loop over levels; each level is one jitted call on the examples not yet
+  converged only (their count padded to a power of two to bound recompiles), so converged
+  examples stop costing. It calls ``jax.jit`` itself (it is a driver) and cannot run under
+  ``jit``.
+
+SPEC.md section 10.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxplain import _validate
+from jaxplain.gradients import _grad_rows, _output_value
+
+Array = jax.Array
+Fn = Callable[[Array], Array]
+
+DRIVERS = ("while", "host")
+
+
+def _levels(min_steps: int, max_steps: int) -> tuple[int, int]:
+  if not isinstance(min_steps, (int, np.integer)) or min_steps < 2:
+    raise ValueError(f"min_steps: expected an int >= 2, got {min_steps!r}")
+  if not isinstance(max_steps, (int, np.integer)) or max_steps < min_steps:
+    raise ValueError(f"max_steps: expected an int >= min_steps = {min_steps}, "
+                     f"got {max_steps!r}")
+  l0 = max(1, math.ceil(math.log2(min_steps - 1)))
+  lmax = max(l0, int(math.floor(math.log2(max_steps - 1))))
+  return l0, lmax
+
+
+def _node_sum(f: Fn, base: Array, diff: Array, t: Array, alphas: np.ndarray, output: str,
+              chunk: int | None, dtype: Any, with_logits: bool = False):
+  """sum_k grad out[t](x' + a_k (x - x')) over the static nodes ``alphas``, (B, ...).
+
+  ``chunk`` nodes go through ``f`` per call; more nodes run in a ``lax.scan`` over chunks.
+  With ``with_logits`` (one chunk only) also returns the logits (n, B, K).
+  """
+  b = base.shape[0]
+  n = len(alphas)
+  c = n if (chunk is None or n <= chunk or n % chunk) else chunk
+  bshape = (1,) * base.ndim
+
+  def one(a):
+    pts = base[None] + a.reshape((c,) + bshape) * diff[None]
+    pts = pts.reshape((c * b,) + base.shape[1:]).astype(dtype)
+    logits, g = _grad_rows(f, pts, jnp.tile(t, c), output)
+    return jnp.sum(g.reshape((c,) + base.shape).astype(base.dtype), axis=0), logits
+
+  a_all = jnp.asarray(alphas, base.dtype)
+  if c == n:
+    s, logits = one(a_all)
+    return (s, logits.reshape((n, b, -1))) if with_logits else s
+
+  def body(acc, a):
+    return acc + one(a)[0], None
+
+  total, _ = jax.lax.scan(body, jnp.zeros_like(base), a_all.reshape(n // c, c))
+  return total
+
+
+def _start(f, base, diff, t, output, chunk, dtype, l0):
+  """Endpoints and the interior of level l0: (s_end, s_int, delta)."""
+  g0, logits0 = _node_sum(f, base, diff, t, np.array([0.0]), output, None, dtype,
+                          with_logits=True)
+  g1, logits1 = _node_sum(f, base, diff, t, np.array([1.0]), output, None, dtype,
+                          with_logits=True)
+  _validate.check_logits(logits0[0], base.shape[0])
+  out0 = _output_value(logits0[0], t, output).astype(base.dtype)
+  out1 = _output_value(logits1[0], t, output).astype(base.dtype)
+  interior = np.arange(1, 2 ** l0) / 2 ** l0
+  s_int = _node_sum(f, base, diff, t, interior, output, chunk, dtype)
+  return 0.5 * (g0 + g1), s_int, out1 - out0
+
+
+def _midpoints(level: int) -> np.ndarray:
+  return (2 * np.arange(2 ** (level - 1)) + 1) / 2 ** level
+
+
+def _gap(diff, s_end, s_int, level, delta):
+  b = diff.shape[0]
+  h = jnp.exp2(-level.astype(diff.dtype)).reshape((b,) + (1,) * (diff.ndim - 1))
+  attr = diff * (s_end + s_int) * h
+  return attr, jnp.sum(attr.reshape(b, -1), axis=1) - delta
+
+
+def adaptive_ig_while(f, base, diff, t, output, chunk, dtype, tol, atol, l0, lmax):
+  """The jit-compatible driver: returns (attr, steps, gap, converged)."""
+  b = base.shape[0]
+  s_end, s_int, delta = _start(f, base, diff, t, output, chunk, dtype, l0)
+  thr = jnp.maximum(tol * jnp.abs(delta), atol)
+  level = jnp.full((b,), l0, jnp.int32)
+  _, gap = _gap(diff, s_end, s_int, level, delta)
+  done = jnp.abs(gap) <= thr
+  branches = [functools.partial(_node_sum, f, base, diff, t, _midpoints(lv), output, chunk,
+                                dtype) for lv in range(l0 + 1, lmax + 1)]
+
+  def cond(st):
+    lv, _, done, _, _ = st
+    return (lv < lmax) & ~jnp.all(done)
+
+  def body(st):
+    lv, s_int, done, level, gap = st
+    lv = lv + 1
+    new = jax.lax.switch(lv - l0 - 1, [lambda br=br: br() for br in branches])
+    keep = done.reshape((b,) + (1,) * (base.ndim - 1))
+    s_int = jnp.where(keep, s_int, s_int + new)
+    level = jnp.where(done, level, lv)
+    _, gap = _gap(diff, s_end, s_int, level, delta)
+    return lv, s_int, done | (jnp.abs(gap) <= thr), level, gap
+
+  if branches:
+    _, s_int, done, level, gap = jax.lax.while_loop(
+        cond, body, (jnp.int32(l0), s_int, done, level, gap))
+  attr, gap = _gap(diff, s_end, s_int, level, delta)
+  return attr, 2 ** level + 1, gap, done
+
+
+@functools.partial(jax.jit, static_argnames=("f", "output", "chunk", "dtype", "l0"))
+def _host_start(base, diff, t, *, f, output, chunk, dtype, l0):
+  return _start(f, base, diff, t, output, chunk, dtype, l0)
+
+
+@functools.partial(jax.jit, static_argnames=("f", "output", "chunk", "dtype", "level"))
+def _host_level(base, diff, t, *, f, output, chunk, dtype, level):
+  return _node_sum(f, base, diff, t, _midpoints(level), output, chunk, dtype)
+
+
+def adaptive_ig_host(f, base, diff, t, output, chunk, dtype, tol, atol, l0, lmax):
+  """The host driver: only examples not yet converged are evaluated at each level."""
+  if not all(_validate.is_concrete(a) for a in (base, diff, t)):
+    raise ValueError("driver: 'host' runs a Python loop over levels and cannot be traced "
+                     "(jit / vmap); use driver='while' inside jax.jit")
+  b = base.shape[0]
+  kw = dict(f=f, output=output, chunk=chunk, dtype=dtype)
+  s_end, s_int, delta = _host_start(base, diff, t, l0=l0, **kw)
+  s_int = np.array(s_int)
+  thr = np.maximum(tol * np.abs(np.asarray(delta)), atol)
+  level = np.full((b,), l0, np.int32)
+  _, gap = _gap(diff, s_end, jnp.asarray(s_int), jnp.asarray(level), delta)
+  gap = np.array(gap)
+  done = np.abs(gap) <= thr
+  for lv in range(l0 + 1, lmax + 1):
+    active = np.flatnonzero(~done)
+    if active.size == 0:
+      break
+    bucket = min(b, 1 << int(math.ceil(math.log2(active.size))))
+    idx = np.concatenate([active, np.full(bucket - active.size, active[0])])
+    new = _host_level(base[idx], diff[idx], t[idx], level=lv, **kw)
+    s_int[active] += np.asarray(new)[:active.size]
+    level[active] = lv
+    _, g_a = _gap(diff[active], s_end[active], jnp.asarray(s_int[active]),
+                  jnp.asarray(level[active]), delta[active])
+    gap[active] = np.asarray(g_a)
+    done[active] = np.abs(gap[active]) <= thr[active]
+  attr, gap = _gap(diff, s_end, jnp.asarray(s_int), jnp.asarray(level), delta)
+  return attr, jnp.asarray(2 ** level + 1), gap, jnp.asarray(done)
