@@ -1,16 +1,25 @@
 """Attribution speed: jaxplain Integrated Gradients vs its floor and vs Captum; gradient vs
-Captum Saliency. Same weights, measured side by side (interleaved rounds) in one run.
+Captum Saliency. Every contender runs in its own process, alternating A B A B
+(benchmarks/_runner.py), so JAX's and torch's thread pools never compete in one process.
 
 Model: jaxplain.models.SmallCNN (conv 32-64-pool-128-pool, dense 256-10) on 32x32x3, batch
-64, ported to an equivalent torch ``nn.Sequential`` (logits checked equal before timing; IG
-checked to agree at ~1e-3 before timing).
+64, ported to an equivalent torch ``nn.Sequential``. Before timing, the parent process checks
+that the logits agree and that jaxplain's IG agrees with Captum's (m = 32).
 
-  python benchmarks/bench_attribution.py            # m = 32 and 128, 3 rounds
-  python benchmarks/bench_attribution.py --quick    # m = 32, 1 round (about a minute idle)
+Contenders: Captum (torch with ``os.cpu_count()`` threads, ``internal_batch_size`` 64);
+jaxplain at its defaults on one CPU device; jaxplain with the batch sharded over
+``--xla_force_host_platform_device_count=2`` host devices (``jaxplain.data.shard_batch``), the
+README's CPU advice. The floor of IG is m x one jitted gradient (forward + backward) of the
+same batch in the same device setting.
+
+  python benchmarks/bench_attribution.py            # m = 32 and 128, 5 rounds
+  python benchmarks/bench_attribution.py --quick    # m = 32, 2 rounds
+  python benchmarks/bench_attribution.py --table    # also the chunk x devices table (m = 32)
 
 Writes benchmarks/bench_attribution.md and ends with one JSON line of medians and ratios:
-ig_over_floor (jaxplain IG / (m x one jitted forward+backward), worst over m),
-captum_over_ig (Captum IG / jaxplain IG, worst over m), captum_over_gradient.
+captum_over_ig (Captum IG / jaxplain IG at its defaults, worst over m), captum_over_gradient
+(Captum Saliency / jaxplain.gradient, defaults), ig_over_floor (jaxplain IG / its floor,
+defaults, worst over m), and the same with the suffix ``_2dev`` for two host devices.
 """
 
 from __future__ import annotations
@@ -20,21 +29,35 @@ import functools
 import json
 import os
 import pathlib
+import platform
+import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import jaxplain  # noqa: E402
-from jaxplain.models import SmallCNN  # noqa: E402
+from benchmarks import _runner  # noqa: E402
 
 B = 64
 METHOD = "gausslegendre"  # the same nodes and weights in Captum and jaxplain
+HERE = "benchmarks.bench_attribution"
+# Everything in the .md from this line on is hand-written (what was tried) and kept as it is.
+NOTES = "<!-- notes: kept across runs -->"
+
+
+def data():
+  x = np.random.default_rng(0).uniform(size=(B, 32, 32, 3)).astype(np.float32)
+  return x, (np.arange(B) % 10).astype(np.int32)
+
+
+def flax_model():
+  import jax
+  import jax.numpy as jnp
+  from jaxplain.models import SmallCNN
+  model = SmallCNN()
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  return functools.partial(model.apply, variables), variables["params"]
 
 
 def torch_model(params):
@@ -63,8 +86,8 @@ def torch_model(params):
   return net.eval()
 
 
-def peak_rss_delta(fn):
-  """Run fn once; return (result, increase of the process's peak RSS in MB during it)."""
+def _peak_rss_delta_mb(fn):
+  """Run fn once; the increase of this process's peak RSS during it, in MB."""
   def read(key):
     with open("/proc/self/status") as fh:
       for line in fh:
@@ -75,199 +98,237 @@ def peak_rss_delta(fn):
     with open("/proc/self/clear_refs", "w") as fh:
       fh.write("5")
   except OSError:
-    return fn(), float("nan")
+    fn()
+    return float("nan")
   before = read("VmRSS")
-  out = fn()
-  return out, read("VmHWM") - before
+  fn()
+  return read("VmHWM") - before
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--quick", action="store_true", help="m = 32 only, 1 round")
-  ap.add_argument("--rounds", type=int, default=None)
-  ap.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".md")))
-  args = ap.parse_args()
+# ---- contenders (each runs in its own process) -------------------------------------------
+
+def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1):
+  """jaxplain IG (``kind="ig"``) or gradient; the batch sharded when ``devices`` > 1 (the
+  worker's XLA_FLAGS force that many host devices)."""
+  import jax
+  import jaxplain
+  from jaxplain.data import data_mesh, shard_batch
+  if len(jax.local_devices()) != devices:
+    raise RuntimeError(f"expected {devices} devices, got {jax.local_devices()}")
+  f, _ = flax_model()
+  x_np, t_np = data()
+  d = shard_batch({"x": x_np, "t": t_np}, data_mesh())
+  x, t = d["x"], d["t"]
+  if kind == "ig":
+    kw = {} if chunk == "default" else {"chunk": chunk}
+    fn = jax.jit(lambda x, t: jaxplain.integrated_gradients(f, x, t, steps=m, method=METHOD,
+                                                            **kw))
+  else:
+    fn = jax.jit(lambda x, t: jaxplain.gradient(f, x, t))
+  compiled = fn.lower(x, t).compile()
+  jax.block_until_ready(compiled(x, t))
+  ma = compiled.memory_analysis()
+  info = {"temp_mb": ma.temp_size_in_bytes / 1e6 if ma is not None else None,
+          "jax": jax.__version__}
+  return {"run": lambda: jax.block_until_ready(compiled(x, t)), "info": info}
+
+
+def setup_captum(kind: str, m: int = 32, ibs: int = 64):
+  """Captum IntegratedGradients (``kind="ig"``) or Saliency on the torch port."""
   import captum
   import torch
   from captum.attr import IntegratedGradients, Saliency
   torch.set_num_threads(os.cpu_count())
-  steps_list = (32,) if args.quick else (32, 128)
-  rounds = args.rounds or (1 if args.quick else 3)
-
-  model = SmallCNN()
-  x_np = np.random.default_rng(0).uniform(size=(B, 32, 32, 3)).astype(np.float32)
-  t_np = (np.arange(B) % 10).astype(np.int64)
-  x, t = jnp.asarray(x_np), jnp.asarray(t_np, jnp.int32)
-  variables = model.init(jax.random.key(0), x[:1])
-  f = functools.partial(model.apply, variables)
-  net = torch_model(variables["params"])
+  _, params = flax_model()
+  net = torch_model(params)
+  x_np, t_np = data()
   xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-  tt = torch.from_numpy(t_np)
+  tt = torch.from_numpy(t_np.astype(np.int64))
+  if kind == "ig":
+    cig = IntegratedGradients(net)
+    run = lambda: cig.attribute(xt, baselines=0.0, target=tt, n_steps=m, method=METHOD,
+                                internal_batch_size=ibs)
+  else:
+    sal = Saliency(net)
+    run = lambda: sal.attribute(xt, target=tt, abs=False)
+  run()
+  info = {"peak_rss_delta_mb": _peak_rss_delta_mb(run), "torch": torch.__version__,
+          "captum": captum.__version__, "threads": torch.get_num_threads()}
+  return {"run": run, "info": info}
 
+
+def _jax(kind, devices=1, **kw):
+  env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} if devices > 1 else {}
+  return _runner.Contender(f"{HERE}:setup_jax", dict(kind=kind, devices=devices, **kw), env=env)
+
+
+def _captum(kind, **kw):
+  return _runner.Contender(f"{HERE}:setup_captum", dict(kind=kind, **kw))
+
+
+# ---- the parent: agreement check, the alternating runs, the report ------------------------
+
+def agreement():
+  """Logits, IG (m = 32) and gradients of both libraries on the same weights, in this process
+  (before any timing)."""
+  import jax
+  import jax.numpy as jnp
+  import jaxplain
+  import torch
+  from captum.attr import IntegratedGradients, Saliency
+  f, params = flax_model()
+  net = torch_model(params)
+  x_np, t_np = data()
+  x, t = jnp.asarray(x_np), jnp.asarray(t_np)
+  xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
+  tt = torch.from_numpy(t_np.astype(np.int64))
   with torch.no_grad():
-    dlogit = np.max(np.abs(net(xt).numpy() - np.asarray(f(x))))
-  print(f"torch vs flax logits: max |diff| = {dlogit:.2e}")
-  assert dlogit < 1e-4, "the torch port does not match the flax model"
+    dlogit = float(np.max(np.abs(net(xt).numpy() - np.asarray(f(x)))))
+  ig_j = np.asarray(jax.jit(lambda x: jaxplain.integrated_gradients(
+      f, x, t, steps=32, method=METHOD))(x))
+  ig_c = IntegratedGradients(net).attribute(xt, baselines=0.0, target=tt, n_steps=32,
+                                            method=METHOD).numpy().transpose(0, 2, 3, 1)
+  g_c = Saliency(net).attribute(xt, target=tt, abs=False).numpy().transpose(0, 2, 3, 1)
+  g_j = np.asarray(jax.jit(lambda x: jaxplain.gradient(f, x, t))(x))
+  out = {"logits_max_abs_diff": dlogit,
+         "ig_max_rel_diff": float(np.max(np.abs(ig_j - ig_c)) / np.max(np.abs(ig_c))),
+         "gradient_max_rel_diff": float(np.max(np.abs(g_j - g_c)) / np.max(np.abs(g_c)))}
+  assert dlogit < 1e-4, f"the torch port does not match the flax model: {out}"
+  assert out["ig_max_rel_diff"] < 1e-3 and out["gradient_max_rel_diff"] < 1e-4, out
+  return out
 
-  cig = IntegratedGradients(net)
-  sal = Saliency(net)
-  jgrad = jax.jit(lambda z: jaxplain.gradient(f, z, t))
 
-  def jig(m, **kw):
-    return jax.jit(lambda z: jaxplain.integrated_gradients(f, z, t, steps=m, method=METHOD,
-                                                           **kw))
+def _cpu_s(r):
+  return r["median"] * r["cpu"]
 
-  def captum_ig(m, ibs):
-    return lambda: cig.attribute(xt, baselines=0.0, target=tt, n_steps=m, method=METHOD,
-                                 internal_batch_size=ibs)
 
-  # Captum's internal_batch_size: pick the fastest of a few at m = 32 (rows per forward)
-  ibs_times = {}
-  for ibs in (64, 256, 512, 1024):
-    fn = captum_ig(32, ibs)
-    fn()
-    runs = []
-    for _ in range(2):
-      t0 = time.perf_counter()
-      fn()
-      runs.append(time.perf_counter() - t0)
-    ibs_times[ibs] = min(runs)
-  best_ibs = min(ibs_times, key=ibs_times.get)
-  print("Captum IG m=32 by internal_batch_size:",
-        {k: round(v, 2) for k, v in ibs_times.items()}, "-> best", best_ibs)
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--quick", action="store_true", help="m = 32 only, 2 rounds")
+  ap.add_argument("--rounds", type=int, default=None)
+  ap.add_argument("--table", action="store_true",
+                  help="also time chunk in (1, 2, 4, 8) x devices in (1, 2) at m = 32")
+  ap.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".md")))
+  args = ap.parse_args()
+  steps_list = (32,) if args.quick else (32, 128)
+  rounds = args.rounds or (2 if args.quick else 5)
+  load_start = _runner.load_average()
+  agree = agreement()
+  print("agreement:", agree, flush=True)
 
-  # jitted jaxplain functions: compile time separately, XLA temp memory from the compiler
-  jax_fns, compile_s, temp_mb = {}, {}, {}
-
-  def add(name, jitted):
-    t0 = time.perf_counter()
-    compiled = jitted.lower(x).compile()
-    jax.block_until_ready(compiled(x))
-    compile_s[name] = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    temp_mb[name] = ma.temp_size_in_bytes / 1e6 if ma is not None else float("nan")
-    jax_fns[name] = compiled
-
-  add("gradient", jgrad)
+  groups = {"gradient": ({
+      "captum_saliency": _captum("saliency"),
+      "gradient": _jax("gradient"),
+      "gradient_2dev": _jax("gradient", devices=2)}, 10)}
   for m in steps_list:
-    add(f"ig{m}", jig(m))
-  add("ig32_scan", jig(32, loop="scan"))
+    groups[f"ig{m}"] = ({
+        f"captum_ig{m}": _captum("ig", m=m),
+        f"ig{m}": _jax("ig", m=m, chunk="default"),
+        f"ig{m}_2dev": _jax("ig", m=m, chunk="default", devices=2)}, 3 if m <= 32 else 1)
+  if args.table:
+    groups["table"] = ({f"ig32_chunk{c}_{d}dev": _jax("ig", m=32, chunk=c, devices=d)
+                        for d in (1, 2) for c in (1, 2, 4, 8)}, 2)
+  res = {}
+  for name, (contenders, repeats) in groups.items():
+    print(f"{name}: {len(contenders)} contenders x {rounds} rounds", file=sys.stderr, flush=True)
+    res.update(_runner.compare(contenders, rounds=rounds if name != "table" else 2,
+                               repeats=repeats))
+  load_end = _runner.load_average()
 
-  # agreement before timing
-  ig_j = np.asarray(jax_fns["ig32"](x))
-  ig_c = captum_ig(32, best_ibs)().numpy().transpose(0, 2, 3, 1)
-  ig_err = np.max(np.abs(ig_j - ig_c)) / np.max(np.abs(ig_c))
-  g_c = sal.attribute(xt, target=tt, abs=False).numpy().transpose(0, 2, 3, 1)
-  g_err = np.max(np.abs(np.asarray(jax_fns["gradient"](x)) - g_c)) / np.max(np.abs(g_c))
-  print(f"IG m=32 jaxplain vs Captum: max |diff| / max |IG| = {ig_err:.1e}; "
-        f"gradient vs Saliency: {g_err:.1e}")
-  assert ig_err < 1e-3 and g_err < 1e-4, "jaxplain and Captum disagree"
+  out = {"batch": B, "method": METHOD, "rounds": rounds, "load_start": load_start,
+         "load_end": load_end, "ig_vs_captum_max_rel_diff": agree["ig_max_rel_diff"]}
+  for k, r in res.items():
+    out[f"{k}_s"] = r["median"]
+  for sfx in ("", "_2dev"):
+    g = res[f"gradient{sfx}"]["median"]
+    out[f"captum_over_gradient{sfx}"] = _runner.ratio(res, "captum_saliency",
+                                                      f"gradient{sfx}")["ratio"]
+    floors, caps = [], []
+    for m in steps_list:
+      ig = res[f"ig{m}{sfx}"]["median"]
+      out[f"ig_over_floor_m{m}{sfx}"] = ig / (m * g)
+      out[f"captum_over_ig_m{m}{sfx}"] = _runner.ratio(res, f"captum_ig{m}", f"ig{m}{sfx}")["ratio"]
+      floors.append(out[f"ig_over_floor_m{m}{sfx}"])
+      caps.append(out[f"captum_over_ig_m{m}{sfx}"])
+    out[f"ig_over_floor{sfx}"] = max(floors)
+    out[f"captum_over_ig{sfx}"] = min(caps)
 
-  # interleaved rounds
-  tasks = {"gradient": lambda: jax.block_until_ready(jax_fns["gradient"](x)),
-           "captum_saliency": lambda: sal.attribute(xt, target=tt, abs=False)}
-  for m in steps_list:
-    tasks[f"ig{m}"] = functools.partial(lambda m: jax.block_until_ready(jax_fns[f"ig{m}"](x)), m)
-    tasks[f"captum_ig{m}"] = captum_ig(m, best_ibs)
-  if not args.quick:
-    tasks["ig32_scan"] = lambda: jax.block_until_ready(jax_fns["ig32_scan"](x))
-  tasks["captum_saliency"]()  # warm-up
-  times = {k: [] for k in tasks}
-  peak = {}
-  for r in range(rounds):
-    for k, fn in tasks.items():
-      reps = 5 if k in ("gradient", "captum_saliency") else 1
-      for _ in range(reps):
-        if r == 0 and k.startswith("captum_ig") and k not in peak:
-          t0 = time.perf_counter()
-          _, peak[k] = peak_rss_delta(fn)
-          times[k].append(time.perf_counter() - t0)
-          continue
-        t0 = time.perf_counter()
-        fn()
-        times[k].append(time.perf_counter() - t0)
-    print(f"round {r + 1}/{rounds} done", flush=True)
-  med = {k: float(np.median(v)) for k, v in times.items()}
+  lines = _report(res, out, agree, steps_list, rounds, args)
+  path = pathlib.Path(args.out)
+  old = path.read_text() if path.exists() else ""
+  notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
+  path.write_text("\n".join(lines) + "\n\n" + notes)
+  print("\n".join(lines))
+  print(json.dumps(out))
 
-  res = {"batch": B, "method": METHOD, "captum_internal_batch_size": best_ibs,
-         "gradient_s": med["gradient"], "captum_saliency_s": med["captum_saliency"],
-         "captum_over_gradient": med["captum_saliency"] / med["gradient"]}
-  rows = []
-  ratios_floor, ratios_captum = [], []
-  for m in steps_list:
-    floor = m * med["gradient"]
-    r_floor = med[f"ig{m}"] / floor
-    r_captum = med[f"captum_ig{m}"] / med[f"ig{m}"]
-    ratios_floor.append(r_floor)
-    ratios_captum.append(r_captum)
-    res.update({f"ig{m}_s": med[f"ig{m}"], f"floor{m}_s": floor,
-                f"captum_ig{m}_s": med[f"captum_ig{m}"], f"ig_over_floor_m{m}": r_floor,
-                f"captum_over_ig_m{m}": r_captum})
-    rows.append((f"IG m={m} (chunk=4, unroll)", med[f"ig{m}"], compile_s[f"ig{m}"],
-                 temp_mb[f"ig{m}"], f"{r_floor:.2f} x floor, Captum {r_captum:.2f} x slower"))
-    rows.append((f"floor m={m} (m x gradient)", floor, float("nan"), temp_mb["gradient"], ""))
-    rows.append((f"Captum IG m={m} (ibs={best_ibs})", med[f"captum_ig{m}"], float("nan"),
-                 peak.get(f"captum_ig{m}", float("nan")), "peak RSS increase"))
-  if "ig32_scan" in med:
-    res["ig32_scan_s"] = med["ig32_scan"]
-    rows.append(("IG m=32 (chunk=4, loop=scan)", med["ig32_scan"], compile_s["ig32_scan"],
-                 temp_mb["ig32_scan"], f"{med['ig32_scan'] / (32 * med['gradient']):.2f} x floor"))
-  rows.append(("jaxplain.gradient", med["gradient"], compile_s["gradient"],
-               temp_mb["gradient"], ""))
-  rows.append(("Captum Saliency", med["captum_saliency"], float("nan"), float("nan"),
-               f"{res['captum_over_gradient']:.2f} x jaxplain"))
-  res["ig_over_floor"] = max(ratios_floor)
-  res["captum_over_ig"] = min(ratios_captum)
-  res["ig_vs_captum_max_rel_diff"] = float(ig_err)
 
-  load = os.getloadavg()
+def _pairs(res, a, b):
+  r = _runner.ratio(res, a, b)
+  return f"{r['ratio']:.2f} (rounds {', '.join(f'{v:.2f}' for v in r['per_round'])})"
+
+
+def _report(res, out, agree, steps_list, rounds, args):
+  import jax
+  info_c = res["captum_saliency"]["info"]
   lines = [
-      "# bench_attribution: jaxplain IG / gradient vs floor and Captum",
+      "# bench_attribution: jaxplain IG / gradient vs its floor and Captum",
       "",
-      f"Machine: {os.cpu_count()}-core CPU (no GPU), jax {jax.__version__}, torch "
-      f"{torch.__version__} ({torch.get_num_threads()} threads), captum {captum.__version__}. "
-      f"**Shared machine**: other jobs were running (load average {load[0]:.1f} / "
-      f"{load[1]:.1f} / {load[2]:.1f} at the end on {os.cpu_count()} cores), so absolute "
-      "times are inflated and noisy; the ratios come from interleaved rounds (each round "
-      "runs every contender once), medians of "
-      f"{rounds} round(s){' (--quick)' if args.quick else ''}.",
+      f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}, no GPU), jax "
+      f"{jax.__version__}, torch {info_c['torch']} ({info_c['threads']} threads), captum "
+      f"{info_c['captum']}. **Shared machine**: other engineers' jobs were running; load "
+      f"average (1/5/15 min) {out['load_start']} at the start, {out['load_end']} at the end "
+      f"on {os.cpu_count()} cores. Each contender runs in its own process, alternating "
+      f"A B A B over {rounds} rounds{' (--quick)' if args.quick else ''} "
+      "(`benchmarks/_runner.py`); medians over all timed calls, min - max, CPU use = "
+      "(user + sys) / wall while timing (100 % = one core), CPU-s = median x CPU use. "
+      "Ratios are median / median with the per-round ratios (one A and one B run of the "
+      "same round) beside them.",
       "",
       f"SmallCNN 32x32x3, batch {B}, targets b mod 10, same weights in flax and torch "
-      f"(logits max |diff| {dlogit:.1e}); IG method {METHOD}, black baseline; IG vs Captum "
-      f"max |diff| / max |IG| = {ig_err:.1e} (m = 32). Captum's internal_batch_size chosen as "
-      f"the fastest of {sorted(ibs_times)} at m = 32: {best_ibs} "
-      f"({', '.join(f'{k}: {v:.2f} s' for k, v in ibs_times.items())}).",
+      f"(logits max |diff| {agree['logits_max_abs_diff']:.1e}); IG {METHOD}, black baseline, "
+      f"Captum internal_batch_size 64. IG vs Captum max |diff| / max |IG| = "
+      f"{agree['ig_max_rel_diff']:.1e} (m = 32), gradient vs Saliency "
+      f"{agree['gradient_max_rel_diff']:.1e}. `2dev`: the batch sharded over two forced host "
+      "devices (`XLA_FLAGS=--xla_force_host_platform_device_count=2`, "
+      "`jaxplain.data.shard_batch`).",
       "",
-      "| contender | median s | compile s | memory MB | note |",
-      "|---|---:|---:|---:|---|",
+      "| contender | median | min - max | CPU use | CPU-s | memory MB | note |",
+      "|---|---:|---:|---:|---:|---:|---|",
   ]
-  for name, s, c, mb, note in rows:
-    cs = "" if np.isnan(c) else f"{c:.1f}"
-    ms = "" if np.isnan(mb) else f"{mb:.0f}"
-    lines.append(f"| {name} | {s:.3f} | {cs} | {ms} | {note} |")
+
+  def row(k, note=""):
+    r = res[k]
+    mem = r["info"].get("temp_mb", r["info"].get("peak_rss_delta_mb"))
+    mem = "" if mem is None or mem != mem else f"{mem:.0f}"
+    lines.append(f"| {k} | {_runner._fmt(r['median'])} | {_runner._fmt(r['min'])} - "
+                 f"{_runner._fmt(r['max'])} | {100 * r['cpu']:.0f} % | {_cpu_s(r):.2f} | "
+                 f"{mem} | {note} |")
+
+  for m in steps_list:
+    row(f"captum_ig{m}", "peak RSS increase")
+    for sfx in ("", "_2dev"):
+      row(f"ig{m}{sfx}", f"{out[f'ig_over_floor_m{m}{sfx}']:.2f} x floor; Captum / this "
+          f"{_pairs(res, f'captum_ig{m}', f'ig{m}{sfx}')}")
+  row("captum_saliency")
+  for sfx in ("", "_2dev"):
+    row(f"gradient{sfx}", f"Captum / this {_pairs(res, 'captum_saliency', f'gradient{sfx}')}")
+  if "ig32_chunk1_1dev" in res:
+    lines += ["", "Chunk size x devices, IG m = 32 (2 rounds, alternating):", "",
+              "| contender | median | CPU use | CPU-s | XLA temp MB |", "|---|---:|---:|---:|---:|"]
+    for k, r in res.items():
+      if k.startswith("ig32_chunk"):
+        lines.append(f"| {k} | {_runner._fmt(r['median'])} | {100 * r['cpu']:.0f} % | "
+                     f"{_cpu_s(r):.2f} | {r['info']['temp_mb']:.0f} |")
   lines += [
       "",
-      "Memory: for jaxplain the XLA temp buffer size from `compiled.memory_analysis()`; for "
-      "Captum the increase of the process's peak RSS during one call.",
-      "",
-      "Findings: on XLA:CPU an unrolled sequence of chunks of steps is the fast layout; a "
-      "`lax.scan` over the same chunks (`loop=\"scan\"`) runs its loop body 2-3.5x slower "
-      "here (inside the while loop XLA:CPU does not route the backward convolutions to its "
-      "YNNPACK kernels). Left independent, the unrolled chunks were scheduled as if "
-      "concurrent and all kept live (temp memory about 48 MB per step: 1.5 GB at m = 32, "
-      "6.2 GB at m = 128; an `optimization_barrier` between chunks was removed by XLA's "
-      "passes); `loop=\"unroll\"` now gives each chunk's nodes an exactly-zero data "
-      "dependency on the previous chunks' sum (`a + min(|sum[0]|, 0)`), which sequences them: "
-      "temp memory is one chunk's (about 0.22 GB at chunk = 4) whatever m, at the same speed "
-      "and with the same results.",
+      "Memory: for jaxplain the XLA temp buffer size from `compiled.memory_analysis()` (per "
+      "device); for Captum the increase of the process's peak RSS during one call.",
       "",
       "```json",
-      json.dumps(res),
+      json.dumps(out),
       "```",
   ]
-  pathlib.Path(args.out).write_text("\n".join(lines) + "\n")
-  print("\n".join(lines[8:8 + len(rows) + 2]))
-  print(json.dumps(res))
+  return lines
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ EXPERIMENTS = (
     "seed003_shift",
     "method_comparison",
     "ppi_decoy",
+    "ppi_claims",
 )
 
 

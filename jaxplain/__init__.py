@@ -10,6 +10,10 @@ The public API is listed here explicitly, module by module.
 
 __version__ = "0.1.0"
 
+# -- the model interface (model) ------------------------------------------------------------
+from jaxplain.model import Model as Model
+from jaxplain.model import wrap as wrap
+
 # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
 from jaxplain.gradients import gradient as gradient
 from jaxplain.gradients import gradient_x_input as gradient_x_input
@@ -26,6 +30,10 @@ from jaxplain import plot as plot
 from jaxplain.rules import wbp as wbp
 from jaxplain.rules import lrp as lrp
 from jaxplain.rules import deeplift as deeplift
+from jaxplain.rules import guided_backprop as guided_backprop
+from jaxplain.rules import deconvnet as deconvnet
+from jaxplain.rules import Composite as Composite
+from jaxplain import rules as rules
 from jaxplain.rules import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 
 # -- interventions ----------------------------------------------------------------------------
@@ -46,6 +54,7 @@ from jaxplain.ppi import make_ppi_loss as make_ppi_loss
 from jaxplain.ppi import make_ppi_train_step as make_ppi_train_step
 from jaxplain.ppi import normalize_saliency as normalize_saliency
 from jaxplain.ppi import one_vs_others_loss as one_vs_others_loss
+from jaxplain.ppi import partner_indices as partner_indices
 from jaxplain.ppi import ppi_objective as ppi_objective
 from jaxplain.ppi import soft_mask as soft_mask
 
@@ -64,6 +73,16 @@ from jaxplain.metrics import rank_correlation as rank_correlation
 from jaxplain.metrics import shift_invariance as shift_invariance
 from jaxplain.metrics import ssim as ssim
 from jaxplain.metrics import step_fractions as step_fractions
+
+# -- perturbation attributions and evaluation (issue 16) --------------------------------------
+from jaxplain import perturbation as perturbation
+from jaxplain.perturbation import feature_ablation as feature_ablation
+from jaxplain.perturbation import kernel_shap as kernel_shap
+from jaxplain.perturbation import lime as lime
+from jaxplain.perturbation import rise as rise
+from jaxplain.perturbation import shapley_value_sampling as shapley_value_sampling
+from jaxplain import evaluation as evaluation
+from jaxplain.evaluation import evaluate as evaluate
 
 # -- submodules -------------------------------------------------------------------------------
 from jaxplain import models as models

@@ -54,6 +54,7 @@ class Val(NamedTuple):
   r: Array
   t: Array | None
   dep: bool
+  fresh: bool = False  # no layer yet between f's input and this value (first-layer rules)
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,176 +245,146 @@ def positively_homogeneous(eqn, active: Sequence[bool]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------
-# multipliers (the rules)
+# what a rule sees
 
 
-class Rule(NamedTuple):
-  """Which method: 'wbp', 'lrp' or 'deeplift', and its parameters."""
-  name: str
-  epsilon: float = 0.0
+class Activation(NamedTuple):
+  """An elementwise nonlinearity ``y = g(v)`` of one input-dependent value, as a rule sees it.
+
+  ``v`` is the :class:`Val` of the input (``v.t`` the incoming tangent), ``y`` / ``yr`` the
+  output at the input / at the reference, ``homogeneous`` whether ``g`` is provably positively
+  homogeneous (ReLU, leaky ReLU, |v|: then ``g(v) / v`` is piecewise constant).
+  """
+  g: Callable
+  v: Val
+  y: Array
+  yr: Array
+  homogeneous: bool
 
 
-def _slope(g: Callable, v: Array) -> Array:
+def slope(g: Callable, v: Array) -> Array:
   """Elementwise derivative g'(v) (g elementwise, so a JVP with ones gives the diagonal)."""
   return jax.jvp(g, (v,), (jnp.ones_like(v),))[1]
 
 
-def multiplier(rule: Rule, g: Callable, v: Array, y: Array, vr: Array, yr: Array) -> Array:
-  """The local factor m of an elementwise nonlinearity y = g(v) (tangent out = m * tangent in).
+class Layer:
+  """One affine layer ``z = s * head(a; W) + c`` as a rule sees it (after canonization).
 
-  * WBP (seed 004, Table 1): h(v) = (g(v) - g(0)) / v, the limit g'(0) at v = 0. For g(0) = 0
-    (ReLU, tanh, GELU, SiLU, ...) this is exactly Table 1's g(v) / v. For g(0) != 0 (sigmoid,
-    exp) g(v) / v is unbounded near 0; the constant g(0) is treated like a bias and dropped
-    (it does not interact with the input), which is the rescale multiplier against a zero
-    pre-activation. For ReLU, h(0) = relu'(0) = 0 as in JAX's gradient (Table 1 writes
-    1[v >= 0]; the two differ only at exactly v = 0).
-  * DeepLIFT rescale: (g(v) - g(v_ref)) / (v - v_ref), the limit g'(v) when v ~ v_ref.
-  * LRP-epsilon: g(v) / (v + eps * sign(v)) (sign(0) = +1), i.e. the relevance passes the
-    activation unchanged and the epsilon-stabilised division by z = v happens here (see
-    ``jaxplain.rules.lrp``).
+  ``head`` is a dot_general / convolution with a constant weight operand ``W`` (kind
+  ``"dense"`` / ``"conv"``), a window sum (``"pool"``, average pooling) or a reduce_sum
+  (``"sum"``, global pooling); ``s`` and ``c`` are the constant elementwise scale and shift
+  of the equations merged into it (bias, inference batch norm, the 1 / n of a mean), as
+  arrays broadcastable to ``z``. ``a`` is the input, ``t`` its tangent, ``z`` the output,
+  ``name`` the name stack of the head equation (Flax module path, "" if none), ``first``
+  whether no layer lies between ``f``'s input and this one.
+
+  The maps below are linear in their argument (so ``map(a * t)`` is a valid tangent):
+  ``full`` (the layer without its shift), ``pos`` / ``neg`` (only the positive / negative
+  effective weights ``s * W``; weightless heads count as positive), ``ones`` (all weights 1,
+  no scale) and ``square`` (weights ``(s * W)**2``).
   """
-  dt = jnp.result_type(v)
-  finfo = jnp.finfo(dt)
-  if rule.name == "wbp":
-    zero = jnp.zeros_like(v)
-    g0, d0 = jax.jvp(g, (zero,), (jnp.ones_like(v),))
-    tol = jnp.where(g0 == 0, finfo.tiny, jnp.sqrt(finfo.eps))
-    small = jnp.abs(v) <= tol
-    vs = jnp.where(small, jnp.ones_like(v), v)
-    return jnp.where(small, d0, (y - g0) / vs)
-  if rule.name == "deeplift":
-    dv = v - vr
-    tol = jnp.sqrt(finfo.eps) * jnp.maximum(1.0, jnp.abs(v))
-    small = jnp.abs(dv) <= tol
-    dvs = jnp.where(small, jnp.ones_like(dv), dv)
-    return jnp.where(small, _slope(g, v), (y - yr) / dvs)
-  if rule.name == "lrp":
-    den = v + rule.epsilon * jnp.where(v >= 0, 1.0, -1.0).astype(dt)
-    zero = den == 0
-    return jnp.where(zero, jnp.zeros_like(v), y / jnp.where(zero, jnp.ones_like(den), den))
-  raise ValueError(f"unknown rule {rule.name!r}")
+
+  def __init__(self, kind, name, first, a, t, z, head, w, scale, shift):
+    self.kind, self.name, self.first = kind, name, first
+    self.a, self.t, self.z = a, t, z
+    self._head, self._w, self.scale, self.bias = head, w, scale, shift
+
+  def _h(self, x, w=None):
+    return self._head(x, self._w if w is None else w)
+
+  def full(self, x):
+    return self.scale * self._h(x)
+
+  def _signed(self, x, positive: bool):
+    sp, sn = jnp.maximum(self.scale, 0), jnp.minimum(self.scale, 0)
+    if self._w is None:  # unit weights: all positive
+      return (sp if positive else sn) * self._h(x)
+    wp, wn = jnp.maximum(self._w, 0), jnp.minimum(self._w, 0)
+    if positive:
+      return sp * self._h(x, wp) + sn * self._h(x, wn)
+    return sp * self._h(x, wn) + sn * self._h(x, wp)
+
+  def pos(self, x):
+    return self._signed(x, True)
+
+  def neg(self, x):
+    return self._signed(x, False)
+
+  def ones(self, x):
+    return self._h(x, None if self._w is None else jnp.ones_like(self._w))
+
+  def square(self, x):
+    if self._w is None:
+      return self.scale ** 2 * self._h(x)
+    return self.scale ** 2 * self._h(x, self._w ** 2)
 
 
 # ------------------------------------------------------------------------------------------
-# the interpreter
+# canonization: affine constant followers merged into the preceding linear layer
+
+_HEADS = {"dot_general": "dense", "conv_general_dilated": "conv", "reduce_window_sum": "pool",
+          "reduce_sum": "sum"}
+_FOLLOW = {"add", "sub", "mul", "div", "neg", "convert_element_type"}
 
 
-class _Scope:
-  """Per-jaxpr bookkeeping of elementwise ancestry (to find elementwise sub-graphs)."""
-
-  def __init__(self):
-    self.anc: dict[Var, tuple] = {}  # var -> nearest-first elementwise ancestors
-    self.ew_eqns: list = []  # elementwise equations on input-dependent values, in order
-
-
-_MAX_ANC = 64
-
-
-def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val],
-             rule: Rule, with_ref: bool) -> list[Val]:
-  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments."""
-  env: dict[Var, Val] = {}
-
-  def read(v) -> Val:
-    if isinstance(v, Literal):
-      return Val(v.val, v.val, None, False)
-    return env[v]
-
-  for v, c in zip(constvars, consts):
-    env[v] = Val(c, c, None, False)
-  for v, a in zip(invars, args):
-    env[v] = a
-  scope = _Scope()
-  for eqn in eqns:
-    ins = [read(v) for v in eqn.invars]
-    outs = _eval_eqn(eqn, ins, rule, with_ref, scope, env)
-    for v, o in zip(eqn.outvars, outs):
-      env[v] = o
-  return [read(v) for v in outvars]
+def _uses(eqns, outvars) -> dict:
+  n: dict = {}
+  for e in eqns:
+    for v in e.invars:
+      if isinstance(v, Var):
+        n[v] = n.get(v, 0) + 1
+  for v in outvars:
+    if isinstance(v, Var):
+      n[v] = n.get(v, 0) + 2  # an output is never merged away
+  return n
 
 
-def _inactive_outs(ps, rs, dep) -> list[Val]:
-  return [Val(p, r, None, dep) for p, r in zip(ps, rs)]
+def canonize(eqns, outvars, dep_vars: set) -> dict:
+  """Group each linear head equation with the chain of elementwise affine equations by
+  constants that follows it (bias add, batch-norm shift and scale, the division of a mean),
+  so that rules see one affine map per layer, as Zennit's canonizers merge batch norm into
+  the preceding convolution by hand. Returns {id(head eqn): [follower eqns]}; ``dep_vars``
+  (the input-dependent variables) is updated along the way."""
+  uses = _uses(eqns, outvars)
+  consumer = {}
+  for e in eqns:
+    for v in e.invars:
+      if isinstance(v, Var):
+        consumer.setdefault(v, e)
+  groups = {}
+  for e in eqns:
+    if any(isinstance(v, Var) and v in dep_vars for v in e.invars):
+      dep_vars.update(e.outvars)
+  for e in eqns:
+    name = e.primitive.name
+    dep = [isinstance(v, Var) and v in dep_vars for v in e.invars]
+    if name not in _HEADS or not any(dep) or (name in _BILINEAR and sum(dep) != 1):
+      continue
+    chain, cur = [], e.outvars[0]
+    while uses.get(cur, 0) == 1:
+      nxt = consumer[cur]
+      nd = [isinstance(v, Var) and v in dep_vars for v in nxt.invars]
+      ok = (nxt.primitive.name in _FOLLOW and sum(nd) == 1
+            and tuple(nxt.outvars[0].aval.shape) == tuple(cur.aval.shape)
+            and jnp.issubdtype(nxt.outvars[0].aval.dtype, jnp.inexact)
+            and not (nxt.primitive.name == "div" and nd != [True, False]))
+      if not ok:
+        break
+      chain.append(nxt)
+      cur = nxt.outvars[0]
+    groups[id(e)] = chain
+  return groups
 
 
-def _eval_eqn(eqn, ins: list[Val], rule: Rule, with_ref: bool, scope: _Scope,
-              env) -> list[Val]:
-  name = eqn.primitive.name
-  dep = any(i.dep for i in ins)
-  if not dep:
-    ps = bind(eqn, [i.p for i in ins])
-    return _inactive_outs(ps, ps, False)
-  active = [i.t is not None for i in ins]
-
-  def ref_outs():
-    return bind(eqn, [i.r for i in ins]) if with_ref else None
-
-  int_out = not any(jnp.issubdtype(o.aval.dtype, jnp.inexact) for o in eqn.outvars)
-  if not any(active) or name == "stop_gradient" or int_out:
-    ps = bind(eqn, [i.p for i in ins])
-    rs = ref_outs() if with_ref else ps
-    return _inactive_outs(ps, rs, True)
-
-  n_act = sum(active)
-  if name in _CALLS:
-    body, consts = _call_body(eqn)
-    if (n_act == 1 and len(eqn.outvars) == 1 and _elementwise_body(body, active)
-        and tuple(eqn.outvars[0].aval.shape) == tuple(
-            eqn.invars[active.index(True)].aval.shape)):
-      k = active.index(True)
-      outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule,
-                           with_ref)
-      _record_ew(scope, eqn, ins, active)
-      return outs
-    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule,
-                    with_ref)
-
-  if name in _ELEMENTWISE:
-    linear = (name in _LINEAR_EW or (name == "mul" and n_act == 1)
-              or (name == "div" and active == [True, False]))
-    if linear:
-      outs = _linear(eqn, ins, active, with_ref)
-    elif n_act == 1:
-      k = active.index(True)
-      outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule,
-                           with_ref)
-    else:
-      root = _common_root(scope, eqn, active)
-      if root is not None:
-        outs = _region(eqn, ins, root, scope, env, rule, with_ref)
-      elif name in ("max", "min"):
-        outs = _linear(eqn, ins, active, with_ref)  # routes like the gradient
-      else:
-        raise _unsupported(
-            eqn, rule.name,
-            f"with {n_act} input-dependent operands that are not elementwise functions of a "
-            "common input-dependent value (e.g. a product of two different activations)")
-    _record_ew(scope, eqn, ins, active)
-    return outs
-
-  if name in _LINEAR_STRUCT or name in _ROUTE:
-    if name in _BILINEAR and n_act > 1:
-      raise _unsupported(eqn, rule.name,
-                         "with both operands input-dependent (a bilinear map is not linear)")
-    return _linear(eqn, ins, active, with_ref)
-
-  raise _unsupported(eqn, rule.name, "applied to an input-dependent value")
-
-
-def _subst(ins: list[Val], k: int, v: Array) -> list[Array]:
-  vals = [i.p for i in ins]
-  vals[k] = v
-  return vals
-
+# ------------------------------------------------------------------------------------------
+# rewrite: the explicit im2col of small-channel convolutions (XLA:CPU speed, not semantics)
 
 # A convolution whose input-dependent operand has at most this many channels carries its
-# modified tangent as patches @ kernel (an explicit im2col, see ``_conv_tangent``).
+# modified tangent as patches @ kernel (an explicit im2col, see ``_conv_as_patches``).
 PATCH_CONV_MAX_CHANNELS = 8
 
 
-def _patch_conv_ok(eqn, active: list[bool]) -> bool:
-  if eqn.primitive.name != "conv_general_dilated" or active != [True, False]:
-    return False
+def _patch_conv_ok(eqn) -> bool:
   prm = eqn.params
   lhs = eqn.invars[0].aval
   dn = prm["dimension_numbers"]
@@ -425,7 +396,7 @@ def _patch_conv_ok(eqn, active: list[bool]) -> bool:
           and lhs.shape[dn.lhs_spec[1]] <= PATCH_CONV_MAX_CHANNELS)
 
 
-def _conv_tangent(eqn, t: Array, w: Array) -> Array:
+def _conv_as_patches(eqn, t: Array, w: Array) -> Array:
   """The linear map ``t -> conv(t, w)`` of ``eqn`` written as an explicit im2col: shifted
   strided slices of the padded input stacked into patches, then one ``dot_general`` with the
   flattened kernel. Same values as the convolution; its transpose (the backward pass) is a
@@ -448,19 +419,367 @@ def _conv_tangent(eqn, t: Array, w: Array) -> Array:
   patches = jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * c)
   y = jax.lax.dot_general(patches, k.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
                           precision=prm.get("precision"))
-  # NHWC -> the output layout of eqn
-  perm = [0] * 4
+  perm = [0] * 4  # NHWC -> the output layout of eqn
   for src, dst in zip((0, 1, 2, 3), (dn.out_spec[0], dn.out_spec[2], dn.out_spec[3],
                                      dn.out_spec[1])):
     perm[dst] = src
   return jnp.transpose(y, perm).astype(eqn.outvars[0].aval.dtype)
 
 
-def _linear(eqn, ins: list[Val], active: list[bool], with_ref: bool) -> list[Val]:
-  if _patch_conv_ok(eqn, active):
-    (p,) = bind(eqn, [i.p for i in ins])
-    r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
-    return [Val(p, r, _conv_tangent(eqn, ins[0].t, ins[1].p), True)]
+def rewrite_tangent_ops(eqns) -> dict:
+  """The tangent implementation of each linear head: {id(eqn): fn(x, w) -> y}. Equal in value
+  to binding the primitive; small-channel convolutions become an explicit im2col."""
+  impl = {}
+  for e in eqns:
+    if e.primitive.name == "conv_general_dilated" and _patch_conv_ok(e):
+      impl[id(e)] = (lambda e: lambda x, w: _conv_as_patches(e, x, w))(e)
+  return impl
+
+
+# ------------------------------------------------------------------------------------------
+# the interpreter
+
+
+class _Scope:
+  """Per-jaxpr bookkeeping of elementwise ancestry (to find elementwise sub-graphs)."""
+
+  def __init__(self, eqns=()):
+    self.anc: dict[Var, tuple] = {}  # var -> nearest-first elementwise ancestors
+    self.ew_eqns: list = []  # elementwise equations on input-dependent values, in order
+    self.prod = {o: e for e in eqns for o in e.outvars}  # var -> producing equation
+
+
+_MAX_ANC = 64
+
+
+def _tangent_live(eqns, outvars) -> set:
+  """Variables whose tangent reaches ``outvars`` (stop_gradient cuts the path), so that a
+  bilinear product that only feeds stop_gradient (detached attention) needs no rule."""
+  live = {v for v in outvars if isinstance(v, Var)}
+  for e in reversed(eqns):
+    if e.primitive.name == "stop_gradient":
+      continue
+    if any(o in live for o in e.outvars):
+      live.update(v for v in e.invars if isinstance(v, Var))
+  return live
+
+
+def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule) -> list[Val]:
+  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments with ``rule``."""
+  env: dict[Var, Val] = {}
+
+  def read(v) -> Val:
+    if isinstance(v, Literal):
+      return Val(v.val, v.val, None, False)
+    return env[v]
+
+  for v, c in zip(constvars, consts):
+    env[v] = Val(c, c, None, False)
+  for v, a in zip(invars, args):
+    env[v] = a
+  dep_vars = {v for v, a in zip(invars, args) if a.dep}
+  groups = canonize(eqns, outvars, dep_vars)
+  impl = rewrite_tangent_ops(eqns)
+  live = _tangent_live(eqns, outvars)
+  heads = {id(e): e for e in eqns if id(e) in groups}
+  at_end = {}  # a group is evaluated at its last equation, once every constant exists
+  for e in eqns:
+    if id(e) in groups and groups[id(e)]:
+      at_end[id(groups[id(e)][-1])] = e
+  merged = {id(e) for chain in groups.values() for e in chain[:-1]}
+  merged |= {k for k, chain in groups.items() if chain}
+  scope = _Scope(eqns)
+  for eqn in eqns:
+    if id(eqn) in merged:
+      continue
+    head = at_end.get(id(eqn), heads.get(id(eqn)))
+    if head is not None:
+      chain = groups[id(head)]
+      ins = [read(v) for v in head.invars]
+      last = chain[-1] if chain else head
+      if last.outvars[0] not in live:
+        ins = [i._replace(t=None) for i in ins]
+      if any(i.t is not None for i in ins):
+        env[last.outvars[0]] = _layer(head, chain, ins, rule, impl.get(id(head)), read)
+        continue
+      for e in [head] + chain:  # no tangent: evaluate the equations as usual
+        outs = _eval_eqn(e, [read(v) for v in e.invars], rule, scope, env)
+        for v, o in zip(e.outvars, outs):
+          env[v] = o
+      continue
+    ins = [read(v) for v in eqn.invars]
+    if not any(o in live for o in eqn.outvars):
+      ins = [i._replace(t=None) for i in ins]
+    outs = _eval_eqn(eqn, ins, rule, scope, env)
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+  return [read(v) for v in outvars]
+
+
+def _inactive_outs(ps, rs, dep) -> list[Val]:
+  return [Val(p, r, None, dep) for p, r in zip(ps, rs)]
+
+
+def _name(eqn) -> str:
+  try:
+    return str(eqn.source_info.name_stack)
+  except Exception:  # pragma: no cover - best effort only
+    return ""
+
+
+def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
+  """Evaluate a canonized layer (head + merged affine chain) and ask the rule for its
+  tangent (None: the exact linear map)."""
+  k = next(i for i, v in enumerate(ins) if v.t is not None)
+  w_idx = next((i for i in range(len(ins)) if i != k), None)
+  w = ins[w_idx].p if w_idx is not None else None
+  use_impl = impl is not None and k == 0 and w is not None
+
+  def head_fn(x, wv):
+    if use_impl:
+      return impl(x, wv)
+    vals = [i.p for i in ins]
+    vals[k] = x
+    if w_idx is not None:
+      vals[w_idx] = wv
+    return bind(head, vals)[0]
+
+  def chain_eval(hv, which):
+    prev, cur = head.outvars[0], hv
+    for e in chain:
+      vals = []
+      for v in e.invars:
+        if isinstance(v, Var) and v == prev:
+          vals.append(cur)
+        else:
+          vals.append(which(read(v)))
+      cur = bind(e, vals)[0]
+      prev = e.outvars[0]
+    return cur
+
+  h = bind(head, [i.p for i in ins])[0]
+  p = chain_eval(h, lambda v: v.p)
+  if rule.needs_ref:
+    r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
+  else:
+    r = p
+  if chain:
+    shift = chain_eval(jnp.zeros_like(h), lambda v: v.p)
+    scale = (chain_eval(jnp.ones_like(h), lambda v: v.p) - shift).astype(p.dtype)
+    shift = jnp.broadcast_to(shift, p.shape).astype(p.dtype)
+  else:
+    shift, scale = jnp.zeros_like(p), jnp.ones((), p.dtype)
+  a = ins[k]
+  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, p, head_fn, w,
+                scale, shift)
+  t = rule.layer(layer)
+  if t is None:
+    t = layer.full(a.t)
+  return Val(p, r, t.astype(p.dtype), True, False)
+
+
+def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
+  name = eqn.primitive.name
+  dep = any(i.dep for i in ins)
+  if not dep:
+    ps = bind(eqn, [i.p for i in ins])
+    return _inactive_outs(ps, ps, False)
+  active = [i.t is not None for i in ins]
+  with_ref = rule.needs_ref
+
+  def ref_outs():
+    return bind(eqn, [i.r for i in ins]) if with_ref else None
+
+  int_out = not any(jnp.issubdtype(o.aval.dtype, jnp.inexact) for o in eqn.outvars)
+  if not any(active) or name == "stop_gradient" or int_out:
+    ps = bind(eqn, [i.p for i in ins])
+    rs = ref_outs() if with_ref else ps
+    return _inactive_outs(ps, rs, True)
+
+  n_act = sum(active)
+  if name == "scan":
+    return _scan(eqn, ins, rule)
+  if name == "while":
+    raise _unsupported(
+        eqn, rule.name, "(a while loop: its trip count is not static). Write the loop as "
+        "jax.lax.scan or jax.lax.fori_loop with Python-int bounds (lowered to a scan), so "
+        "that the rule is applied inside the body at every iteration")
+  if name in _CALLS:
+    body, consts = _call_body(eqn)
+    if (n_act == 1 and len(eqn.outvars) == 1 and _elementwise_body(body, active)
+        and tuple(eqn.outvars[0].aval.shape) == tuple(
+            eqn.invars[active.index(True)].aval.shape)):
+      k = active.index(True)
+      outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule)
+      _record_ew(scope, eqn, ins, active)
+      return outs
+    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule)
+
+  if name in ("mul", "div") and n_act == 2:
+    sm = _softmax_input(scope, eqn) if name == "div" else None
+    if sm is not None:  # softmax(a) = exp(a - max) / sum(exp(a - max)), inlined
+      a_var, axes = sm
+      av = env[a_var]
+      (p,) = bind(eqn, [i.p for i in ins])
+      r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
+      t = rule.softmax(av, p, axes) if av.t is not None else None
+      _record_ew(scope, eqn, ins, active)
+      return [Val(p, r, None if t is None else t.astype(p.dtype), True, False)]
+    norm = [_statistic(scope, env, v, eqn) for v in eqn.invars]
+    if any(norm) and not all(norm) and (name == "mul" or norm[1]):
+      # a normalisation (LayerNorm / RMSNorm divisor, a mean): treated as a constant scale
+      ins = [i._replace(t=None) if nl else i for i, nl in zip(ins, norm)]
+      active = [i.t is not None for i in ins]
+      n_act = 1
+    elif _common_root(scope, eqn, active) is None and name == "mul":
+      outs = _bilinear(eqn, ins, rule)
+      _record_ew(scope, eqn, ins, active)
+      return outs
+
+  if name in _ELEMENTWISE:
+    linear = (name in _LINEAR_EW or (name == "mul" and n_act == 1)
+              or (name == "div" and active == [True, False]))
+    if linear:
+      if name == "select_n" or (n_act > 1 and name in ("add", "sub", "add_any")):
+        outs = _linear(eqn, ins, active, rule, combine=name != "select_n")
+      else:
+        outs = _linear(eqn, ins, active, rule, unary=True)
+    elif n_act == 1:
+      k = active.index(True)
+      outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule)
+    else:
+      root = _common_root(scope, eqn, active)
+      if root is not None:
+        outs = _region(eqn, ins, root, scope, env, rule)
+      elif name in ("max", "min"):
+        outs = _linear(eqn, ins, active, rule)  # routes like the gradient
+      else:
+        raise _unsupported(
+            eqn, rule.name,
+            f"with {n_act} input-dependent operands that are not elementwise functions of a "
+            "common input-dependent value (e.g. a product of two different activations)")
+    _record_ew(scope, eqn, ins, active)
+    return outs
+
+  if name in _LINEAR_STRUCT or name in _ROUTE:
+    if name in _BILINEAR and n_act > 1:
+      if name == "dot_general":
+        return _bilinear(eqn, ins, rule)
+      raise _unsupported(eqn, rule.name,
+                         "with both operands input-dependent (a bilinear map is not linear)")
+    if name in _HEADS:  # a linear head outside a canonized group (e.g. weight-dependent)
+      return _linear(eqn, ins, active, rule, combine=True)
+    return _linear(eqn, ins, active, rule)
+
+  raise _unsupported(eqn, rule.name, "applied to an input-dependent value")
+
+
+def _scan(eqn, ins: list[Val], rule) -> list[Val]:
+  """``lax.scan`` with its static length: the body is interpreted at every iteration
+  (unrolled at trace time), so the map equals that of the same loop written out by hand."""
+  prm = eqn.params
+  body = prm["jaxpr"]
+  nc, nk, n = prm["num_consts"], prm["num_carry"], prm["length"]
+  consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
+  ys = []
+  for i in (range(n - 1, -1, -1) if prm["reverse"] else range(n)):
+    xi = [Val(v.p[i], v.r[i], None if v.t is None else v.t[i], v.dep, False) for v in xs]
+    outs = evaluate(body.jaxpr.eqns, body.jaxpr.invars, body.jaxpr.constvars,
+                    body.jaxpr.outvars, body.consts, consts + carry + xi, rule)
+    carry, y = outs[:nk], outs[nk:]
+    ys.append(y)
+  if prm["reverse"]:
+    ys = ys[::-1]
+  stacked = []
+  for j, ov in enumerate(eqn.outvars[nk:]):
+    col = [y[j] for y in ys]
+    p = jnp.stack([c.p for c in col]) if n else jnp.zeros(ov.aval.shape, ov.aval.dtype)
+    r = jnp.stack([jnp.asarray(c.r) for c in col]) if n else p
+    if any(c.t is not None for c in col):
+      t = jnp.stack([c.t if c.t is not None else jnp.zeros_like(c.p) for c in col])
+    else:
+      t = None
+    stacked.append(Val(p, r, t, any(c.dep for c in col), False))
+  carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
+  return carry + stacked
+
+
+def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:
+  """A product of two input-dependent operands (attention's QK^T and AV, gating)."""
+  (p,) = bind(eqn, [i.p for i in ins])
+  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  a, b = ins
+  t = rule.bilinear(lambda u, v: bind(eqn, [u, v])[0], a, b, p)
+  return [Val(p, r, t.astype(p.dtype), True, False)]
+
+
+_PASS = ("broadcast_in_dim", "reshape", "convert_element_type", "copy", "squeeze",
+         "expand_dims")
+
+
+def _size(v) -> int:
+  return int(np.prod(v.aval.shape)) if v.aval.shape else 1
+
+
+def _statistic(scope: _Scope, env, v, eqn) -> bool:
+  """True when operand ``v`` of ``eqn`` is a per-group statistic broadcast back to the full
+  shape (a LayerNorm / RMSNorm divisor, a mean): followed through broadcasts, reshapes and
+  products with constants, it comes from a value with fewer elements than ``eqn``'s output."""
+  if not isinstance(v, Var):
+    return False
+  n = _size(eqn.outvars[0])
+  cur = v
+  for _ in range(16):
+    if _size(cur) < n:
+      return True
+    e = scope.prod.get(cur)
+    if e is None:
+      return False
+    name = e.primitive.name
+    if name in _PASS:
+      cur = e.invars[0]
+    elif name in ("mul", "div", "add", "sub"):
+      deps = [x for x in e.invars if isinstance(x, Var) and x in env and env[x].dep]
+      if len(deps) != 1:
+        return False
+      cur = deps[0]
+    else:
+      return False
+  return False
+
+
+def _softmax_input(scope: _Scope, eqn):
+  """If ``eqn`` is the division of jax.nn.softmax (exp(a - stop_gradient(max)) / its sum),
+  return (a, reduced axes); else None."""
+  g, i = eqn.invars
+  pg = scope.prod.get(g) if isinstance(g, Var) else None
+  if pg is None or pg.primitive.name != "exp":
+    return None
+  ps = scope.prod.get(pg.invars[0]) if isinstance(pg.invars[0], Var) else None
+  if ps is None or ps.primitive.name != "sub":
+    return None
+  shift = scope.prod.get(ps.invars[1]) if isinstance(ps.invars[1], Var) else None
+  if shift is None or shift.primitive.name != "stop_gradient":
+    return None
+  cur = i
+  while isinstance(cur, Var) and cur in scope.prod and scope.prod[cur].primitive.name in _PASS:
+    cur = scope.prod[cur].invars[0]
+  red = scope.prod.get(cur) if isinstance(cur, Var) else None
+  if red is None or red.primitive.name != "reduce_sum" or red.invars[0] is not g:
+    return None
+  return ps.invars[0], tuple(red.params["axes"])
+
+
+def _subst(ins: list[Val], k: int, v: Array) -> list[Array]:
+  vals = [i.p for i in ins]
+  vals[k] = v
+  return vals
+
+
+def _linear(eqn, ins: list[Val], active: list[bool], rule, combine: bool = False,
+            unary: bool = False) -> list[Val]:
+  """A linear (or piecewise-linear routing) equation: the exact JVP, unless the rule
+  modifies sums of several terms (``combine``) or elementwise maps by constants (``unary``)."""
   idx = [k for k, a in enumerate(active) if a]
   base = [i.p for i in ins]
 
@@ -470,23 +789,34 @@ def _linear(eqn, ins: list[Val], active: list[bool], with_ref: bool) -> list[Val
       vals[k] = ak
     return bind(eqn, vals)
 
-  ps, ts = jax.jvp(fn, [ins[k].p for k in idx], [ins[k].t for k in idx])
-  rs = bind(eqn, [i.r for i in ins]) if with_ref else ps
-  return [Val(p, r, t if _is_float(p) else None, True) for p, r, t in zip(ps, rs, ts)]
+  ps = bind(eqn, base)
+  rs = bind(eqn, [i.r for i in ins]) if rule.needs_ref else ps
+
+  def jvp(ts):
+    return jax.jvp(fn, [ins[k].p for k in idx], list(ts))[1]
+
+  ts = None
+  if combine and len(ps) == 1:
+    ts = rule.combine(ps[0], [ins[k].p for k in idx], [ins[k].t for k in idx],
+                      lambda *t: jvp(t)[0])
+    ts = None if ts is None else [ts]
+  elif unary and len(ps) == 1:
+    ts = rule.unary(eqn.primitive.name, ps[0], ins[idx[0]].p, ins[idx[0]].t,
+                    lambda t: jvp([t])[0])
+    ts = None if ts is None else [ts]
+  if ts is None:
+    ts = jvp([ins[k].t for k in idx])
+  fresh = all(ins[k].fresh for k in idx) and not combine
+  return [Val(p, r, t.astype(p.dtype) if _is_float(p) else None, True, fresh)
+          for p, r, t in zip(ps, rs, ts)]
 
 
-def _nonlinearity(eqn, ins: list[Val], k: int, g: Callable, rule: Rule,
-                  with_ref: bool) -> list[Val]:
+def _nonlinearity(eqn, ins: list[Val], k: int, g: Callable, rule) -> list[Val]:
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
-  v = ins[k]
-  m = multiplier(rule, g, v.p, p, v.r, r)
-  if rule.name == "wbp" and positively_homogeneous(eqn, [i == k for i in range(len(ins))]):
-    # g(v) / v is piecewise constant (ReLU: 1[v > 0]): its exact derivative is zero, so
-    # differentiating it (PPI's second order) would only add a backward pass through the
-    # network that sums to zero. Same value, no gradient path.
-    m = jax.lax.stop_gradient(m)
-  return [Val(p, r, (m * v.t).astype(jnp.result_type(p)), True)]
+  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  hom = positively_homogeneous(eqn, [i == k for i in range(len(ins))])
+  t = rule.activation(Activation(g, ins[k], p, r, hom))
+  return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
 
 
 def _record_ew(scope: _Scope, eqn, ins: list[Val], active: list[bool]) -> None:
@@ -515,8 +845,7 @@ def _common_root(scope: _Scope, eqn, active: list[bool]):
   return None
 
 
-def _region(eqn, ins: list[Val], root, scope: _Scope, env, rule: Rule,
-            with_ref: bool) -> list[Val]:
+def _region(eqn, ins: list[Val], root, scope: _Scope, env, rule) -> list[Val]:
   """``eqn`` combines several elementwise functions of ``root``: treat the sub-graph from
   ``root`` to ``eqn``'s output as ONE elementwise nonlinearity (e.g. an inlined GELU)."""
   members = [e for e in scope.ew_eqns if any(
@@ -538,10 +867,9 @@ def _region(eqn, ins: list[Val], root, scope: _Scope, env, rule: Rule,
     return local[eqn.outvars[0]]
 
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
-  rv = env[root]
-  m = multiplier(rule, g, rv.p, p, rv.r, r)
-  return [Val(p, r, (m * rv.t).astype(jnp.result_type(p)), True)]
+  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  t = rule.activation(Activation(g, env[root], p, r, False))
+  return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -576,7 +904,8 @@ def _producers(eqns):
 
 def strip_output_normalisation(eqns, outvar):
   """If ``outvar`` is ``softmax(a)`` or ``log_softmax(a)`` (as jax.nn writes them: a named
-  ``jit`` call or the inlined max-shift / exp / sum pattern), return ``a``; else ``outvar``."""
+  ``jit`` call or the inlined max-shift / exp / sum pattern), return ``(a, kind)`` with kind
+  ``"softmax"`` / ``"log_softmax"``; else ``(outvar, None)``."""
   prod = _producers(eqns)
 
   def p(v):
@@ -588,21 +917,21 @@ def strip_output_normalisation(eqns, outvar):
 
   e = p(outvar)
   if e is None:
-    return outvar
+    return outvar, None
   name = e.primitive.name
-  if name in _CALLS and str(e.params.get("name", "")) in ("log_softmax", "softmax",
-                                                          "_softmax"):
-    return e.invars[0]
+  cname = str(e.params.get("name", ""))
+  if name in _CALLS and cname in ("log_softmax", "softmax", "_softmax"):
+    return e.invars[0], "log_softmax" if cname == "log_softmax" else "softmax"
   if name in ("sub", "div"):
     first = e.invars[0]
     if name == "div" and pname(first) == "exp":
       first = p(first).invars[0]
     elif name == "sub" and pname(e.invars[1]) != "log":
-      return outvar
+      return outvar, None
     s = p(first)
     if s is not None and s.primitive.name == "sub" and pname(s.invars[1]) == "stop_gradient":
-      return s.invars[0]
-  return outvar
+      return s.invars[0], "softmax" if name == "div" else "log_softmax"
+  return outvar, None
 
 
 def dce(eqns, outvars) -> list:

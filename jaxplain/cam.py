@@ -8,187 +8,126 @@ output of the logits, as in :func:`jaxplain.gradient`):
 
 then upsampled to the input's H x W (bilinear by default, nearest on request).
 
-How the layer is reached, without changing the model:
+The model is any :func:`jaxplain.wrap`-able model (Flax linen + variables, NNX, Equinox,
+Keras 3, or a ``(features, head)`` pair); the layer is named by the framework's own name and
+its output ``A`` is read and perturbed through the model interface: a zero ``delta`` is added
+to ``A`` so that ``d out / d delta = d out / d A``.
 
-- Flax linen: the named submodule's ``__call__`` is intercepted with
-  ``flax.linen.intercept_methods``; its output ``A`` is captured and a zero perturbation
-  ``delta`` is added to it, so ``d out / d delta = d out / d A`` (the perturbation trick of
-  ``Module.perturb``, applied from outside). Layer names are submodule paths joined by ``/``
-  (``"conv3"``, ``"stage3_block1/conv2"``).
-- Flax NNX: the module is split and merged into a private copy inside the traced function,
-  and the named submodule (attribute path, list indices as numbers: ``"blocks/0/conv"``) is
-  replaced in that copy by a wrapper doing the same capture and perturbation.
-- A plain function: pass ``model=(features, head)`` with ``head(features(x)) = logits``.
+Feature layouts (``A`` is channels-last, whatever the framework):
+
+- (B, h, w, C) image maps: alpha_c averages over (h, w); the map is (B, h, w), upsampled to
+  the input's spatial size.
+- (B, L, C) token / sequence features (a ViT block, a conv1d or embedding-fed layer): alpha_c
+  averages over the L tokens; the map is over tokens, (B, L) (resized to the input's length
+  when the input is a sequence and ``upsample`` is set).
+- (B, C) features: there is nothing to average over, alpha = d out / d A, and the map is over
+  features, ``ReLU(alpha * A)`` (B, C) (gradient x activation), never resized.
 
 The named layer's output is taken as it is. In the zoo's models (:mod:`jaxplain.models`)
 ``"conv3"`` is the convolution's pre-activation output and ``"conv3_relu"`` the rectified
 feature maps, the usual Grad-CAM choice (with pre-activations, negative values enter the
-weighted sum before the final ReLU and maps are often blank).
+weighted sum before the final ReLU and maps are often blank). A layer called twice in one
+forward pass is an error (see :mod:`jaxplain.model`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxplain import _validate
 from jaxplain.gradients import _check_output, _cotangent
+from jaxplain.model import wrap
 
 Array = jax.Array
 
 UPSAMPLE = ("bilinear", "nearest", None)
 
 
-def _linen_run(model: nn.Module, variables: Any, layer: str, apply_kwargs: dict,
-               x: Array, delta: Array | None, called: list[str] | None = None):
-  """Apply a linen model, capturing (and perturbing by ``delta``) ``layer``'s output."""
-  captured = []
-
-  def interceptor(next_fun, args, kwargs, ctx):
-    if ctx.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    path = "/".join(str(p) for p in ctx.module.path)
-    if called is not None and path and path not in called:
-      called.append(path)
-    out = next_fun(*args, **kwargs)
-    if path == layer:
-      if captured:
-        raise ValueError(f"layer: {layer!r} is called more than once in one forward pass; "
-                         "Grad-CAM needs a layer applied once")
-      captured.append(out)
-      if delta is not None:
-        out = out + delta
-    return out
-
-  with nn.intercept_methods(interceptor):
-    logits = model.apply(variables, x, **apply_kwargs)
-  return logits, captured
-
-
-def _nnx_modules(model: nnx.Module) -> list[str]:
-  return sorted("/".join(str(p) for p in path) for path, _ in nnx.iter_modules(model) if path)
-
-
-def _nnx_run(graphdef: Any, state: Any, layer: str, x: Array, delta: Array | None,
-             apply_kwargs: dict):
-  """Apply a private copy of an NNX model whose ``layer`` output is captured/perturbed."""
-  m = nnx.merge(graphdef, state)
-  *parents, last = layer.split("/")
-  parent = m
-  for p in parents:
-    parent = parent[int(p)] if p.isdigit() else getattr(parent, p)
-  inner = parent[int(last)] if last.isdigit() else getattr(parent, last)
-  captured = []
-
-  def hook(*args, **kwargs):
-    out = inner(*args, **kwargs)
-    if captured:
-      raise ValueError(f"layer: {layer!r} is called more than once in one forward pass; "
-                       "Grad-CAM needs a layer applied once")
-    captured.append(out)
-    return out if delta is None else out + delta
-
-  if last.isdigit():
-    parent[int(last)] = hook
-  else:
-    object.__setattr__(parent, last, hook)  # bypass NNX attribute checks: a private copy
-  return m(x, **apply_kwargs), captured
-
-
-def _unknown_layer(layer: Any, names: list[str]) -> ValueError:
-  return ValueError(f"layer: unknown layer name {layer!r}; available layers: "
-                    + ", ".join(repr(n) for n in names))
-
-
-def grad_cam(model: Any, variables: Any, x: Array, target: Any, *, layer: str | None = None,
-             relu: bool = True, upsample: str | None = "bilinear", output: str = "logit",
+def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True,
+             upsample: str | None = "bilinear", output: str = "logit",
              apply_kwargs: dict | None = None) -> Array:
   """Grad-CAM maps for a batch (Selvaraju et al. 2017, eqs. 1-2).
 
+  Called as ``grad_cam(model, x, target, layer=...)``; the older
+  ``grad_cam(model, variables, x, target, layer=...)`` still works.
+
   Args:
-    model: a Flax linen ``Module`` (with ``variables``), a Flax NNX ``Module``
-      (``variables=None``), or a pair ``(features, head)`` of pure batched functions with
-      ``head(features(x))`` the logits (``variables=None``; ``layer`` is ignored).
-    variables: the linen variables (``{'params': ..., 'batch_stats': ...}``), else ``None``.
-    x: inputs, (B, H, W, C).
-    target: an int or a (B,) int array.
-    layer: the submodule path, e.g. ``"conv3"`` or ``"stage3_block1/conv2"`` (linen), or
-      ``"blocks/0/conv"`` (NNX). Its output must be (B, h, w, C').
+    model: anything :func:`jaxplain.wrap` accepts (a ``Model``, an NNX / Equinox / Keras
+      model, a ``(features, head)`` pair with ``head(features(x))`` the logits; a linen module
+      goes with its variables: ``grad_cam(wrap(module, variables), x, t, layer=...)``).
+    *args: ``x, target``: inputs (B, ...) (any dtype: token ids too) and an int or (B,) ints.
+    layer: the framework's layer name (``"conv3"``, ``"stage3_block1/conv2"``,
+      ``"blocks/0"``, ``"mixed10"``; ``"features"`` or ``None`` for a ``(features, head)`` pair).
+      Its output must be (B, ..., C) channels-last (Equinox maps are moved for you).
     relu: apply the final ReLU of eq. 2 (default ``True``).
-    upsample: ``"bilinear"`` (default), ``"nearest"`` or ``None`` (return (B, h, w)).
+    upsample: ``"bilinear"`` (default), ``"nearest"`` or ``None`` (the map at the layer's
+      resolution).
     output: the differentiated output, as in :func:`jaxplain.gradient`.
-    apply_kwargs: extra keyword arguments for the model call (e.g. ``{"train": False}``).
+    apply_kwargs: extra keyword arguments for a linen / NNX model call (e.g. ``{"train": False}``).
 
   Returns:
-    Maps of shape (B, H, W) (or (B, h, w) with ``upsample=None``).
+    Maps (B, H, W) for images (or (B, h, w) with ``upsample=None``), (B, L) over tokens,
+    (B, C) over features (see the module docstring).
 
   >>> import jax, jax.numpy as jnp
+  >>> from jaxplain import wrap
   >>> from jaxplain.models import SmallCNN
-  >>> model = SmallCNN()
-  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  >>> grad_cam(model, variables, jnp.ones((2, 32, 32, 3)), 3, layer="conv3").shape
+  >>> variables = SmallCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> grad_cam(wrap(SmallCNN(), variables), jnp.ones((2, 32, 32, 3)), 3, layer="conv3").shape
   (2, 32, 32)
   """
   _check_output(output)
   if upsample not in UPSAMPLE:
     raise ValueError(f"upsample: expected one of {UPSAMPLE}, got {upsample!r}")
-  x = _validate.check_batched(x, "x", min_rank=4)
-  if x.ndim != 4:
-    raise ValueError(f"x: expected images of shape (B, H, W, C), got shape {x.shape}")
+  if len(args) == 3 and args[0] is None:   # the old (model, None, x, t) call
+    args = args[1:]
+  if len(args) not in (2, 3):
+    raise TypeError(f"grad_cam: expected grad_cam(model, x, target, layer=...), got "
+                    f"{len(args)} positional arguments after the model")
+  kw = {} if apply_kwargs is None else {"apply_kwargs": apply_kwargs}
+  m = wrap(model, args[0], **kw) if len(args) == 3 else wrap(model, **kw)
+  x, target = args[-2:]
+  if layer is None and m.framework == "split":
+    layer = "features"
+  if not isinstance(layer, str):
+    raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
+                     f"layers: {list(m.layer_names())}")
+  x = jnp.asarray(x)
+  if x.ndim < 2:
+    raise ValueError(f"x: expected a batch (B, ...); got shape {x.shape}")
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    _validate.check_finite(x, "x")
   b = x.shape[0]
-  kw = dict(apply_kwargs or {})
-
-  if isinstance(model, nn.Module):
-    if not isinstance(layer, str):
-      raise ValueError(f"layer: expected a submodule path such as 'conv3', got {layer!r}")
-    called: list[str] = []
-    probe = jax.eval_shape(
-        lambda z: _linen_run(model, variables, layer, kw, z, None, called)[1], x)
-    if not probe:
-      raise _unknown_layer(layer, called)
-    run = lambda d: _linen_run(model, variables, layer, kw, x, d)  # noqa: E731
-  elif isinstance(model, nnx.Module):
-    names = _nnx_modules(model)
-    if not isinstance(layer, str) or layer not in names:
-      raise _unknown_layer(layer, names)
-    graphdef, state = nnx.split(model)
-    probe = jax.eval_shape(lambda z: _nnx_run(graphdef, state, layer, z, None, kw)[1], x)
-    run = lambda d: _nnx_run(graphdef, state, layer, x, d, kw)  # noqa: E731
-  elif isinstance(model, (tuple, list)) and len(model) == 2 and all(map(callable, model)):
-    if variables is not None:
-      raise ValueError("variables: must be None when model is a (features, head) pair")
-    features, head = model
-    probe = [jax.eval_shape(features, x)]
-
-    def run(d):
-      a = features(x)
-      return head(a + d), [a]
-  else:
-    raise TypeError("model: expected a flax.linen Module, a flax.nnx Module or a "
-                    f"(features, head) pair of functions, got {type(model).__name__}")
-
-  a_shape = probe[0]
-  if not hasattr(a_shape, "shape") or len(a_shape.shape) != 4 or a_shape.shape[0] != b:
+  a_shape = jax.eval_shape(lambda z: m.capture(z, [layer])[1][layer][1], x)
+  if not hasattr(a_shape, "shape") or len(a_shape.shape) < 2 or a_shape.shape[0] != b:
     shape = getattr(a_shape, "shape", type(a_shape).__name__)
-    raise ValueError(f"layer: the output of {layer!r} is {shape}; Grad-CAM needs a feature "
-                     f"map of shape (B, h, w, C) = ({b}, h, w, C)")
+    raise ValueError(f"layer: the output of {layer!r} is {shape}; Grad-CAM needs features of "
+                     f"shape (B, ..., C) with B = {b}")
 
   def fwd(delta):
-    logits, cap = run(delta)
-    return logits, cap[0]
+    return m.perturb(x, layer, delta)
 
   logits, vjp, acts = jax.vjp(fwd, jnp.zeros(a_shape.shape, a_shape.dtype), has_aux=True)
   _validate.check_logits(logits, b)
   t = _validate.check_target(target, b, logits.shape[-1], "target")
   (grads,) = vjp(_cotangent(logits, t, output))
-  alpha = jnp.mean(grads, axis=(1, 2))                      # eq. 1: (B, C)
-  cam = jnp.einsum("bhwc,bc->bhw", acts, alpha)              # eq. 2
+  if acts.ndim == 2:                                        # (B, C): a map over features
+    cam = grads * acts
+    return jax.nn.relu(cam) if relu else cam
+  alpha = jnp.mean(grads, axis=tuple(range(1, acts.ndim - 1)))   # eq. 1: (B, C)
+  cam = jnp.einsum("b...c,bc->b...", acts, alpha)                # eq. 2
   if relu:
     cam = jax.nn.relu(cam)
   if upsample is None:
     return cam
-  return jax.image.resize(cam, (b,) + x.shape[1:3], method=upsample)
+  spatial = cam.ndim - 1
+  if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == cam.ndim:   # token ids (B, L)
+    size = x.shape[1:]
+  elif x.ndim == spatial + 2:                                    # (B, *spatial, C) inputs
+    size = x.shape[2:] if m.channels_first else x.shape[1:-1]
+  else:
+    return cam
+  return jax.image.resize(cam, (b,) + tuple(size), method=upsample)

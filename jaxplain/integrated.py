@@ -254,6 +254,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   _check_target_chunk(target_chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
+  k = _validate.check_model(f, x).shape[1]
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   b = x.shape[0]
   multi = _is_multi(target)
@@ -261,7 +262,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     t = _multi_targets(target, b, _num_classes(f, x) if isinstance(target, str) else None)
     per = (t.shape[1],) + x.shape[1:]  # one example's (T, ...) block
   else:
-    t = _validate.check_target(target, b, None, "target")
+    t = _validate.check_target(target, b, k, "target")
     per = x.shape[1:]
   # Nodes, weights and the running sum are kept in the accumulation dtype (float32 for
   # bfloat16 / float16 inputs); only the points handed to f are in x's dtype.
@@ -273,15 +274,18 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   bshape = (1,) * x.ndim
 
   def chunk_sum(a: Array, w: Array) -> Array:
-    n = a.shape[0]
-    pts = base_acc[None] + a.reshape((n,) + bshape) * diff[None]
-    pts = pts.reshape((n * b,) + x.shape[1:]).astype(x.dtype)
+    # Rows ordered (example, step), so a batch sharded over devices stays sharded: the
+    # (step, example) order made GSPMD all-gather every chunk's points (each device then did
+    # all the rows). ``a`` is (B, n): each example's nodes.
+    n = a.shape[-1]
+    pts = base_acc[:, None] + a.reshape(a.shape + bshape[1:]) * diff[:, None]
+    pts = pts.reshape((b * n,) + x.shape[1:]).astype(x.dtype)
     if multi:
-      _, g = _grad_rows_multi(f, pts, jnp.tile(t, (n, 1)), output, target_chunk)
+      _, g = _grad_rows_multi(f, pts, jnp.repeat(t, n, axis=0), output, target_chunk)
     else:
-      _, g = _grad_rows(f, pts, jnp.tile(t, n), output)
-    g = g.reshape((n, -1)).astype(acc)
-    return jnp.tensordot(w, g, axes=1).reshape((b,) + per)
+      _, g = _grad_rows(f, pts, jnp.repeat(t, n), output)
+    g = g.reshape((b, n) + per).astype(acc)
+    return jnp.sum(g * w.reshape((1, n) + (1,) * len(per)), axis=1)
 
   a_all = jnp.asarray(alphas, acc)
   w_all = jnp.asarray(weights, acc)
@@ -289,21 +293,23 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   total = jnp.zeros((b,) + per, acc)
   if loop == "scan" and n_full > 1:
     def body(acc_sum, aw):
-      return acc_sum + chunk_sum(*aw), None
+      return acc_sum + chunk_sum(jnp.broadcast_to(aw[0], (b, c)), aw[1]), None
     total, _ = jax.lax.scan(body, total, (a_all[:n_full * c].reshape(n_full, c),
                                           w_all[:n_full * c].reshape(n_full, c)))
     start = n_full * c
   else:
     start = 0
   for s in range(start, m, c):
-    a = a_all[s:s + c]
+    a = jnp.broadcast_to(a_all[s:s + c], (b, min(c, m - s)))
     if s > 0:
       # Sequence the unrolled chunks: XLA:CPU schedules independent chunks as if concurrent
       # and keeps all their buffers live (temp memory ~ m; an optimization_barrier does not
       # survive its passes). A data dependency of this chunk's nodes on the previous chunks'
       # sum forces them to run one after another and reuse one chunk's buffers. The term is
-      # exactly 0 (min(|v|, 0)), NaN only if the sum already is.
-      a = a + jax.lax.stop_gradient(jnp.minimum(jnp.abs(total.reshape(-1)[0]), 0))
+      # exactly 0 (min(|v|, 0)), NaN only if the sum already is. It is taken per example,
+      # (B,), so a batch sharded over devices needs no cross-device step between chunks.
+      dep = jnp.minimum(jnp.abs(total.reshape(b, -1)[:, 0]), 0)
+      a = a + jax.lax.stop_gradient(dep)[:, None]
     total = total + chunk_sum(a, w_all[s:s + c])
   attr = (diff[:, None] if multi else diff) * total
   if not (return_gap or return_info):

@@ -15,10 +15,13 @@
 
 Conventions. ``x`` is NHWC ``(B, H, W, C)``. A saliency argument is either an attribution
 shaped like ``x`` -- aggregated over channels into a pixel map by ``reduce`` -- or a pixel map
-``(B, H, W)`` (e.g. Grad-CAM). ``reduce``: ``"abs_sum"`` = sum over channels of ``|a|``
-(the seed-000 grayscale, the default), ``"sum"`` = signed sum (ranks pixels by their evidence
+``(B, H, W)`` (e.g. Grad-CAM). ``reduce`` is one of the channel reductions shared with
+``plot`` and ``ppi`` (``jaxplain._maps``): ``"sum_abs"`` = sum over channels of ``|a|`` (the
+seed-000 grayscale, the default), ``"sum"`` = signed sum (ranks pixels by their evidence
 *for* the class: use it for signed attributions such as gradient x input, IG, LRP),
-``"max_abs"`` = max over channels of ``|a|``. Every function is pure and jittable (the
+``"abs_of_sum"`` = ``|sum_c a_c|``, ``"max_abs"`` = max over channels of ``|a|``. The old
+``"abs_sum"`` (which meant ``"sum_abs"`` here but ``"abs_of_sum"`` in ``plot``) raises an
+error naming both. Every function is pure and jittable (the
 ``steps``, ``reduce`` and ``output`` arguments are static) and never calls ``jax.jit`` itself.
 """
 
@@ -30,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxplain._validate import check_batched, check_logits, check_target, select_target
+from jaxplain import _maps
+from jaxplain._validate import call_model, check_batched, check_finite, check_logits
+from jaxplain._validate import check_target, select_target
 
 __all__ = [
     "pixel_saliency", "step_fractions", "deletion_curve", "insertion_curve",
@@ -39,20 +44,21 @@ __all__ = [
     "cascading_randomization",
 ]
 
-_REDUCTIONS = ("abs_sum", "sum", "max_abs")
+_REDUCTIONS = _maps.REDUCTIONS
 _OUTPUTS = ("logit", "probability", "log_softmax")
 
 
 # -- pixel maps --------------------------------------------------------------------------------
 
-def pixel_saliency(attributions: Any, *, reduce: str = "abs_sum") -> jax.Array:
+def pixel_saliency(attributions: Any, *, reduce: str = "sum_abs") -> jax.Array:
   """Aggregate an attribution over channels into a pixel map.
 
   Args:
     attributions: ``(B, H, W, C)`` attribution, or an already aggregated ``(B, H, W)`` map
       (returned unchanged).
-    reduce: ``"abs_sum"`` (sum of ``|a|`` over channels, seed 000), ``"sum"`` (signed sum)
-      or ``"max_abs"``.
+    reduce: ``"sum_abs"`` (sum of ``|a|`` over channels, seed 000), ``"sum"`` (signed sum),
+      ``"abs_of_sum"`` (``|sum a|``) or ``"max_abs"`` (the vocabulary of ``jaxplain._maps``,
+      shared with ``plot`` and ``ppi``).
 
   Returns:
     ``(B, H, W)`` pixel saliency.
@@ -61,19 +67,14 @@ def pixel_saliency(attributions: Any, *, reduce: str = "abs_sum") -> jax.Array:
   >>> pixel_saliency(jnp.array([[[[1.0, -2.0]]]])).tolist()
   [[[3.0]]]
   """
-  if reduce not in _REDUCTIONS:
-    raise ValueError(f"reduce: expected one of {_REDUCTIONS}, got {reduce!r}")
+  _maps.check_reduce(reduce)
   a = jnp.asarray(attributions)
   if a.ndim == 3:
     return a
   if a.ndim != 4:
     raise ValueError("attributions: expected (B, H, W, C) or a pixel map (B, H, W); "
                      f"got shape {a.shape}")
-  if reduce == "abs_sum":
-    return jnp.sum(jnp.abs(a), axis=-1)
-  if reduce == "sum":
-    return jnp.sum(a, axis=-1)
-  return jnp.max(jnp.abs(a), axis=-1)
+  return _maps.reduce_channels(a, reduce)
 
 
 def _pixel_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
@@ -158,7 +159,9 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
     raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
   b, h, w, _ = x.shape
   s = _pixel_map(saliency, x.shape, reduce)
-  t = check_target(target, b)
+  check_finite(s, "saliency")
+  out = call_model(lambda: jax.eval_shape(f, x), f, x)
+  t = check_target(target, b, check_logits(out, b, f=f, x=x).shape[1])
   try:
     base = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape)
   except ValueError as e:
@@ -166,7 +169,6 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
                      f"broadcasts to x {x.shape}; got shape {jnp.shape(value)}") from e
   counts = jnp.asarray(_step_counts(steps, h * w), jnp.int32)
   ranks = _descending_ranks(s.reshape(b, h * w)).reshape(b, h, w, 1)
-  check_logits(jax.eval_shape(f, x), b)
 
   def score_at(k):
     top = ranks < k
@@ -182,7 +184,7 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
 
 def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                    saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
-                   output: str = "logit", reduce: str = "abs_sum",
+                   output: str = "logit", reduce: str = "sum_abs",
                    chunk: int | None = None) -> jax.Array:
   """Class score after removing the top-k salient pixels, for each k (deletion metric).
 
@@ -217,7 +219,7 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
 
 def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                     saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
-                    output: str = "logit", reduce: str = "abs_sum",
+                    output: str = "logit", reduce: str = "sum_abs",
                     chunk: int | None = None) -> jax.Array:
   """Class score when only the top-k salient pixels of ``x`` are kept on a ``value`` canvas.
 
@@ -304,7 +306,7 @@ def area_under_curve(curve: jax.Array, fractions: Any) -> jax.Array:
   if fr.shape[0] == 1:
     return curve[..., 0]
   span = fr[-1] - fr[0]
-  area = jnp.trapezoid(curve, fr, axis=-1)
+  area = jnp.trapezoid(curve, jnp.broadcast_to(fr, curve.shape), axis=-1)
   return jnp.where(span > 0, area / jnp.where(span > 0, span, 1.0), curve[..., 0])
 
 
@@ -339,7 +341,7 @@ def _flat_pair(a, b, reduce, names=("a", "b")):
   return sa.reshape(sa.shape[0], -1), sb.reshape(sb.shape[0], -1), sa, sb
 
 
-def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum") -> jax.Array:
+def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs") -> jax.Array:
   """Spearman rank correlation between two batches of maps, per example.
 
   Ties get their average rank (as ``scipy.stats.spearmanr``). A constant map carries no rank
@@ -361,7 +363,7 @@ def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum") -> 
   return _pearson_rows(_average_ranks(fa), _average_ranks(fb), fa, fb)
 
 
-def map_change(reference: jax.Array, other: jax.Array, *, reduce: str = "abs_sum",
+def map_change(reference: jax.Array, other: jax.Array, *, reduce: str = "sum_abs",
                normalize: str = "reference") -> dict[str, jax.Array]:
   """Normalised L1 and L2 distance between pixel maps, per example (0 for identical maps).
 
@@ -410,7 +412,7 @@ def _gaussian_window(size: int, sigma: float) -> jax.Array:
   return jnp.outer(g, g)
 
 
-def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum", window: int = 7,
+def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs", window: int = 7,
          sigma: float = 1.5, normalize: bool = True) -> jax.Array:
   """Mean structural similarity (SSIM, Wang et al. 2004) between pixel maps, per example.
 
@@ -457,7 +459,7 @@ def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum", window: int = 7
   return s.mean(axis=(1, 2))
 
 
-def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum",
+def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs",
                    ssim_window: int = 7) -> dict[str, jax.Array]:
   """All map comparisons at once: Spearman, SSIM and the normalised L1/L2 change.
 
@@ -480,7 +482,7 @@ def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum",
 
 def shift_invariance(f: Callable[[jax.Array], jax.Array],
                      explain: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
-                     target: Any, shift: Any, *, reduce: str = "abs_sum",
+                     target: Any, shift: Any, *, reduce: str = "sum_abs",
                      ssim_window: int = 7) -> dict[str, jax.Array]:
   """Input-shift invariance (seed 003; Kindermans et al. 2019): explain ``x`` and ``x + shift``.
 
@@ -512,13 +514,13 @@ def shift_invariance(f: Callable[[jax.Array], jax.Array],
   """
   x = _check_image(x)
   b, c = x.shape[0], x.shape[-1]
-  t = check_target(target, b)
+  l0 = check_logits(call_model(lambda: f(x), f, x), b, f=f, x=x)
+  t = check_target(target, b, l0.shape[1])
   shift = jnp.asarray(shift, x.dtype)
   if shift.ndim > 1 or (shift.ndim == 1 and shift.shape[0] != c):
     raise ValueError(f"shift: expected a scalar or a per-channel array of shape ({c},), "
                      f"got shape {shift.shape}")
-  xs = x + shift
-  l0 = check_logits(f(x), b)
+  xs = x + jnp.broadcast_to(shift, x.shape)
   l1 = f(xs)
   out = {"prediction_unchanged": jnp.argmax(l0, -1) == jnp.argmax(l1, -1),
          "score_change": select_target(l1, t) - select_target(l0, t)}
@@ -541,51 +543,121 @@ def _path_str(path) -> str:
   return "/".join(parts)
 
 
-def cascade_layers(params: Any, layers: Sequence[str] | None = None) -> list[str]:
-  """The layer order of :func:`cascading_randomization`: ``layers`` normalised, or by default
-  the top-level keys of ``params`` reversed (output first; Flax keeps creation order).
+def _cascade_model(params: Any, model: Any):
+  """The wrapped model behind a cascade (or None): ``params`` itself when it is a ``Model``,
+  else ``model`` (a ``Model``, or a linen module given ``{"params": params}``)."""
+  from jaxplain.model import Model, wrap  # pylint: disable=import-outside-toplevel
+  if isinstance(params, Model):
+    return params
+  if model is None:
+    return None
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  if isinstance(model, nn.Module):
+    return wrap(model, {"params": params})
+  return wrap(model)
 
-  >>> cascade_layers({"conv1": {}, "fc1": {}, "fc2": {}})
-  ['fc2', 'fc1', 'conv1']
+
+def _check_not_variables(params: Any) -> None:
+  if isinstance(params, dict) and "params" in params and isinstance(params["params"], dict):
+    raise ValueError(f"params: got a full variables dict with collections {sorted(params)}; "
+                     "pass variables['params'] (and close explain over the other collections), "
+                     "or the wrapped model: cascading_randomization(explain, wrap(module, "
+                     "variables), x, target)")
+
+
+def _owned(paths: Sequence[str], layer: str) -> list[int]:
+  return [i for i, p in enumerate(paths) if p == layer or p.startswith(layer + "/")]
+
+
+def cascade_layers(params: Any, layers: Sequence[str] | None = None, *, model: Any = None,
+                   x: Any = None) -> list[str]:
+  """The layer order of :func:`cascading_randomization`, from the logits down to the input.
+
+  ``layers`` normalised if given; else the model's *execution* order reversed (probed on
+  ``x``), keeping the innermost layers that own float parameters. A parameter dict alone does
+  not record that order (JAX sorts dict keys, e.g. after ``tree_map`` or an optax update), so
+  without ``layers`` the model is required: ``params`` a wrapped model, or ``model=``.
+
+  Args:
+    params: the parameter tree (``variables["params"]``) or a wrapped ``Model``.
+    layers: ``/``-joined layer paths, output first.
+    model: the model (a ``Model``, an NNX / Equinox / Keras model, or the linen module of
+      ``{"params": params}``) when ``params`` is a plain tree.
+    x: an input batch (only its shape is used) for the execution order.
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     return nn.Dense(2, name="b_out")(nn.Dense(3, name="a_in")(x))
+  >>> p = Net().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  >>> cascade_layers(p, model=Net(), x=jnp.ones((1, 4)))
+  ['b_out', 'a_in']
   """
-  if layers is None:
-    if not isinstance(params, dict) or not params:
-      raise ValueError("layers: required when params is not a non-empty dict of layers")
-    layers = list(params.keys())[::-1]
-  layers = [str(l).strip("/") for l in layers]
-  if not layers:
-    raise ValueError("layers: expected at least one layer path")
-  return layers
+  if layers is not None:
+    layers = [str(l).strip("/") for l in layers]
+    if not layers:
+      raise ValueError("layers: expected at least one layer path")
+    return layers
+  m = _cascade_model(params, model)
+  if m is None:
+    _check_not_variables(params)
+    raise ValueError("layers: a parameter dict does not record the model's layer order (JAX "
+                     "sorts dict keys, e.g. after tree_map or an optax update); pass the model "
+                     "and an input, cascade_layers(params, model=model, x=x) or a wrapped model "
+                     "wrap(...) as params, or the layers explicitly, output first")
+  if x is None:
+    raise ValueError("x: required to read the model's execution order")
+  names = m.layer_names(jnp.asarray(x))
+  if m is params:
+    owned = {n: m.layer_params(n) for n in names}
+  else:
+    paths = [_path_str(p) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+             if jnp.issubdtype(jnp.result_type(v), jnp.floating)]
+    owned = {n: [paths[i] for i in _owned(paths, n)] for n in names}
+  keep = [n for n in names if owned[n] and not any(
+      o != n and o.startswith(n + "/") and owned[o] for o in names)]
+  if not keep:
+    raise ValueError(f"model: no layer owns float parameters; layers: {list(names)}")
+  return keep[::-1]
 
 
 def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.Array],
                             params: Any, x: jax.Array, target: Any, *,
                             random_params: Any = None, key: jax.Array | None = None,
-                            layers: Sequence[str] | None = None, reduce: str = "abs_sum",
-                            ssim_window: int = 7, chunk: int | None = None) -> dict[str, Any]:
+                            layers: Sequence[str] | None = None, model: Any = None,
+                            reduce: str = "sum_abs", ssim_window: int = 7,
+                            chunk: int | None = None) -> dict[str, Any]:
   """Cascading model-parameter randomisation (Adebayo et al. 2018, sec. 3.1).
 
   Stage 0 is the trained model; stage ``s`` re-initialises the first ``s`` entries of
   ``layers`` (ordered from the logits down to the input), so the cascade destroys the model
   from the top. Each stage's map is compared with the stage-0 map. A method that passes the
   check shows high similarity at stage 0 and low similarity once the weights are random.
-  All stages run as one vectorised computation over a stacked parameter tree.
+  All stages run as one vectorised computation over a stacked parameter tree. Only floating
+  leaves are randomised (integer leaves such as an RNG count or a step counter are left
+  alone); with a wrapped model only its trainable parameters (not batch statistics).
 
   Args:
     explain: ``explain(params, x, target) -> attribution`` (shaped like ``x`` or
       ``(B, H, W)``), closing over the model, e.g.
-      ``lambda p, x, t: gradient(lambda z: model.apply({"params": p}, z), x, t)``.
-    params: the trained parameter pytree (nested dicts, e.g. ``variables["params"]``).
+      ``lambda p, x, t: gradient(lambda z: model.apply({"params": p}, z), x, t)``; with a
+      wrapped model ``m`` it receives the whole ``m.params``: ``lambda p, x, t:
+      gradient(lambda z: m.apply(p, z), x, t)``.
+    params: the trained parameter pytree (``variables["params"]``), or a wrapped ``Model``
+      (:func:`jaxplain.wrap`; layer names and order then come from the model).
     x: ``(B, H, W, C)`` inputs.
     target: int or ``(B,)`` ints.
-    random_params: a re-initialised tree with the same structure, e.g.
-      ``model.init(other_key, x)["params"]`` (the paper's re-initialisation). If ``None``,
-      each leaf is replaced by Gaussian noise with that leaf's own standard deviation, drawn
-      from ``key``.
+    random_params: a re-initialised tree with the same structure (``model.params`` of a
+      re-initialised wrapped model), e.g. ``model.init(other_key, x)["params"]`` (the paper's
+      re-initialisation). If ``None``, each float leaf is replaced by Gaussian noise with that
+      leaf's own standard deviation, drawn from ``key``.
     key: ``jax.random`` key, required when ``random_params`` is ``None``.
-    layers: ``/``-joined paths of subtrees (e.g. ``"fc3"`` or ``"stage3_block1/conv2"``),
-      from the output towards the input; default: the top-level keys of ``params`` reversed
-      (Flax stores them in creation order). A path matching no parameter is an error.
+    layers: ``/``-joined paths of layers (e.g. ``"fc3"`` or ``"stage3_block1/conv2"``), from
+      the output towards the input; default: the model's execution order reversed
+      (:func:`cascade_layers`), which needs the model (``params`` wrapped, or ``model=``).
+    model: the model of a plain ``params`` tree, for the default layer order (see
+      :func:`cascade_layers`).
     reduce: channel aggregation of the maps.
     ssim_window: SSIM window.
     chunk: run this many stages at a time (``jax.lax.map``) to bound memory; ``None`` = all.
@@ -596,28 +668,37 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
     ``"ssim"``: ``(L + 1, B)``, ``"maps"``: ``(L + 1, B, H, W)`` pixel maps (``reduce``),
     ``"maps_signed"``: ``(L + 1, B, H, W)`` signed channel sums}.
     Row ``s`` is the stage after re-initialising ``layers[:s]``; the row labels are
-    ``["original", *cascade_layers(params, layers)]`` (arrays only, so the call can be jitted).
+    ``["original", *cascade_layers(...)]`` (arrays only, so the call can be jitted).
 
   >>> import jax, jax.numpy as jnp
   >>> p = {"w1": jnp.ones((64, 3)), "w2": jnp.ones((3, 2))}
   >>> f = lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"]
   >>> ex = lambda p, x, t: jax.grad(lambda z: f(p, z)[:, 0].sum())(x)
   >>> x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 1))
-  >>> r = cascading_randomization(ex, p, x, 0, key=jax.random.key(0))
-  >>> cascade_layers(p), r["spearman"].shape
-  (['w2', 'w1'], (3, 2))
+  >>> r = cascading_randomization(ex, p, x, 0, key=jax.random.key(0), layers=["w2", "w1"])
+  >>> r["spearman"].shape
+  (3, 2)
   """
+  from jaxplain.model import Model  # pylint: disable=import-outside-toplevel
   x = _check_image(x)
   t = check_target(target, x.shape[0])
-  layers = cascade_layers(params, layers)
+  layers = cascade_layers(params, layers, model=model, x=x)
+  wrapped = params if isinstance(params, Model) else None
+  if wrapped is not None:
+    params = wrapped.params
+    if isinstance(random_params, Model):
+      random_params = random_params.params
+  else:
+    _check_not_variables(params)
   leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [_path_str(p) for p, _ in leaves_p]
   orig = [v for _, v in leaves_p]
+  floating = [jnp.issubdtype(jnp.result_type(v), jnp.floating) for v in orig]
   if random_params is None:
     if key is None:
       raise ValueError("key: required when random_params is None")
     rnd = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v), jnp.result_type(v))
-           * jnp.std(v) for i, v in enumerate(orig)]
+           * jnp.std(v) if fl else v for i, (v, fl) in enumerate(zip(orig, floating))]
   else:
     rleaves, rdef = jax.tree_util.tree_flatten(random_params)
     if rdef != treedef:
@@ -627,13 +708,16 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
       if jnp.shape(a) != jnp.shape(r):
         raise ValueError(f"random_params: leaf {p!r} has shape {jnp.shape(r)}, params has "
                          f"{jnp.shape(a)}")
-  layer_of = []
-  for p in paths:
-    idx = [j for j, l in enumerate(layers) if p == l or p.startswith(l + "/")]
-    layer_of.append(idx[0] if idx else len(layers) + 1)
+  layer_of = [len(layers) + 1] * len(paths)
   for j, l in enumerate(layers):
-    if j not in layer_of:
-      raise ValueError(f"layers: {l!r} matches no parameter; available paths: {paths}")
+    idx = ([paths.index(q) for q in wrapped.layer_params(l)] if wrapped is not None
+           else _owned(paths, l))
+    idx = [i for i in idx if floating[i]]
+    if not idx:
+      raise ValueError(f"layers: {l!r} matches no parameter; available paths: "
+                       f"{[p for p, fl in zip(paths, floating) if fl]}")
+    for i in idx:
+      layer_of[i] = min(layer_of[i], j)
 
   n_stages = len(layers) + 1
   stage = jnp.arange(n_stages)

@@ -1,47 +1,53 @@
-"""Modified back-propagation on any JAX function: WBP, LRP-epsilon and DeepLIFT (rescale).
+"""Modified back-propagation on any JAX function: WBP, LRP (rules and composites), DeepLIFT,
+guided backprop and deconvnet.
 
-One engine serves the three methods. ``f`` (any pure batched ``f(x) -> logits``: a Flax linen
+One engine serves every method. ``f`` (any pure batched ``f(x) -> logits``: a Flax linen
 ``apply`` closure, a Flax NNX module call, a plain ``jnp`` function) is traced to a jaxpr and
 interpreted primitive by primitive (``jaxplain._jaxpr``). Along the ordinary forward pass the
-interpreter builds a *modified tangent*: linear primitives (dense, conv, batch norm in
-inference, reshape, pooling, ...) keep their true JVP, so biases drop out and max-pooling
-routes to the arg-max; each elementwise nonlinearity ``y = g(v)`` multiplies the tangent by the
-method's factor ``m`` instead of ``g'(v)``. The map is then ``jax.vjp`` of that linear tangent
-map -- about one backward pass -- and, as the factors are ordinary JAX functions of the
-forward values, it is differentiable to any order w.r.t. the parameters ``f`` closes over
-(PPI trains through WBP with second-order gradients).
+interpreter builds a *modified tangent*, linear in the input perturbation, asking a rule
+value (``jaxplain._rules``) at every nonlinearity and affine layer; the map is ``jax.vjp``
+of that linear map -- about one backward pass -- and, as the rules are ordinary JAX
+functions of the forward values, it is differentiable to any order w.r.t. the parameters
+``f`` closes over (PPI trains through WBP with second-order gradients).
 
-Rules (``m`` for a nonlinearity y = g(v); every other primitive uses its exact JVP):
+Canonization: every dense / conv / average-pool / reduce_sum equation is merged with the
+chain of elementwise affine maps by constants that follows it (bias, inference batch norm,
+the 1 / n of a mean), so that a rule sees one affine layer ``z = s * A(a) + c``, as Zennit's
+canonizers merge batch norm into the preceding convolution.
 
-* **WBP** (seed 004, sec. 3.2, Table 1 and eqs. 6-10): ``m = h(v) = g(v) / v``, with the limit
-  ``g'(0)`` at ``v = 0``; for ``g(0) != 0`` (sigmoid, exp) ``h = (g(v) - g(0)) / v`` -- the
-  constant ``g(0)`` is dropped like a bias. ``s_m(x) = W~0[m] * x`` (eq. 7). On networks of
-  ReLU, max-pool, conv, dense and batch norm this is exactly gradient x input.
-* **DeepLIFT rescale** (Shrikumar et al. 2017): ``m = (g(v) - g(v_ref)) / (v - v_ref)`` with the
-  limit ``g'(v)``; attributions ``(x - x_ref) * multiplier``. With piecewise-linear routing
-  (max-pool) the routing of ``x`` is used.
-* **LRP-epsilon** (Bach et al. 2015): a "layer" is the affine map between two nonlinearities
-  (or between the input / a nonlinearity and the output): every linear primitive on the way
-  (dot_general, conv, batch-norm scale, pooling, reshapes, additions of skip connections) plus
-  the constants added to it (biases, batch-norm shift) form ``z = A(a) + b``, and ``z`` is the
-  value entering the next nonlinearity (or the output logit). The epsilon rule
-  ``R_a = a * A^T (R_z / (z + eps * sign(z)))`` then becomes a modified gradient with
-  ``m = g(z) / (z + eps * sign(z))`` at each nonlinearity and a start value
-  ``z_t / (z_t + eps * sign(z_t))`` at the target logit; the relevance entering the output
-  is the target logit ``z_t``. An addition of two input-dependent terms (a skip connection)
-  passes the same ``R_z / z`` to both, i.e. splits the relevance in proportion to their
-  contributions, so relevance is conserved through ResNets (up to epsilon and biases).
-  Batch norm in inference is merged into the preceding conv (it is part of the same affine
-  map), as LRP "canonization" does.
+Methods:
 
-Output normalisation: the methods explain the *logits* (the paper's ``v_L``, "prior to the
-softmax"). If ``f`` ends with ``jax.nn.softmax`` or ``jax.nn.log_softmax``, that last step is
-cut off and the map explains the pre-normalisation logit of the target class.
+* **WBP** (seed 004, sec. 3.2, Table 1 and eqs. 6-10): each nonlinearity scales the tangent
+  by ``h(v) = g(v) / v`` (limit ``g'(0)`` at ``v = 0``; ``(g(v) - g(0)) / v`` for
+  ``g(0) != 0``: the constant is dropped like a bias); linear maps are exact, so
+  ``s_m(x) = W~0[m] * x`` (eq. 7). On networks of ReLU, max-pool, conv, dense and batch norm
+  this is exactly gradient x input.
+* **DeepLIFT rescale** (Shrikumar et al. 2017): ``m = (g(v) - g(v_ref)) / (v - v_ref)`` with
+  the limit ``g'(v)``; attributions ``(x - x_ref) * multiplier``. Max-pool routes with the
+  arg-max at ``x``.
+* **LRP** (Bach et al. 2015; Montavon et al. 2019; Zennit 0.5.1 conventions): relevance
+  passes activations unchanged; each affine layer gets the rule of a :class:`Composite`
+  (epsilon, z+, alpha-beta, gamma, flat, w-square, z-box; ``Norm`` at average pooling and
+  sums); max pooling routes relevance to the arg-max; a sum of several input-dependent terms
+  (a skip connection) splits relevance in proportion to the terms, so it is conserved
+  through ResNets (up to stabilisers and biases); elementwise scales by constants that are
+  not merged into a layer pass relevance through, unmerged additions of constants absorb
+  their share (Norm). The output relevance is the target logit.
+* **Guided backprop / deconvnet**: the gradient with the ReLU backward clamped (see each).
+
+Output: ``f``'s output is explained as given, with the same ``output=`` choices as
+:func:`jaxplain.gradient`. A trailing ``jax.nn.softmax`` / ``log_softmax`` (a probability
+head, as Keras applications have) is not propagated by the rule: it is differentiated
+exactly, i.e. its Jacobian maps the cotangent of the explained score to the logits before
+it. So ``wbp(softmax(g))`` is ``wbp(g, output="softmax")`` and, on a ReLU network, equals
+``gradient_x_input(softmax(g))``: one ``f``, consistent maps across methods. To explain
+the pre-softmax score of such a model, pass the function without its softmax.
 
 Anything the engine has no rule for (a product of two different input-dependent values,
 attention, sorting, ...) raises :class:`UnsupportedPrimitiveError` naming the primitive; it
-never silently returns a wrong map. Custom elementwise activations should be wrapped in
-``jax.jit`` (as ``jax.nn`` does) so that they are recognised as one nonlinearity.
+never silently returns a wrong map. A product that only feeds ``jax.lax.stop_gradient`` is
+a constant. Custom elementwise activations should be wrapped in ``jax.jit`` (as ``jax.nn``
+does) so that they are recognised as one nonlinearity.
 """
 
 from __future__ import annotations
@@ -50,54 +56,109 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxplain import _jaxpr
+from jaxplain import _rules
+from jaxplain import _validate
 from jaxplain._jaxpr import UnsupportedPrimitiveError as UnsupportedPrimitiveError
+from jaxplain._rules import AlphaBeta as AlphaBeta
+from jaxplain._rules import Composite as Composite
+from jaxplain._rules import Epsilon as Epsilon
+from jaxplain._rules import Flat as Flat
+from jaxplain._rules import Gamma as Gamma
+from jaxplain._rules import Norm as Norm
+from jaxplain._rules import WSquare as WSquare
+from jaxplain._rules import ZBox as ZBox
+from jaxplain._rules import ZPlus as ZPlus
 from jaxplain._validate import check_batched, check_logits, check_target
+from jaxplain.gradients import OUTPUTS, _cotangent
 
-__all__ = ["wbp", "lrp", "deeplift", "UnsupportedPrimitiveError"]
+__all__ = ["wbp", "lrp", "deeplift", "guided_backprop", "deconvnet", "Composite", "Epsilon",
+           "Norm", "ZPlus", "AlphaBeta", "Gamma", "Flat", "WSquare", "ZBox",
+           "UnsupportedPrimitiveError"]
 
 Array = Any
 
 
-def _modified_backprop(f: Callable, x: Array, target: Any, rule: _jaxpr.Rule,
-                       reference: Array | None = None) -> Array:
+def _targets(target: Any, batch: int, num_classes: int) -> tuple[Array, bool]:
+  """(B, T) int32 targets and whether the caller asked for several per example."""
+  if isinstance(target, str):
+    if target != "all":
+      raise ValueError(f"target: expected an int, a (B,) or (B, T) int array or 'all', "
+                       f"got {target!r}")
+    return jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32),
+                            (batch, num_classes)), True
+  t = jnp.asarray(target)
+  if t.ndim == 2:
+    if not jnp.issubdtype(t.dtype, jnp.integer):
+      raise TypeError(f"target: expected an integer (B, T) array, got dtype {t.dtype}")
+    if t.shape[0] != batch:
+      raise ValueError(f"target: a (B, T) array needs B = {batch} rows, got shape {t.shape}")
+    if not isinstance(t, jax.core.Tracer):
+      tn = np.asarray(t)
+      if tn.size and (tn.min() < 0 or tn.max() >= num_classes):
+        raise ValueError(f"target: class index out of range [0, {num_classes}): "
+                         f"got values in [{tn.min()}, {tn.max()}]")
+    return t.astype(jnp.int32), True
+  return check_target(t, batch, num_classes)[:, None], False
+
+
+def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str = "logit",
+                       reference: Array | None = None,
+                       target_chunk: int | None = None) -> Array:
   x = check_batched(x, "x")
-  closed = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  if output not in OUTPUTS:
+    raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+  if target_chunk is not None and not (isinstance(target_chunk, int) and target_chunk >= 1):
+    raise ValueError(f"target_chunk: expected None or an int >= 1, got {target_chunk!r}")
+  closed, out_shape = _validate.call_model(
+      lambda: jax.make_jaxpr(f, return_shape=True)(jax.ShapeDtypeStruct(x.shape, x.dtype)), f, x)
+  check_logits(out_shape, x.shape[0], f=f, x=x)
   jaxpr = closed.jaxpr
   if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
     raise ValueError(f"f: expected a function of one array returning one (B, K) logits array; "
                      f"its jaxpr has {len(jaxpr.invars)} inputs, {len(jaxpr.outvars)} outputs")
   invars, constvars, consts, eqns, outvars = _jaxpr.unwrap_single_call(
       jaxpr.invars, jaxpr.constvars, closed.consts, jaxpr.eqns, jaxpr.outvars)
-  out = _jaxpr.strip_output_normalisation(eqns, outvars[0])
+  out, norm = _jaxpr.strip_output_normalisation(eqns, outvars[0])
   eqns = _jaxpr.dce(eqns, [out])
-  with_ref = reference is not None
-  ref = reference if with_ref else x
+  ref = reference if reference is not None else x
 
   def tangent(dx):
     (val,) = _jaxpr.evaluate(eqns, invars, constvars, [out], consts,
-                             [_jaxpr.Val(x, ref, dx, True)], rule, with_ref)
+                             [_jaxpr.Val(x, ref, dx, True, True)], rule)
     if val.t is None:
       raise ValueError(f"{rule.name}: the output of f does not depend on x through a "
                        "differentiable path")
-    return val.t, (val.p, val.r)
+    return val.t, val.p
 
-  _, pullback, (logits, ref_logits) = jax.vjp(tangent, jnp.zeros_like(x), has_aux=True)
-  del ref_logits
+  _, pullback, logits = jax.vjp(tangent, jnp.zeros_like(x), has_aux=True)
   check_logits(logits, x.shape[0])
-  t = check_target(target, x.shape[0], logits.shape[1])
-  cot = jax.nn.one_hot(t, logits.shape[1], dtype=logits.dtype)
-  if rule.name == "lrp":
-    z = jnp.take_along_axis(logits, t[:, None], axis=1)
-    den = z + rule.epsilon * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
-    zero = den == 0
-    cot = cot * jnp.where(zero, 0.0, z / jnp.where(zero, 1.0, den)).astype(z.dtype)
-  (c,) = pullback(cot)
-  return c * (x - ref) if with_ref else c * x
+  t, several = _targets(target, x.shape[0], logits.shape[1])
+  # f's output is explained as given (as jaxplain.gradient does): a trailing softmax is not
+  # propagated by the rule but differentiated exactly, so its Jacobian maps the cotangent of
+  # the explained score from f's output to the pre-normalisation logits.
+  if norm is None:
+    fout, to_logits = logits, lambda c: c
+  else:
+    nfn = jax.nn.softmax if norm == "softmax" else jax.nn.log_softmax
+    fout, nvjp = jax.vjp(nfn, logits)
+    to_logits = lambda c: nvjp(c)[0]
+
+  def one(tj):
+    cot = rule.seed(logits, to_logits(_cotangent(fout, tj, output)))
+    (c,) = pullback(cot.astype(logits.dtype))
+    return rule.finish(x, ref, c)
+
+  if not several:  # NaN for a traced out-of-range target, as in every other method
+    return _validate.select_valid(one(t[:, 0]), t[:, 0], logits.shape[1])
+  maps = jax.lax.map(one, t.T, batch_size=target_chunk or t.shape[1])  # (T, B, ...)
+  return jnp.moveaxis(maps, 0, 1)
 
 
-def wbp(f: Callable[[Array], Array], x: Array, target: Any) -> Array:
+def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
+        target_chunk: int | None = None) -> Array:
   """Weight Back-Propagation saliency (seed 004, sec. 3.2, eq. 7 and Table 1).
 
   ``s_m(x) = W~0[m] * x`` where the saliency matrix ``W~`` is collapsed from the logits back to
@@ -107,13 +168,21 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any) -> Array:
 
   Args:
     f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring).
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
     x: input, shape (B, ...).
-    target: class index, an int or a (B,) int array (one per example).
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
+    target_chunk: with several targets, how many are pulled back at once (memory bound).
 
   Returns:
-    Saliency map shaped like ``x``. Jittable, vmappable and differentiable w.r.t. whatever
-    ``f`` closes over.
+    Saliency map shaped like ``x`` (or (B, T, ...)). Jittable, vmappable and differentiable
+    w.r.t. whatever ``f`` closes over.
 
   >>> import jax.numpy as jnp
   >>> W = jnp.array([[1., -1.], [2., 0.5]])
@@ -121,11 +190,13 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any) -> Array:
   >>> wbp(f, jnp.array([[1., 0.]]), 0)  # tanh(1) / 1 * W[:, 0] * x
   Array([[0.7615942, 0.       ]], dtype=float32)
   """
-  return _modified_backprop(f, x, target, _jaxpr.Rule("wbp"))
+  return _modified_backprop(f, x, target, _rules.WBP(), output=output,
+                            target_chunk=target_chunk)
 
 
 def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
-             reference: Array | None = None) -> Array:
+             reference: Array | None = None, output: str = "logit",
+             target_chunk: int | None = None) -> Array:
   """DeepLIFT with the rescale rule (Shrikumar et al. 2017), zero reference by default.
 
   Each elementwise nonlinearity scales by ``(g(v) - g(v_ref)) / (v - v_ref)`` (``g'(v)`` where
@@ -134,13 +205,22 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   (summation-to-delta). Max-pooling routes with the arg-max at ``x``.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits.
+    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
     x: input, shape (B, ...).
-    target: an int or a (B,) int array.
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
     reference: reference input broadcastable to ``x`` (default zeros).
+    target_chunk: with several targets, how many are pulled back at once (memory bound).
 
   Returns:
-    Attributions shaped like ``x``.
+    Attributions shaped like ``x`` (or (B, T, ...)).
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.tanh(x @ jnp.array([[2.], [1.]]) - 1.0)
@@ -158,26 +238,53 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   except ValueError as e:
     raise ValueError(f"reference: expected an array broadcastable to x.shape={x.shape}, "
                      f"got shape {jnp.shape(reference)}") from e
-  return _modified_backprop(f, x, target, _jaxpr.Rule("deeplift"), reference=ref)
+  if reference is not None:
+    _validate.check_finite(reference, "reference")
+  return _modified_backprop(f, x, target, _rules.DeepLIFT(), output=output, reference=ref,
+                            target_chunk=target_chunk)
 
 
-def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 1e-6) -> Array:
-  """Layer-wise Relevance Propagation, epsilon rule (Bach et al. 2015), on any JAX function.
+def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 1e-6,
+        composite: Any = None, low: Any = None, high: Any = None, output: str = "logit",
+        target_chunk: int | None = None) -> Array:
+  """Layer-wise Relevance Propagation (Bach et al. 2015) with per-layer rules, on any JAX
+  function.
 
-  For each affine "layer" ``z = A(a) + b`` (the linear primitives between two nonlinearities,
-  biases included in ``z``): ``R_a = a * A^T (R_z / (z + epsilon * sign(z)))``; relevance
-  passes elementwise activations unchanged; the output relevance is the target logit.
-  Skip connections split relevance in proportion to the contributions of the summands.
+  Every affine layer (a dense / conv / average-pool / sum equation with the constant scales
+  and shifts that follow it merged in: bias, inference batch norm) gets a rule of
+  ``composite``; relevance passes elementwise activations unchanged and max pooling routes
+  it to the arg-max; the output relevance is the target logit. Sums of several
+  input-dependent terms (skip connections) split relevance in proportion to the
+  contributions (Zennit's ``Norm`` on its ``Sum``), so it is not doubled.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits.
+    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
     x: input, shape (B, ...).
-    target: an int or a (B,) int array.
-    epsilon: stabiliser (>= 0) added with the sign of ``z`` to every denominator.
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
+    epsilon: stabiliser (>= 0) of the epsilon rule, added with the sign of ``z``.
+    composite: ``None`` (the epsilon rule at dense and conv layers, ``Norm`` with stabiliser
+      ``min(epsilon, 1e-6)`` at average pooling and sums), a name
+      (Zennit's meanings and defaults, stabiliser 1e-6): ``"epsilon_plus"`` (conv z+, dense
+      epsilon), ``"epsilon_alpha2_beta1"`` (conv alpha 2 beta 1), ``"epsilon_plus_flat"``
+      (epsilon_plus with a flat first layer), ``"epsilon_gamma_box"`` (first layer z-box
+      with ``low`` / ``high``, conv gamma 0.25, dense epsilon); pooling and sums get
+      ``Norm``. Or a :class:`Composite`. Where Zennit applies a first-layer rule to
+      convolutions only, ours applies it to the first dense or conv layer.
+    low: lowest input value(s) for z-box (broadcastable to ``x``).
+    high: highest input value(s) for z-box.
+    target_chunk: with several targets, how many are pulled back at once (memory bound).
 
   Returns:
-    Relevance shaped like ``x``; it sums to the target logit up to the relevance absorbed by
-    biases and epsilon.
+    Relevance shaped like ``x`` (or (B, T, ...)); it sums to the target logit up to the
+    relevance absorbed by biases and stabilisers.
 
   >>> import jax, jax.numpy as jnp
   >>> W = jnp.array([[1., -1.], [2., 1.]])
@@ -187,4 +294,72 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
   """
   if not float(epsilon) >= 0:
     raise ValueError(f"epsilon: expected a number >= 0, got {epsilon}")
-  return _modified_backprop(f, x, target, _jaxpr.Rule("lrp", float(epsilon)))
+  comp = _rules.make_composite(composite, float(epsilon), low, high)
+  return _modified_backprop(f, x, target, _rules.LRP(comp), output=output,
+                            target_chunk=target_chunk)
+
+
+def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
+                    output: str = "logit", target_chunk: int | None = None) -> Array:
+  """Guided backpropagation (Springenberg et al. 2015), seeded with 1 at the target.
+
+  The gradient, except that at every ReLU (any positively homogeneous activation: leaky
+  ReLU, ...) the backward signal is ``grad * g'(v) * 1[grad > 0]``, as Captum's
+  ``GuidedBackprop``. Other activations use their gradient.
+
+  Args:
+    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
+    x: input, shape (B, ...).
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
+    target_chunk: with several targets, how many are pulled back at once (memory bound).
+
+  Returns:
+    The modified gradient, shaped like ``x`` (or (B, T, ...)).
+
+  >>> import jax, jax.numpy as jnp
+  >>> W1, W2 = jnp.array([[1., -1.]]), jnp.array([[1.], [-1.]])
+  >>> f = lambda x: jax.nn.relu(x @ W1) @ W2
+  >>> guided_backprop(f, jnp.array([[2.]]), 0)  # the gradient is 1: positive, kept
+  Array([[1.]], dtype=float32)
+  """
+  return _modified_backprop(f, x, target, _rules.GuidedBackprop(), output=output,
+                            target_chunk=target_chunk)
+
+
+def deconvnet(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
+              target_chunk: int | None = None) -> Array:
+  """Deconvnet (Zeiler & Fergus 2014), seeded with 1 at the target: at every ReLU the
+  backward signal is ``relu(grad)``, whatever the sign of the pre-activation.
+
+  Args:
+    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
+    x: input, shape (B, ...).
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
+    target_chunk: with several targets, how many are pulled back at once (memory bound).
+
+  Returns:
+    The modified gradient, shaped like ``x`` (or (B, T, ...)).
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = lambda x: jax.nn.relu(x @ jnp.array([[1.]])) @ jnp.array([[2.]])
+  >>> deconvnet(f, jnp.array([[-1.]]), 0)  # the ReLU is off, deconvnet passes anyway
+  Array([[2.]], dtype=float32)
+  """
+  return _modified_backprop(f, x, target, _rules.Deconvnet(), output=output,
+                            target_chunk=target_chunk)

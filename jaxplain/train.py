@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import pathlib
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -35,7 +36,7 @@ from jaxplain.data import _batching
 
 __all__ = [
     "FitResult", "CheckpointError", "classification_loss", "make_train_step",
-    "make_eval_step", "evaluate", "fit", "load_checkpoint", "init_state",
+    "make_eval_step", "evaluate", "fit", "load_checkpoint", "init_state", "weighted_mean",
 ]
 
 LossFn = Callable[..., tuple[jax.Array, tuple[dict, dict]]]
@@ -69,6 +70,31 @@ def _weights(batch: dict, n: int) -> jax.Array:
   return jnp.ones((n,), jnp.float32) if m is None else m.astype(jnp.float32)
 
 
+def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """The batch mean every loss of the trainer uses: ``sum(w v) / max(sum(w), 1)``.
+
+  Args:
+    values: (B,) per-example values.
+    weights: optional (B,) weights, e.g. the driver's padding ``batch["mask"]`` (bool or
+      float); None means the plain mean.
+
+  Returns:
+    A scalar; 0 for an all-padding batch.
+
+  >>> import jax.numpy as jnp
+  >>> weighted_mean(jnp.array([1.0, 3.0, 5.0]), jnp.array([True, True, False]))
+  Array(2., dtype=float32)
+  """
+  values = jnp.asarray(values)
+  if weights is None:
+    return jnp.mean(values)
+  w = jnp.asarray(weights).astype(values.dtype)
+  if w.shape != values.shape[:1]:
+    raise ValueError(f"weights: expected shape {values.shape[:1]} to match the batch, got "
+                     f"{w.shape}")
+  return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def classification_loss(model) -> LossFn:
   """Softmax cross-entropy loss_fn for :func:`fit` / :func:`make_train_step`.
 
@@ -97,11 +123,10 @@ def classification_loss(model) -> LossFn:
     else:
       logits, new_state = model.apply(variables, batch["image"], rngs={"dropout": key}), {}
     labels = batch["label"]
-    w = _weights(batch, labels.shape[0])
-    denom = jnp.maximum(w.sum(), 1.0)
+    w = batch.get("mask")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    loss = jnp.sum(ce * w) / denom
-    acc = jnp.sum((jnp.argmax(logits, -1) == labels) * w) / denom
+    loss = weighted_mean(ce, w)
+    acc = weighted_mean((jnp.argmax(logits, -1) == labels).astype(ce.dtype), w)
     return loss, ({"loss": loss, "accuracy": acc}, new_state)
 
   return loss_fn
@@ -146,8 +171,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (metrics, new_ms)), grads = grad_fn(state["params"], state["model_state"], batch,
                                                k, step)
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    # optax's own internals (e.g. Adam's bias correction ``decay ** count`` with an int32
+    # count) need standard promotion; the user's loss above runs under the caller's setting.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **metrics}
     new_state = {"params": params, "model_state": new_ms, "opt_state": opt_state,
                  "step": step + 1}
@@ -177,7 +205,8 @@ def make_eval_step(model, *, mesh: Mesh | None = None):
     w = _weights(batch, labels.shape[0])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return {"loss_sum": jnp.sum(ce * w),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * w), "count": jnp.sum(w)}
+            "correct": jnp.sum((jnp.argmax(logits, -1) == labels).astype(w.dtype) * w),
+            "count": jnp.sum(w)}
 
   return jax.jit(eval_fn, in_shardings=(rep, data), out_shardings=rep)
 
@@ -414,7 +443,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   """Train ``model`` on a data dict: shuffled fixed-size batches, jitted data-parallel steps.
 
   Args:
-    model: Flax linen module returning logits.
+    model: Flax linen module returning logits, or ``jaxplain.wrap(module, variables)`` (then
+      training starts from those variables). Other frameworks are not trained here.
     train: dict with "image" (N, H, W, C), "label" (N,) and any extra per-example arrays
       (they reach ``loss_fn`` in the batch).
     validation: optional dict ("image", "label") evaluated after every epoch.
@@ -432,7 +462,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
     keep: checkpoints kept.
     early_stop_patience: stop when ``monitor`` has not improved for this many epochs and
       return the best epoch's variables (needs ``validation``).
-    progress: tqdm bar with loss and accuracy.
+    progress: a tqdm bar with loss and accuracy when stderr is a terminal; otherwise (a log
+      file, CI) one line per epoch on stderr.
     devices: devices of the data mesh (default all local devices).
     remainder: the last partial batch: "drop" (reshuffled each epoch) or "pad" (masked).
     init_variables: start from these variables (fine-tuning) instead of a fresh init.
@@ -451,6 +482,10 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   >>> r.step, len(r.history)
   (2, 1)
   """
+  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
+  model, wrapped_variables = linen_parts(model, "model")   # a module or wrap(module, variables)
+  if init_variables is None:
+    init_variables = wrapped_variables
   for k in ("image", "label"):
     if k not in train:
       raise KeyError(f"fit: train must have key {k!r}, got keys {sorted(train)}")
@@ -512,6 +547,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
   """The body of :func:`fit` (resume, loop, saves); ``mngr`` is closed by the caller."""
   from tqdm.auto import tqdm
 
+  from jaxplain import _progress
+
+  lines = progress and not _progress.is_terminal()  # a log: one line per epoch, no bar
   early = early_stop_patience is not None
   history: list[dict] = []
   epoch_metrics: dict[str, list[float]] = {}
@@ -547,8 +585,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
     _save(mngr, int(state["step"]), tree, meta)
 
   step = int(state["step"])
-  bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit",
+  bar = tqdm(total=total, initial=min(step, total), disable=not progress or lines, desc="fit",
              leave=False)
+  started = time.perf_counter()
   pending: list[dict] = []  # device metrics not yet fetched
 
   def flush():
@@ -601,6 +640,11 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
             if es["bad_epochs"] >= early_stop_patience:
               es["stopped"] = True
       history.append(rec)
+      if lines:
+        shown = [f"{k} {rec[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                 if k in rec]
+        _progress.line(f"fit: epoch {epoch + 1}/{epochs}, step {step}: {', '.join(shown)} "
+                       f"({time.perf_counter() - started:.1f} s)")
       epoch_metrics = {}
       if save_every and step % save_every == 0 and epoch + 1 < epochs and not es["stopped"]:
         save(epoch + 1, 0)

@@ -36,7 +36,7 @@ X_SHAPE = (3, 6, 6, 2)
 
 def conv(x, p):
   return jax.lax.conv_general_dilated(x, p["kernel"], (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"][None, None, None]
 
 
 def split_by_hand(p):
@@ -47,7 +47,7 @@ def split_by_hand(p):
   def head(a):
     y = jax.nn.relu(conv(jax.nn.relu(a), p["block"]["conv"]))
     y = y.reshape(y.shape[0], 3, 2, 3, 2, 4).mean(axis=(2, 4))
-    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
   return features, head
 
 
@@ -141,7 +141,7 @@ def test_linen_nnx_and_plain_functions_agree(tiny):
 
   def head(a):
     y = jaxplain.models.avg_pool_2x2(jax.nn.relu(a))
-    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+    return y.reshape(y.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
   plain = jaxplain.grad_cam((features, head), None, x, t, relu=False)
   np.testing.assert_allclose(plain, ref, rtol=1e-4, atol=1e-6)
 
@@ -162,17 +162,44 @@ def test_bad_input_errors_name_the_argument(tiny):
                                        r"'conv1', 'block', 'block/conv', 'fc'"):
     jaxplain.grad_cam(model, variables, x, 0, layer="conv9")
   with pytest.raises(ValueError, match=r"layer: unknown layer name 'conv'; available layers: "
-                                       r"'blocks', 'blocks/0', 'conv1', 'fc'"):
-    jaxplain.grad_cam(TinyCamNNX(variables["params"]), None, x, 0, layer="conv")
-  with pytest.raises(ValueError, match=r"layer: the output of 'fc' is \(3, 5\)"):
-    jaxplain.grad_cam(model, variables, x, 0, layer="fc")
+                                       r"'conv1', 'blocks/0', 'fc'"):
+    jaxplain.grad_cam(TinyCamNNX(variables["params"]), x, 0, layer="conv")
   with pytest.raises(ValueError, match=r"target: class index out of range \[0, 5\)"):
     jaxplain.grad_cam(model, variables, x, 5, layer="conv1")
-  with pytest.raises(ValueError, match=r"x: expected a batched array of rank >= 4"):
-    jaxplain.grad_cam(model, variables, x[0], 0, layer="conv1")
+  with pytest.raises(ValueError, match=r"x: expected a batch \(B, ...\)"):
+    jaxplain.grad_cam(model, variables, x[0, 0, 0], 0, layer="conv1")
   with pytest.raises(ValueError, match="x: contains 1 non-finite"):
     jaxplain.grad_cam(model, variables, x.at[0, 0, 0, 0].set(jnp.nan), 0, layer="conv1")
   with pytest.raises(ValueError, match="upsample: expected one of"):
     jaxplain.grad_cam(model, variables, x, 0, layer="conv1", upsample="cubic")
-  with pytest.raises(TypeError, match="model: expected a flax.linen Module"):
-    jaxplain.grad_cam(lambda z: z, None, x, 0, layer="conv1")
+  with pytest.raises(TypeError, match="obj: expected a flax.linen Module"):
+    jaxplain.grad_cam(lambda z: z, x, 0, layer="conv1")
+  with pytest.raises(ValueError, match="variables: a flax.linen module needs its variables"):
+    jaxplain.grad_cam(model, x, 0, layer="conv1")
+
+
+def test_dense_features_give_a_map_over_features(tiny):
+  """(B, C) features: ReLU(d y_t / d A * A), checked against the hand split at fc's input."""
+  model, variables, x = tiny
+  p = variables["params"]
+  t = jnp.array([0, 1, 2])
+
+  class Flat(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      z = nn.relu(nn.Conv(3, (3, 3), padding="SAME", name="conv1")(z))
+      z = Block(name="block")(z)
+      z = jaxplain.models.avg_pool_2x2(z).reshape(z.shape[0], -1)
+      z = nn.Dense(8, name="hidden")(z)
+      return nn.Dense(5, name="fc")(jnp.tanh(z))
+  flat = Flat()
+  v = flat.init(jax.random.key(3), x)
+  q = v["params"]
+  a = np.asarray(flat.apply(v, x, capture_intermediates=True)[1]["intermediates"]["hidden"]
+                 ["__call__"][0])
+  head = lambda h: jnp.tanh(h) @ q["fc"]["kernel"] + q["fc"]["bias"][None]  # noqa: E731
+  g = np.stack([np.asarray(jax.grad(lambda h: head(h[None])[0, t[b]])(jnp.asarray(a[b])))
+                for b in range(3)])
+  got = jaxplain.grad_cam(jaxplain.wrap(flat, v), x, t, layer="hidden")
+  np.testing.assert_allclose(got, np.maximum(g * a, 0), rtol=1e-5, atol=1e-7)
+  del p

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxplain
 from jaxplain import interventions as iv
 from jaxplain.interventions._select import tree_paths
 from jaxplain.models import ResNetSmall, max_pool_2x2
@@ -262,7 +263,8 @@ def test_walk_runs_on_a_resnet():
   v = jax.jit(r.init)(jax.random.key(7), x)
   layers = ["stage2_block1/conv1", "stage2_block1/conv2", "stage3_block1/conv1",
             "stage3_block1/conv2", "head"]
-  res = iv.walk(r, v, x, 1, layers)
+  m = jaxplain.wrap(r, v)
+  res = jax.jit(lambda z: iv.walk(m, z, 1, layers))(x)   # walk is pure: the caller jits it
   assert res.per_layer["head"].effect.shape == (2, 32)
   assert res.per_layer["stage2_block1/conv1"].effect.shape == (2, 8)
   # K of each layer is the I+ of the layer after it

@@ -21,7 +21,7 @@ def _linear_model(key, shape, k=3):
   kw, kb = jax.random.split(key)
   w = jax.random.normal(kw, (n, k))
   b = jax.random.normal(kb, (k,))
-  f = lambda x: x.reshape(x.shape[0], -1) @ w + b
+  f = lambda x: x.reshape(x.shape[0], -1) @ w + b[None]
   return f, np.asarray(w), np.asarray(b)
 
 
@@ -256,7 +256,8 @@ def _trained_digits_net():
       logits = model.apply({"params": p}, xb)
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     g = jax.grad(loss)(params)
-    upd, state = opt.update(g, state)
+    with jax.numpy_dtype_promotion("standard"):  # optax adam: float ** int32 step
+      upd, state = opt.update(g, state)
     return optax.apply_updates(params, upd), state
 
   rng = np.random.default_rng(0)
@@ -277,15 +278,15 @@ def test_cascading_randomization_on_trained_model():
     return jax.grad(lambda z: jnp.sum(jnp.take_along_axis(f(z), t[:, None], 1)))(x)
 
   r = jax.jit(lambda p, rp: metrics.cascading_randomization(
-      explain, p, x, y, random_params=rp))(params, random_params)
-  assert metrics.cascade_layers(params) == ["fc2", "fc1", "conv1"]
+      explain, p, x, y, random_params=rp, model=model))(params, random_params)
+  assert metrics.cascade_layers(params, model=model, x=x) == ["fc2", "fc1", "conv1"]
   sp, ss = np.asarray(r["spearman"]), np.asarray(r["ssim"])
   np.testing.assert_allclose(sp[0], 1.0, atol=1e-6)
   np.testing.assert_allclose(ss[0], 1.0, atol=1e-5)
   assert sp[-1].mean() < 0.5 and ss[-1].mean() < 0.5
   assert sp[-1].mean() < sp[1].mean() or sp[1].mean() < 0.9
   # independent check of the cascade: rebuild each stage's parameters by hand
-  layers = metrics.cascade_layers(params)
+  layers = metrics.cascade_layers(params, model=model, x=x)
   explain_jit = jax.jit(explain)
   m0 = np.abs(np.asarray(explain_jit(params, x, jnp.asarray(y)))).sum(-1)
   for s in range(len(layers) + 1):
@@ -295,9 +296,74 @@ def test_cascading_randomization_on_trained_model():
     ref = [scipy.stats.spearmanr(u.ravel(), v.ravel())[0] for u, v in zip(m0, m_ref)]
     np.testing.assert_allclose(sp[s], ref, rtol=1e-4, atol=1e-5)
   # the noise fallback (no random_params) also destroys the maps, and bad layers are errors
-  r2 = jax.jit(lambda p: metrics.cascading_randomization(explain, p, x, y,
+  r2 = jax.jit(lambda p: metrics.cascading_randomization(explain, p, x, y, model=model,
                                                          key=jax.random.key(1)))(params)
   assert np.asarray(r2["spearman"])[-1].mean() < 0.5
   with pytest.raises(ValueError, match="matches no parameter"):
     metrics.cascading_randomization(explain, params, x, y, key=jax.random.key(1),
                                     layers=["fc9"])
+
+
+def test_cascade_order_is_the_execution_order_not_dict_order():
+  """Issue 10, 2.1: after a tree_map (which sorts dict keys) the order must not change."""
+  import jaxplain  # pylint: disable=import-outside-toplevel
+  from jaxplain.models import ResNetSmall  # pylint: disable=import-outside-toplevel
+  model = ResNetSmall(num_classes=3)
+  x = jnp.zeros((1, 8, 8, 1))
+  v = jax.eval_shape(model.init, jax.random.key(0), x)   # only shapes are needed
+  mapped = jax.tree_util.tree_map(lambda a: a, v["params"])
+  assert list(mapped)[0] != list(v["params"])[0] or list(mapped) == sorted(mapped)
+  wrapped = jaxplain.wrap(model, v)
+  order = metrics.cascade_layers(v["params"], model=wrapped, x=x)
+  assert order == metrics.cascade_layers(mapped, model=wrapped, x=x)
+  assert order[0] == "head" and order[-1] == "stem_conv"
+  assert metrics.cascade_layers(wrapped, x=x) == order
+  with pytest.raises(ValueError, match="a parameter dict does not record the model's layer "
+                                       "order"):
+    metrics.cascade_layers(mapped)
+  with pytest.raises(ValueError, match=r"params: got a full variables dict with collections "
+                                       r"\['batch_stats', 'params'\]"):
+    metrics.cascading_randomization(lambda p, z, t: z, v, x, 0, key=jax.random.key(0))
+
+
+def test_cascade_leaves_integer_leaves_alone_and_runs_on_a_wrapped_model():
+  """Issue 10, 2.2: an integer leaf (a step counter, an NNX RNG count) is never randomised."""
+  import jaxplain  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self):
+      r = nnx.Rngs(0)
+      self.fc1 = nnx.Linear(16, 4, rngs=r)
+      self.drop = nnx.Dropout(0.5, rngs=r)   # holds an integer RNG count
+      self.fc2 = nnx.Linear(4, 3, rngs=r)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(jnp.tanh(self.fc1(x.reshape(x.shape[0], -1)))))
+  m = jaxplain.wrap(Net())
+  x = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1))
+  is_int = lambda a: jnp.issubdtype(a.dtype, jnp.integer)  # noqa: E731
+  is_float = lambda a: jnp.issubdtype(a.dtype, jnp.floating)  # noqa: E731
+
+  def explain(p, z, t):
+    # reads the integer leaves, so a randomised counter would show in the maps
+    count = sum(jnp.sum(a).astype(jnp.float32) for a in jax.tree_util.tree_leaves(p)
+                if is_int(a))
+    g = jax.grad(lambda u: jnp.sum(jnp.take_along_axis(m.apply(p, u), t[:, None], 1)))(z)
+    return g * (1.0 + count)
+  # the noise fallback used to crash on the integer leaf
+  r = metrics.cascading_randomization(explain, m, x, 0, key=jax.random.key(2))
+  assert metrics.cascade_layers(m, x=x) == ["fc2", "fc1"]
+  np.testing.assert_allclose(np.asarray(r["spearman"])[0], 1.0, atol=1e-6)
+  # with re-initialised parameters whose counter differs: stage by stage by hand
+  rnd = jax.tree_util.tree_map(
+      lambda a: a + 7 if is_int(a) else (-2.0 * a + 0.3 if is_float(a) else a), m.params)
+  assert any(is_int(a) for a in jax.tree_util.tree_leaves(m.params))
+  r = metrics.cascading_randomization(explain, m, x, 0, random_params=rnd)
+  t = jnp.zeros(2, jnp.int32)
+  for s, swapped in enumerate([(), ("fc2",), ("fc2", "fc1")]):
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: b if (str(path[0].key) in swapped and is_float(a)) else a,
+        m.params, rnd)
+    ref = np.abs(np.asarray(explain(p, x, t))).sum(-1)
+    np.testing.assert_allclose(np.asarray(r["maps"][s]), ref, rtol=1e-5, atol=1e-7)

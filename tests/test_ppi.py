@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxplain import ppi
+from jaxplain import ppi, train
 from jaxplain.models import max_pool_2x2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +65,24 @@ def _np_softmax(z):
   return e / e.sum(-1, keepdims=True)
 
 
+def _np_partner(y, pairing, weights=None):
+  """j(i) by a loop: i - 1, or the nearest preceding (cyclic) example of the same label."""
+  bsz = len(y)
+  out = []
+  for i in range(bsz):
+    j = (i - 1) % bsz
+    if pairing == "same_label":
+      for d in range(1, bsz):
+        k = (i - d) % bsz
+        if y[k] == y[i] and (weights is None or weights[k] > 0):
+          j = k
+          break
+    out.append(j)
+  return out
+
+
 def _np_reference(w, b, x, y, cfg, weights=None):
-  """Every PPI term for the linear model logits = flat(x) @ w + b, by explicit loops."""
+  """Every PPI term (eqs. 1-5) for the linear model logits = flat(x) @ w + b, by loops."""
   bsz, h, wd, c = x.shape
   logits_fn = lambda z: z.reshape(bsz, -1) @ w + b
   # gradient x input of the logit y_i is w[:, y_i] * x_i, summed over channels per pixel
@@ -87,7 +103,8 @@ def _np_reference(w, b, x, y, cfg, weights=None):
       if rr.size:
         m[i, rr.min():rr.max() + 1, cc.min():cc.max() + 1] = 1.0
   x_neg = np.stack([x[i] * (1.0 - m[i][..., None]) for i in range(bsz)])
-  x_adv = np.stack([x[i] * (1.0 - m[(i - 1) % bsz][..., None]) for i in range(bsz)])
+  partner = _np_partner(y, cfg.pairing, weights)
+  x_adv = np.stack([x[i] * (1.0 - m[partner[i]][..., None]) for i in range(bsz)])
   p, p_neg, p_adv = (_np_softmax(logits_fn(z)) for z in (x, x_neg, x_adv))
   idx = np.arange(bsz)
   wt = np.ones(bsz) if weights is None else np.asarray(weights, np.float64)
@@ -97,7 +114,10 @@ def _np_reference(w, b, x, y, cfg, weights=None):
     l_con = mean(-np.log(1.0 - p_neg[idx, y]))
   else:
     l_con = mean(np.log(p_neg[idx, y]))
-  l_reg = mean(np.array([np.abs(s_norm[i]).sum() / s_norm[i].size for i in range(bsz)]))
+  if cfg.reg_target == "l1":
+    l_reg = mean(np.array([np.abs(s[i]).sum() for i in range(bsz)]))
+  else:
+    l_reg = mean(np.array([np.abs(s_norm[i]).sum() / s_norm[i].size for i in range(bsz)]))
   l_ad = mean(-np.log(p_adv[idx, y]))
   return {
       "loss_cls": l_cls, "loss_con": l_con, "loss_reg": l_reg, "loss_ad": l_ad,
@@ -108,9 +128,11 @@ def _np_reference(w, b, x, y, cfg, weights=None):
 
 
 @pytest.mark.parametrize("cfg", [
-    ppi.PPIConfig(sigma=0.4, omega=8.0),
-    ppi.PPIConfig(sigma=0.3, omega=20.0, w1=2.0, w2=0.5, w3=3.0, contrast_loss="neg_ce"),
-    ppi.PPIConfig(sigma=0.5, mask="box"),
+    ppi.PPIConfig(sigma=0.4, omega=8.0, reg_target="normalized"),
+    ppi.PPIConfig(sigma=0.3, omega=20.0, w1=2.0, w2=0.5, w3=3.0, contrast_loss="neg_ce",
+                  reg_target="normalized"),
+    ppi.PPIConfig(sigma=0.5, mask="box", reg_target="normalized"),
+    ppi.PPIConfig(sigma=0.4, omega=8.0, pairing="same_label", reg_target="l1"),
 ])
 def test_loss_terms_match_hand_computation(cfg):
   model = Linear()
@@ -122,7 +144,8 @@ def test_loss_terms_match_hand_computation(cfg):
                                             jax.random.key(2), 0)
   w = np.asarray(variables["params"]["fc"]["kernel"], np.float64)
   b = np.asarray(variables["params"]["fc"]["bias"], np.float64)
-  ref = _np_reference(w, b, np.asarray(x, np.float64), np.asarray(y), cfg)
+  x64, y_np = np.asarray(x, np.float64), np.asarray(y)
+  ref = _np_reference(w, b, x64, y_np, cfg)
   assert state == {}
   np.testing.assert_allclose(float(loss), ref["loss"], rtol=1e-5)
   for k, v in ref.items():
@@ -131,11 +154,57 @@ def test_loss_terms_match_hand_computation(cfg):
   pad = jnp.array([True, True, False, True])
   _, (metrics_w, _) = loss_fn(variables["params"], {}, {"image": x, "label": y, "mask": pad},
                               jax.random.key(2), 0)
-  ref_w = _np_reference(w, b, np.asarray(x, np.float64), np.asarray(y), cfg, np.asarray(pad))
+  ref_w = _np_reference(w, b, x64, y_np, cfg, np.asarray(pad))
   for k, v in ref_w.items():
     np.testing.assert_allclose(float(metrics_w[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
   # the terms are non-trivial here (a test that could not tell them apart would be useless)
   assert ref["loss_con"] != 0 and ref["loss_reg"] > 0 and 0 < ref["mask_fraction"] < 1
+
+  # the same loss inside the shared trainer: one SGD step of train.make_train_step; its
+  # metrics are the hand values and its update is -lr times the gradient of the hand loss
+  # (central differences of the float64 reference along random directions)
+  lr = 0.5
+  opt = optax.sgd(lr)
+  step = train.make_train_step(loss_fn, opt, donate=False)
+  st = train.init_state(model, opt, x[:1], variables=variables)
+  new, m_step = step(st, {"image": x, "label": y}, jax.random.key(2))
+  assert int(new["step"]) == 1
+  for k, v in ref.items():
+    np.testing.assert_allclose(float(m_step[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+  dw = (np.asarray(new["params"]["fc"]["kernel"], np.float64) - w) / -lr
+  db = (np.asarray(new["params"]["fc"]["bias"], np.float64) - b) / -lr
+  rng = np.random.default_rng(0)
+  h = 1e-6
+  for _ in range(2):
+    vw, vb = rng.normal(size=w.shape), rng.normal(size=b.shape)
+    fd = (_np_reference(w + h * vw, b + h * vb, x64, y_np, cfg)["loss"]
+          - _np_reference(w - h * vw, b - h * vb, x64, y_np, cfg)["loss"]) / (2 * h)
+    np.testing.assert_allclose(np.sum(dw * vw) + np.sum(db * vb), fd, rtol=2e-3, atol=1e-4)
+
+
+def test_same_label_pairing_pairs_labels_and_never_self():
+  rng = np.random.default_rng(0)
+  pair = jax.jit(lambda y, w: ppi.partner_indices(y, "same_label", weights=w))
+  for trial in range(40):
+    bsz = (2, 5, 11)[trial % 3]
+    y = rng.integers(0, 4, bsz).astype(np.int32)
+    wts = (rng.uniform(size=bsz) > 0.2) if trial % 2 else np.ones(bsz, bool)
+    j = np.asarray(pair(jnp.asarray(y), jnp.asarray(wts)))
+    assert j.shape == (bsz,) and j.dtype == np.int32
+    for i in range(bsz):
+      assert j[i] != i, (y, j)
+      candidates = [k for k in range(bsz) if k != i and y[k] == y[i]
+                    and wts[k]]
+      if candidates:           # the batch allows a same-label partner: it is one
+        assert j[i] in candidates and y[j[i]] == y[i], (y, wts, j)
+      else:                    # none: the roll-by-one fallback
+        assert j[i] == (i - 1) % bsz
+  # the other pairings also never pair an example with itself
+  for pairing in ("roll", "random_shift"):
+    for seed in range(5):
+      j = np.asarray(ppi.partner_indices(jnp.arange(7) % 3, pairing,
+                                         key=jax.random.key(seed)))
+      assert np.all(j != np.arange(7)) and sorted(j) == list(range(7))
 
 
 def test_one_vs_others_is_stable_for_confident_logits():
@@ -195,7 +264,8 @@ def _fd_check(cfg):
   model = TanhMLP()
   x = jax.random.uniform(jax.random.key(4), (4, 3, 3, 1), dtype=jnp.float64)
   y = jnp.array([0, 1, 2, 0])
-  params = model.init(jax.random.key(5), x)["params"]
+  params = model.init(jax.random.key(5), x[..., :1].astype(jnp.float32))["params"]
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
   batch = {"image": x, "label": y}
   params0 = params
 
@@ -240,19 +310,26 @@ def test_warmup_is_plain_classification_and_then_ppi():
   y = jnp.array([0, 1, 2, 1])
   variables = model.init(jax.random.key(7), x)
   opt = optax.sgd(0.1)
-  step = ppi.make_ppi_train_step(model, opt, ppi.PPIConfig(warmup_steps=2), saliency=gxi)
+  step = train.make_train_step(ppi.make_ppi_loss(model, ppi.PPIConfig(warmup_steps=2),
+                                                 saliency=gxi), opt, donate=False)
   batch = {"image": x, "label": y}
-  v0, _, m0 = step(variables, opt.init(variables["params"]), batch, jax.random.key(0), 0)
+  st0 = train.init_state(model, opt, x[:1], variables=variables)
+  st1, m0 = step(st0, batch, jax.random.key(0))
   # independent plain cross-entropy SGD step
   ce = lambda p: optax.softmax_cross_entropy_with_integer_labels(
       model.apply({"params": p}, x), y).mean()
   ref = jax.tree.map(lambda p, g: p - 0.1 * g, variables["params"],
                      jax.grad(ce)(variables["params"]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               v0["params"], ref)
+               st1["params"], ref)
   assert float(m0["ppi_on"]) == 0.0 and float(m0["loss"]) == float(m0["loss_cls"])
-  _, _, m2 = step(variables, opt.init(variables["params"]), batch, jax.random.key(0), 2)
+  _, m2 = step({**st0, "step": jnp.asarray(2, jnp.int32)}, batch, jax.random.key(0))
   assert float(m2["ppi_on"]) == 1.0 and float(m2["loss"]) > float(m2["loss_cls"])
+
+
+def test_removed_train_step_names_the_replacement():
+  with pytest.raises(TypeError, match="train.make_train_step"):
+    ppi.make_ppi_train_step(TinyCNN(), optax.sgd(0.1))
 
 
 class TinyBN(nn.Module):
@@ -269,14 +346,16 @@ def test_batch_norm_state_updated_from_the_clean_batch_only():
   x = jax.random.uniform(jax.random.key(8), (4, 4, 4, 1))
   y = jnp.array([0, 1, 2, 1])
   variables = model.init(jax.random.key(9), x)
-  step = ppi.make_ppi_train_step(model, optax.sgd(0.0), ppi.PPIConfig(), saliency=gxi)
-  opt_state = optax.sgd(0.0).init(variables["params"])
-  new, _, metrics = step(variables, opt_state, {"image": x, "label": y}, jax.random.key(0))
+  opt = optax.sgd(0.0)
+  step = train.make_train_step(ppi.make_ppi_loss(model, ppi.PPIConfig(), saliency=gxi), opt,
+                               donate=False)
+  st = train.init_state(model, opt, x[:1], variables=variables)
+  new, metrics = step(st, {"image": x, "label": y}, jax.random.key(0))
   # reference: one training-mode forward on the clean batch
   _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               new["batch_stats"], upd["batch_stats"])
-  assert not np.allclose(new["batch_stats"]["bn1"]["mean"],
+               new["model_state"]["batch_stats"], upd["batch_stats"])
+  assert not np.allclose(new["model_state"]["batch_stats"]["bn1"]["mean"],
                          variables["batch_stats"]["bn1"]["mean"])
   assert all(np.isfinite(float(v)) for v in metrics.values())
 
@@ -298,8 +377,8 @@ def test_bad_inputs_raise_clear_errors():
 _SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     import flax.linen as nn
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxplain import ppi
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxplain import data, ppi, train
     from jaxplain.models import max_pool_2x2
     assert jax.device_count() == 4, jax.devices()
 
@@ -316,26 +395,27 @@ _SHARDED = textwrap.dedent("""
     model = TinyCNN()
     x = jax.random.uniform(jax.random.key(0), (8, 6, 6, 1))
     y = jnp.arange(8) % 3
-    variables = model.init(jax.random.key(1), x)
     opt = optax.adam(1e-2)
-    step = ppi.make_ppi_train_step(model, opt, ppi.PPIConfig(sigma=0.3, omega=10.0),
-                                   saliency=gxi)
+    loss_fn = ppi.make_ppi_loss(model, ppi.PPIConfig(sigma=0.3, omega=10.0,
+                                                     pairing="same_label"), saliency=gxi)
 
-    def run(batch_put, rep_put):
-      v, o = rep_put(variables), rep_put(opt.init(variables["params"]))
-      batch = batch_put({"image": x, "label": y})
+    def run(devices):
+      mesh = data.data_mesh(devices)
+      step = train.make_train_step(loss_fn, opt, mesh=mesh)
+      st = train.init_state(model, opt, x[:1], key=jax.random.key(1))
+      st = jax.device_put(st, NamedSharding(mesh, P()))
+      batch = data.shard_batch({"image": np.asarray(x), "label": np.asarray(y)}, mesh)
       for i in range(3):
-        v, o, m = step(v, o, batch, jax.random.key(i), i)
-      return v, m
+        st, m = step(st, batch, jax.random.key(5))
+      return st, m
 
-    one = jax.devices()[0]
-    single = run(lambda t: jax.device_put(t, one), lambda t: jax.device_put(t, one))
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    sharded = run(lambda t: jax.device_put(t, NamedSharding(mesh, P("data"))),
-                  lambda t: jax.device_put(t, NamedSharding(mesh, P())))
+    single = run(jax.devices()[:1])
+    sharded = run(jax.devices())
     assert len(sharded[0]["params"]["fc"]["kernel"].sharding.device_set) == 4
+    assert int(sharded[0]["step"]) == 3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-                 single, sharded)
+                 jax.device_get(single), jax.device_get(sharded))
+    assert float(single[1]["loss_ad"]) > 0 and float(single[1]["loss_con"]) > 0
     print("SHARDED_OK", float(single[1]["loss"]))
 """)
 
@@ -347,6 +427,33 @@ def test_sharded_step_equals_single_device_step():
                        text=True, timeout=300, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "SHARDED_OK" in out.stdout
+
+
+def test_resumed_ppi_run_equals_uninterrupted(tmp_path):
+  rng = np.random.default_rng(0)
+  d = {"image": rng.uniform(size=(48, 6, 6, 1)).astype(np.float32),
+       "label": (np.arange(48) % 3).astype(np.int32)}
+  cfg = ppi.PPIConfig(sigma=0.3, omega=10.0, pairing="random_shift", warmup_steps=3)
+  loss_fn = ppi.make_ppi_loss(TinyCNN(), cfg, saliency=gxi)
+  kw = dict(epochs=2, batch_size=8, optimizer=optax.adam(1e-2), seed=4, progress=False,
+            loss_fn=loss_fn, save_every=4)
+  full = train.fit(TinyCNN(), d, checkpoint_dir=tmp_path / "a", **kw)
+
+  def interrupt(step, metrics):
+    if step == 7:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train.fit(TinyCNN(), d, checkpoint_dir=tmp_path / "b", callback=interrupt, **kw)
+  _, meta = train.load_checkpoint(tmp_path / "b")
+  assert meta["step"] == 4
+  resumed = train.fit(TinyCNN(), d, checkpoint_dir=tmp_path / "b", **kw)
+  assert resumed.step == full.step == 12
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               resumed.variables, full.variables)
+  assert resumed.history == full.history
+  # the run did PPI (after the warm-up) and each step drew its own random partner shift
+  assert full.history[-1]["ppi_on"] == 1.0 and full.history[-1]["loss_ad"] > 0
 
 
 def test_short_ppi_run_on_decoy_digits():
@@ -373,25 +480,27 @@ def test_short_ppi_run_on_decoy_digits():
   xv, yv, mv = va["image"][:96], va["label"][:96], va["decoy_mask"][:96]
   model = LeNet()
   opt = optax.adam(3e-3)
-  step = ppi.make_ppi_train_step(model, opt, ppi.PPIConfig(warmup_steps=24), saliency=gxi)
-  variables = model.init(jax.random.key(0), xtr[:1])
-  opt_state = opt.init(variables["params"])
+  # the setting this measurement was made with (sigma 0.5, pixel-mean L_reg, roll pairing)
+  cfg = ppi.PPIConfig(sigma=0.5, reg_target="normalized", pairing="roll")
+  plain = train.make_train_step(train.classification_loss(model), opt, donate=False)
+  ppi_step = train.make_train_step(ppi.make_ppi_loss(model, cfg, saliency=gxi), opt,
+                                   donate=False)
+  st = train.init_state(model, opt, xtr[:1], key=jax.random.key(0))
   rng = np.random.default_rng(0)
 
-  def epochs(v, o, n, it):
+  def epochs(step, st, n):
     for _ in range(n):
       perm = rng.permutation(256)
       for i in range(8):
         idx = perm[32 * i:32 * (i + 1)]
-        v, o, _ = step(v, o, {"image": xtr[idx], "label": ytr[idx]}, jax.random.key(it), it)
-        it += 1
-    return v, o
+        st, _ = step(st, {"image": xtr[idx], "label": ytr[idx]}, jax.random.key(0))
+    return st
 
-  warm, warm_opt = epochs(variables, opt_state, 3, 0)           # steps 0..23: plain
+  warm = epochs(plain, st, 3)                                    # plain warm-up
   state = rng.bit_generator.state
-  base, _ = epochs(warm, warm_opt, 5, -10_000)                   # step < 24: plain
+  base = {"params": epochs(plain, warm, 5)["params"]}              # plain
   rng.bit_generator.state = state
-  ppi_v, _ = epochs(warm, warm_opt, 5, 24)                       # step >= 24: PPI
+  ppi_v = {"params": epochs(ppi_step, warm, 5)["params"]}            # PPI
 
   def measure(v):
     f = lambda z: model.apply(v, z)

@@ -25,3 +25,4 @@ from jaxplain.interventions._causal import effects as effects
 from jaxplain.interventions._causal import mediator_map as mediator_map
 from jaxplain.interventions._causal import significance as significance
 from jaxplain.interventions._causal import walk as walk
+from jaxplain.interventions._causal import walk_step as walk_step

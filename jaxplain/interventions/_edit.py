@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _validate
 from jaxplain.interventions._select import Selection, as_selection, path_str, tree_paths
 
 KINDS = ("weight", "input", "filter")
@@ -72,6 +73,7 @@ def set_value(params: Any, selection: Selection | str, value: Any = 0.0, *,
   Array([[0., 1.],
          [1., 0.]], dtype=float32)
   """
+  _validate.check_finite(value, "value")
   return _map_selected(params, selection,
                        lambda p, w: jnp.broadcast_to(jnp.asarray(value, w.dtype), w.shape), where)
 
@@ -133,7 +135,12 @@ class Units:
     outputs: bool (K_out,) mask of the output units K for ``"input"`` units (all by default).
     channels: flatten grouping (number of conv channels) or None.
     bias: whether ``"filter"`` units include the bias.
-    kernel_path, kernel_shape, bias_path: where the layer's parameters are.
+    kernel_path, kernel_shape, bias_path: where the layer's parameters are (``kernel_shape``
+      is the canonical (..., in, out) shape).
+    perm, bias_shape: the native layout (native kernel = canonical ``.transpose(perm)``,
+      native bias shape); ``None`` when native = canonical.
+    channels_first: flatten grouping order: ``False`` NHWC flatten (index % C = channel),
+      ``True`` CHW flatten (index // (H * W) = channel, Equinox).
     masks: ``{variables path: bool array (N, *leaf shape)}``, the entries each unit sets
       (built on first use: sweep_layer and walk never need them).
   """
@@ -146,6 +153,9 @@ class Units:
   kernel_path: str
   kernel_shape: tuple
   bias_path: str | None
+  perm: tuple | None = None
+  bias_shape: tuple | None = None
+  channels_first: bool = False
 
   def __len__(self) -> int:
     return int(self.index.shape[0])
@@ -153,6 +163,15 @@ class Units:
   def mask(self, n: int) -> dict:
     """The ``where`` dict of unit ``n`` (for ``set_value`` and friends)."""
     return {p: m[n] for p, m in self.masks.items()}
+
+  def group_rows(self, i: int, n_in: int) -> np.ndarray:
+    """The input rows of flatten group (conv channel) ``i``."""
+    if self.channels is None:
+      return np.array([i])
+    if self.channels_first:
+      size = n_in // self.channels
+      return np.arange(i * size, (i + 1) * size)
+    return np.arange(i, n_in, self.channels)
 
   @functools.cached_property
   def masks(self) -> dict:
@@ -162,23 +181,22 @@ class Units:
     if self.kind == "weight":
       m = np.zeros((n,) + kshape, bool)
       m[np.arange(n), ..., idx[:, 0], idx[:, 1]] = True
-      out[self.kernel_path] = m
     elif self.kind == "filter":
       m = np.zeros((n,) + kshape, bool)
       m[np.arange(n), ..., idx] = True
-      out[self.kernel_path] = m
       if self.bias:
-        out[self.bias_path] = np.eye(n_out, dtype=bool)[idx]
+        b = np.eye(n_out, dtype=bool)[idx]
+        out[self.bias_path] = b if self.bias_shape is None else b.reshape((n,) + self.bias_shape)
     else:
       rows = np.zeros((n, n_in), bool)
       for j, i in enumerate(idx):
-        if self.channels is None:
-          rows[j, i] = True
-        else:
-          rows[j, i::self.channels] = True
+        rows[j, self.group_rows(int(i), n_in)] = True
       m = rows[:, :, None] & self.outputs[None, None, :]          # (N, in, out)
-      out[self.kernel_path] = np.ascontiguousarray(np.broadcast_to(
-          m.reshape((n,) + (1,) * (len(kshape) - 2) + (n_in, n_out)), (n,) + kshape))
+      m = np.broadcast_to(m.reshape((n,) + (1,) * (len(kshape) - 2) + (n_in, n_out)),
+                          (n,) + kshape)
+    if self.perm is not None:
+      m = np.transpose(m, (0,) + tuple(p + 1 for p in self.perm))
+    out[self.kernel_path] = np.ascontiguousarray(m)
     return out
 
 
@@ -220,20 +238,66 @@ def _check_index(idx: np.ndarray, size: int, what: str, layer: str) -> None:
                      f"values in [{idx.min()}, {idx.max()}]")
 
 
-def units(variables: Any, layer: str, kind: str, index: Any = None, *, outputs: Any = None,
+def _resolve(obj: Any, layer: str) -> tuple[str, Any, Any, bool]:
+  """``(layer name, model.Linear, params, channels_first)`` of a dense / conv layer of a
+  wrapped model, a framework model, or a bare parameter tree in the linen layout
+  (``{"params": {"fc": {"kernel": ...}}}`` or ``{"fc": {"kernel": ...}}``; the name may be a
+  path suffix there)."""
+  from jaxplain import model as model_lib  # pylint: disable=import-outside-toplevel
+  if not isinstance(layer, str):
+    raise TypeError(f"layer: expected a layer name string such as 'conv1', got {layer!r}")
+  if is_model_like(obj):
+    m = model_lib.wrap(obj)
+    return layer, m.linear(layer), m.params, m.channels_first
+  owner, mod = resolve_layer(obj, layer)
+  paths = dict(zip(tree_paths(obj), jax.tree_util.tree_leaves(obj)))
+  kpath, bpath = owner + "/kernel", owner + "/bias"
+  bpath = bpath if bpath in paths else None
+  nd = np.ndim(paths[kpath])
+  bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+  op = model_lib.dense_op if nd == 2 else None
+  lin = model_lib.Linear("dense" if nd == 2 else "conv", kpath, bpath, tuple(range(nd)),
+                         bshape, op)
+  return mod, lin, obj, False
+
+
+def is_model_like(obj: Any) -> bool:
+  """A wrapped ``Model`` or a framework model that ``wrap`` takes without variables."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from jaxplain import model as model_lib  # pylint: disable=import-outside-toplevel
+  if isinstance(obj, model_lib.Model):
+    return True
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if isinstance(obj, nnx.Module):
+    return True
+  return model_lib._is_eqx(obj) or model_lib._is_keras(obj) or (
+      "flax.linen" in sys.modules and _is_linen(obj))
+
+
+def _is_linen(obj: Any) -> bool:
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  return isinstance(obj, nn.Module)
+
+
+def units(model: Any, layer: str, kind: str, index: Any = None, *, outputs: Any = None,
           channels: int | None = None, bias: bool = True) -> Units:
   """Build N units of intervention of one layer (masks with a leading axis for a sweep).
 
+  The units are defined on the canonical kernel (..., in, out) whatever the framework, and
+  their masks are in the framework's native layout (Equinox (out, in, kh, kw) included).
+
   Args:
-    variables: the model's variables (``{"params": ...}``) or a bare params tree.
-    layer: module path of a Dense or Conv layer (``"fc1"``, ``"conv2"``).
+    model: a wrapped model (:func:`jaxplain.wrap`), an NNX / Equinox / Keras model, or a
+      parameter tree in the linen layout (linen variables ``{"params": ...}`` or bare params).
+    layer: the layer's name (``"fc1"``, ``"conv2"``, ``"layers/0"``, a Keras layer name).
     kind: ``"weight"``: single weight w_ik / conv slice i -> k, index (N, 2) (default all
       pairs); ``"input"``: all weights leaving input unit i (toward ``outputs``), index (N,)
       (default all inputs); ``"filter"``: output unit / filter k (with its bias), index (N,).
     index: which units; see ``kind``.
     outputs: for ``"input"``: the set K of output units (ints or a bool mask); default all.
-    channels: for a dense layer after a flatten of NHWC conv features with C channels: group
-      the inputs by conv channel (``"input"`` units are then the C channels).
+    channels: for a dense layer after a flatten of conv features with C channels: group
+      the inputs by conv channel (``"input"`` units are then the C channels); the flatten
+      order is NHWC (index % C) except for Equinox models (CHW: index // (H W)).
     bias: ``"filter"`` units also set the bias entry (zeroing a filter and its bias equals
       zeroing that channel's output).
 
@@ -248,10 +312,12 @@ def units(variables: Any, layer: str, kind: str, index: Any = None, *, outputs: 
   """
   if kind not in KINDS:
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
-  owner, mod = resolve_layer(variables, layer)
-  kpath, bpath = owner + "/kernel", owner + "/bias"
-  kshape = tuple(np.shape(_leaf(variables, kpath)))
-  has_bias = bpath in tree_paths(variables)
+  name, lin, params, cf = _resolve(model, layer)
+  leaves = dict(zip(tree_paths(params), jax.tree_util.tree_leaves(params)))
+  native = tuple(np.shape(leaves[lin.kernel]))
+  kshape = tuple(native[i] for i in np.argsort(lin.perm))
+  has_bias = lin.bias is not None
+  identity = tuple(lin.perm) == tuple(range(len(native)))
   if len(kshape) < 2:
     raise ValueError(f"layer: {layer!r} has a kernel of shape {kshape}; expected a Dense (in, out)"
                      " or Conv (..., in, out) kernel")
@@ -277,8 +343,9 @@ def units(variables: Any, layer: str, kind: str, index: Any = None, *, outputs: 
     idx = np.arange(groups) if index is None else np.asarray(index, np.int64).reshape(-1)
     _check_index(idx, groups, "input unit" if channels is None else "channel", layer)
     out_mask = _as_mask(outputs, n_out, "outputs")
-  return Units(mod, kind, idx, out_mask, channels, bool(bias and has_bias and kind == "filter"),
-               kpath, kshape, bpath if has_bias else None)
+  bshape = None if (not has_bias or lin.bias_shape == (n_out,)) else lin.bias_shape
+  return Units(name, kind, idx, out_mask, channels, bool(bias and has_bias and kind == "filter"),
+               lin.kernel, kshape, lin.bias, None if identity else tuple(lin.perm), bshape, cf)
 
 
 def _as_mask(sel: Any, size: int, name: str) -> np.ndarray:

@@ -6,11 +6,11 @@ Two paths, same result:
 * ``sweep`` -- always correct: ``vmap`` over the N edited parameter pytrees
   (``set_value`` with a mask per intervention). Under ``jax.vmap`` only what depends on the
   edited leaf is batched, but the intervened layer itself runs N times.
-* ``sweep_layer`` -- prefix reuse for a linen model: run the model once, capture the input h
-  and output z of the intervened (linear: Dense/Conv) layer, build each intervention's new
-  output of that layer in closed form, and re-run only the rest of the model (its output is
-  swapped in with ``flax.linen.intercept_methods``; the layers before are dead code under
-  ``jit``). Because the layer is linear in its weights,
+* ``sweep_layer`` -- prefix reuse for any wrapped model (:func:`jaxplain.wrap`): run the
+  model once, capture the input h and output z of the intervened (linear: dense/conv) layer,
+  build each intervention's new output of that layer in closed form, and re-run only the rest
+  of the model (its output is swapped in through the model interface, ``Model.replace``; the
+  layers before are dead code under ``jit``). Because the layer is linear in its weights,
   do(W[S] = alpha) gives z' = z - L((W - alpha) restricted to S)(h) (bias likewise), and only
   the slice S is computed per intervention: one input channel for ``"input"`` units, one
   output channel for ``"filter"`` units (zeroing a filter with its bias = zeroing that output
@@ -31,17 +31,16 @@ an exact sweep.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
-from jaxplain.interventions import _hooks
-from jaxplain.interventions._edit import Units, _leaf, resolve_layer, set_value
+from jaxplain.interventions._edit import Units, set_value
 from jaxplain.interventions._select import path_str, select
 
 
@@ -63,16 +62,48 @@ def _masks_of(units: Units | dict) -> dict:
   return masks
 
 
-def sweep(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array,
-          units: Units | dict, *, value: Any = 0.0, chunk: int | None = None) -> jax.Array:
+def _check_x(x: Any) -> jax.Array:
+  """A batched input of any dtype (token ids too: nothing here differentiates w.r.t. x)."""
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"x: expected a batch (B, ...), got shape {x.shape}")
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    _validate.check_finite(x, "x")
+  return x
+
+
+def _as_model(model: Any, args: tuple, n: int, what: str):
+  """``f(model, *args)`` with ``model`` anything ``wrap`` takes, or the older
+  ``f(apply_fn_or_module, params_or_variables, *args)``."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
+  if len(args) == n + 1:
+    if isinstance(model, nn.Module):
+      return wrap(model, args[0]), tuple(args[1:])
+    return wrap((model, args[0])), tuple(args[1:])
+  if len(args) != n:
+    raise TypeError(f"{what}: expected {what}(model, {_SIGS[what]}), got {len(args)} "
+                    "positional arguments after the model")
+  return wrap(model), tuple(args)
+
+
+_SIGS = {"sweep": "x, units", "sweep_layer": "x, units", "first_order": "x, target, units",
+         "walk": "x, target, layers", "mediator_map": "x, result, layer",
+         "walk_step": "x, target, layer, outputs"}
+
+
+def sweep(model: Any, *args: Any, value: Any = 0.0, chunk: int | None = None) -> jax.Array:
   """Logits under each of N interventions do(w[mask_n] = value): the general, always-correct
   path (vmap over edited parameter pytrees).
 
+  Called as ``sweep(model, x, units)`` with any :func:`jaxplain.wrap`-able model, or as
+  ``sweep(apply_fn, params, x, units)``.
+
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits (B, K)``.
-    params: the parameter pytree passed to ``apply_fn`` (e.g. linen variables).
-    x: input batch (B, ...).
-    units: a ``Units`` from ``units(params, ...)`` or ``{path: bool (N, *leaf shape)}``.
+    model: a model (``Model``, NNX / Equinox / Keras) or ``apply_fn(params, x) -> (B, K)``
+      followed by its ``params``.
+    *args: ``x, units``: the input batch (B, ...) (any dtype) and a ``Units`` from
+      ``units(...)`` or ``{path: bool (N, *leaf shape)}``.
     value: alpha (scalar or broadcastable); 0 by default.
     chunk: interventions per vmapped chunk (``jax.lax.map``), None for all at once.
 
@@ -86,12 +117,15 @@ def sweep(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.A
   Array([[1., 2., 2.],
          [2., 2., 1.]], dtype=float32)
   """
+  m, (x, units) = _as_model(model, args, 2, "sweep")
+  x = _check_x(x)
   masks = _masks_of(units)
+  _validate.check_finite(value, "value")
   sel = select(*[re.escape(p) for p in masks])
-  masks = {p: jnp.asarray(m) for p, m in masks.items()}
+  masks = {p: jnp.asarray(mk) for p, mk in masks.items()}
 
-  def one(m):
-    return apply_fn(set_value(params, sel, value, where=m), x)
+  def one(mk):
+    return m.apply(set_value(m.params, sel, value, where=mk), x)
 
   return _map(one, masks, chunk)
 
@@ -119,136 +153,154 @@ def shard_masks(units: Units | dict, devices: Any = None) -> Units | dict:
 # -- prefix reuse ---------------------------------------------------------------------------
 
 
-def _linear(mod: nn.Module, h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None):
-  """The layer ``mod`` (Dense or Conv) applied to h with the given kernel (and bias)."""
-  if isinstance(mod, nn.Dense):
-    out = jnp.tensordot(h, kernel.astype(h.dtype), axes=((-1,), (0,)))
-    return out if bias is None else out + bias
-  if isinstance(mod, nn.Conv):
-    if getattr(mod, "feature_group_count", 1) != 1 and kernel.shape[-2] != h.shape[-1]:
-      raise ValueError("layer: grouped convolutions are not supported by sweep_layer; use sweep")
-    p = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
-    m = mod.clone(features=kernel.shape[-1], use_bias=bias is not None)
-    return m.apply({"params": p}, h)
-  raise TypeError(f"layer: sweep_layer needs a flax.linen Dense or Conv layer, got "
-                  f"{type(mod).__name__}; use sweep (the general path)")
-
-
 def _one_hot_channel(k: jax.Array, n: int, dtype) -> jax.Array:
   return (jnp.arange(n) == k).astype(dtype)
 
 
-def _input_contrib(mod: nn.Module, h: jax.Array, w: jax.Array, i: jax.Array,
-                   channels: int | None) -> jax.Array:
+def _rows(units_or_groups: Any, i: jax.Array, n_in: int, first: bool) -> jax.Array:
+  c = units_or_groups
+  if first:
+    size = n_in // c
+    return i * size + jnp.arange(size)
+  return i + c * jnp.arange(n_in // c)
+
+
+def _input_contrib(lin: Any, h: jax.Array, w: jax.Array, i: jax.Array,
+                   channels: int | None, first: bool = False) -> jax.Array:
   """L_nobias(h restricted to input unit / channel / flatten group i; w): shaped like z."""
-  if isinstance(mod, nn.Dense):
+  if lin.kind == "dense":
     if channels is None:
-      return jnp.take(h, i, axis=-1)[..., None] * jnp.take(w, i, axis=0)
-    rows = i + channels * jnp.arange(h.shape[-1] // channels)
-    return jnp.tensordot(jnp.take(h, rows, axis=-1), jnp.take(w, rows, axis=0),
+      row = jnp.take(w, i, axis=0).astype(h.dtype)
+      return jnp.take(h, i, axis=-1)[..., None] * row.reshape((1,) * (h.ndim - 1) + row.shape)
+    rows = _rows(channels, i, h.shape[-1], first)
+    return jnp.tensordot(jnp.take(h, rows, axis=-1), jnp.take(w, rows, axis=0).astype(h.dtype),
                          axes=((-1,), (0,)))
   hi = jax.lax.dynamic_slice_in_dim(h, i, 1, axis=h.ndim - 1)
   wi = jax.lax.dynamic_slice_in_dim(w, i, 1, axis=w.ndim - 2)
-  return _linear(mod, hi, wi)
+  return lin.op(hi, wi)
 
 
-def _new_outputs(units: Units, mod: nn.Module, h: jax.Array, z: jax.Array, w: jax.Array,
+def _new_outputs(units: Units, lin: Any, h: jax.Array, z: jax.Array, w: jax.Array,
                  b: jax.Array | None, value: Any, out_mask: jax.Array | None = None):
-  """(fn, data): fn(data_n) is the layer's output under intervention n."""
+  """(fn, data): fn(data_n) is the layer's pre-activation output under intervention n.
+
+  ``w`` is the canonical (..., in, out) kernel, ``b`` the (out,) bias."""
   n_out = z.shape[-1]
-  alpha = jnp.asarray(value, z.dtype)
+  alpha = jnp.asarray(value, w.dtype)
   wd = w - alpha
   if units.kind == "filter":
     wa = jnp.full_like(w, alpha)
     ba = None if b is None else (jnp.full_like(b, alpha) if units.bias else b)
-    za = _linear(mod, h, wa, ba)
+    za = lin.op(h, wa, ba)
 
     def fn(k):
-      return jnp.where(_one_hot_channel(k, n_out, bool), za, z)
+      return jnp.where(_one_hot_channel(k, n_out, bool).reshape((1,) * (z.ndim - 1) + (n_out,)),
+                       za, z)
 
     return fn, jnp.asarray(units.index)
   if units.kind == "input":
     om = jnp.asarray(units.outputs if out_mask is None else out_mask, z.dtype)
     if om.ndim == 2:  # per example (B, K_out)
       om = om.reshape((om.shape[0],) + (1,) * (z.ndim - 2) + (n_out,))
+    else:
+      om = om.reshape((1,) * (z.ndim - 1) + (n_out,))
 
     def fn(i):
-      return z - _input_contrib(mod, h, wd, i, units.channels) * om
+      return z - _input_contrib(lin, h, wd, i, units.channels, units.channels_first) * om
 
     return fn, jnp.asarray(units.index)
   # "weight": single weight / conv slice (i, k)
   def fn(ik):
     i, k = ik[0], ik[1]
-    if isinstance(mod, nn.Dense):
-      c = (jnp.take(h, i, axis=-1) * wd[i, k])[..., None]
+    if lin.kind == "dense":
+      c = (jnp.take(h, i, axis=-1) * wd[i, k].astype(h.dtype))[..., None]
     else:
       hi = jax.lax.dynamic_slice_in_dim(h, i, 1, axis=h.ndim - 1)
       wik = jax.lax.dynamic_slice_in_dim(
           jax.lax.dynamic_slice_in_dim(wd, i, 1, axis=w.ndim - 2), k, 1, axis=w.ndim - 1)
-      c = _linear(mod, hi, wik)
-    return z - c * _one_hot_channel(k, n_out, z.dtype)
+      c = lin.op(hi, wik)
+    return z - c * _one_hot_channel(k, n_out, z.dtype).reshape((1,) * (z.ndim - 1) + (n_out,))
 
   return fn, jnp.asarray(units.index)
 
 
-def _kernel_bias(variables: Any, layer: str):
-  owner, _ = resolve_layer(variables, layer)
-  w = jnp.asarray(_leaf(variables, owner + "/kernel"))
-  try:
-    b = jnp.asarray(_leaf(variables, owner + "/bias"))
-  except (KeyError, TypeError):
-    b = None
-  return w, b
+def _kernel_bias(m: Any, layer: str):
+  """The canonical (..., in, out) kernel and (out,) bias of ``layer`` in ``m.params``, and its
+  ``Linear``."""
+  lin = m.linear(layer)
+  leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(m.params)[0]}
+  w = lin.canonical(jnp.asarray(leaves[lin.kernel]))
+  b = None if lin.bias is None else jnp.asarray(leaves[lin.bias]).reshape(-1)
+  return w, b, lin
 
 
-def sweep_layer(model: nn.Module, variables: Any, x: jax.Array, units: Units, *,
-                value: Any = 0.0, chunk: int | None = None, channelwise_until: str | None = None,
+def _pre_activation(lin: Any, h: jax.Array, z: jax.Array, w: jax.Array, b: Any) -> jax.Array:
+  """The layer's output before a fused activation (Keras ``activation=``)."""
+  return z if lin.activation is None else lin.op(h, w, b)
+
+
+def _post(lin: Any, z: jax.Array) -> jax.Array:
+  return z if lin.activation is None else lin.activation(z)
+
+
+def sweep_layer(model: Any, *args: Any, value: Any = 0.0, chunk: int | None = None,
+                channelwise_until: str | None = None,
                 apply_kwargs: dict | None = None) -> jax.Array:
   """Logits under each intervention of ``units`` with prefix reuse (see the module docstring):
   the model runs once, then only the layers after the intervened one run per intervention.
 
+  Called as ``sweep_layer(model, x, units)`` (the older ``sweep_layer(module, variables, x,
+  units)`` of linen still works).
+
   Args:
-    model: a flax.linen module; ``model.apply(variables, x, **apply_kwargs) -> (B, K)``.
-    variables: its variables (``{"params": ...}``, plus e.g. ``"batch_stats"``).
-    x: input batch (B, ...).
-    units: a ``Units`` of a Dense or Conv layer of ``model`` (from ``units(variables, ...)``).
+    model: anything :func:`jaxplain.wrap` takes (linen: ``wrap(module, variables)``).
+    *args: ``x, units``: input batch (B, ...) (any dtype: token ids too) and a ``Units`` of a
+      dense or conv layer of the model (from ``units(model, ...)``).
     value: alpha of do(w = alpha) (0 by default).
     chunk: interventions per vmapped chunk, None for all at once.
-    channelwise_until: module path of the next linear layer, for filter ablations through
+    channelwise_until: name of the next linear layer, for filter ablations through
       channel-wise, zero-preserving ops (ReLU, pooling, flatten); requires value == 0 and
       filter units with their bias.
-    apply_kwargs: extra keyword arguments of ``model.apply`` (e.g. ``{"train": False}``).
+    apply_kwargs: extra keyword arguments of a linen ``model.apply`` (old call only).
 
   Returns:
-    (N, B, K) logits, equal to ``sweep(model.apply, variables, x, units, value=value)``.
+    (N, B, K) logits, equal to ``sweep(model, x, units, value=value)``.
 
+  >>> from jaxplain import wrap
   >>> from jaxplain.models import LeNet
   >>> from jaxplain.interventions import units
-  >>> v = LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  >>> sweep_layer(LeNet(), v, jnp.ones((2, 28, 28, 1)), units(v, "conv2", "filter")).shape
+  >>> m = wrap(LeNet(), LeNet().init(jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  >>> sweep_layer(m, jnp.ones((2, 28, 28, 1)), units(m, "conv2", "filter")).shape
   (16, 2, 10)
   """
+  if apply_kwargs and len(args) == 3:
+    from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
+    m, (x, units) = wrap(model, args[0], apply_kwargs=apply_kwargs), tuple(args[1:])
+  else:
+    m, (x, units) = _as_model(model, args, 2, "sweep_layer")
   if not isinstance(units, Units):
     raise TypeError("units: sweep_layer needs a Units value (from units(...)); for raw masks use "
                     "sweep")
-  x = _validate.check_batched(x, "x")
+  x = _check_x(x)
   layers = [units.layer] + ([channelwise_until] if channelwise_until else [])
-  _, caps = _hooks.capture(model, variables, x, layers, apply_kwargs=apply_kwargs)
-  h, z, mod = caps[units.layer]
-  w, b = _kernel_bias(variables, units.layer)
+  _, caps = m.capture(x, layers)
+  h, z = caps[units.layer]
+  w, b, lin = _kernel_bias(m, units.layer)
   if channelwise_until is None:
-    fn, data = _new_outputs(units, mod, h, z, w, b, value)
+    fn, data = _new_outputs(units, lin, h, _pre_activation(lin, h, z, w, b), w, b, value)
     target = units.layer
+    post = lambda v: _post(lin, v)  # noqa: E731
   else:
     if units.kind != "filter" or not isinstance(value, (int, float)) or value != 0:
       raise ValueError("channelwise_until: only for filter ablations (kind='filter', value=0)")
     if b is not None and not units.bias:
       raise ValueError("channelwise_until: the filter units must include the bias (bias=True); "
                        "zeroing the kernel alone does not zero the channel")
-    u, z2, mod2 = caps[channelwise_until]
-    w2, _ = _kernel_bias(variables, channelwise_until)
+    u, z2 = caps[channelwise_until]
+    w2, b2, lin2 = _kernel_bias(m, channelwise_until)
+    z2 = _pre_activation(lin2, u, z2, w2, b2)
     c = z.shape[-1]
-    if isinstance(mod2, nn.Dense):
+    if lin2.kind == "dense":
       if u.shape[-1] % c:
         raise ValueError(f"channelwise_until: {channelwise_until!r} has {u.shape[-1]} inputs, "
                          f"not a flatten of {c} channels")
@@ -260,13 +312,14 @@ def sweep_layer(model: nn.Module, variables: Any, x: jax.Array, units: Units, *,
       groups = None
 
     def fn(k):
-      return z2 - _input_contrib(mod2, u, w2, k, groups)
+      return z2 - _input_contrib(lin2, u, w2, k, groups, m.channels_first)
 
     data = jnp.asarray(units.index)
     target = channelwise_until
+    post = lambda v: _post(lin2, v)  # noqa: E731
 
   def one(d):
-    return _hooks.replace_output(model, variables, x, target, fn(d), apply_kwargs=apply_kwargs)
+    return m.replace(x, target, post(fn(d)))
 
   return _map(one, data, chunk)
 
@@ -274,18 +327,19 @@ def sweep_layer(model: nn.Module, variables: Any, x: jax.Array, units: Units, *,
 # -- first-order estimate -------------------------------------------------------------------
 
 
-def first_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x: jax.Array,
-                target: Any, units: Units | dict, *, value: Any = 0.0) -> jax.Array:
+def first_order(model: Any, *args: Any, value: Any = 0.0) -> jax.Array:
   """First-order (Taylor) estimate of every intervention's effect on the target logit from one
   per-example backward pass: e_n ~ sum over the unit's entries of (alpha - w) * dy_j/dw.
   Exact when y_j is linear in the unit's weights (e.g. a last-layer weight).
 
+  Called as ``first_order(model, x, target, units)`` or ``first_order(apply_fn, params, x,
+  target, units)``.
+
   Args:
-    apply_fn: ``apply_fn(params, x) -> logits (B, K)``.
-    params: parameter pytree.
-    x: (B, ...) inputs.
-    target: int or (B,) int class j.
-    units: ``Units`` or ``{path: bool (N, *leaf shape)}``.
+    model: anything :func:`jaxplain.wrap` takes, or ``apply_fn(params, x) -> (B, K)``
+      followed by ``params``.
+    *args: ``x, target, units``: (B, ...) inputs (any dtype: token ids too), int or (B,) int
+      class j, and ``Units`` or ``{path: bool (N, *leaf shape)}``.
     value: alpha.
 
   Returns:
@@ -297,19 +351,29 @@ def first_order(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, x:
   >>> first_order(apply_fn, p, jnp.ones((1, 2)), 0, units(p, "fc", "weight", [[0, 0]]))
   Array([[-3.]], dtype=float32)
   """
+  m, (x, target, units) = _as_model(model, args, 3, "first_order")
   masks = _masks_of(units)
-  x = _validate.check_batched(x, "x")
-  t = _validate.check_target(target, x.shape[0])
-  leaves = {p: jnp.asarray(_leaf(params, p)) for p in masks}
+  x = _check_x(x)
+  _validate.check_finite(value, "value")
+  params = m.params
+  k = _validate.check_logits(jax.eval_shape(m.apply, params, x), x.shape[0]).shape[1]
+  t = _validate.check_target(target, x.shape[0], k)
+  all_leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = [p for p in masks if p not in all_leaves]
+  if missing:
+    raise ValueError(f"units: paths {missing} are not in the model's parameters; available: "
+                     f"{sorted(all_leaves)}")
+  leaves = {p: jnp.asarray(all_leaves[p]) for p in masks}
 
   def y(sub, xb, tb):
     p = jax.tree_util.tree_map_with_path(lambda path, leaf: sub.get(path_str(path), leaf), params)
-    return apply_fn(p, xb[None])[0, tb]
+    return m.apply(p, xb[None])[0, tb]
 
   grads = jax.vmap(jax.grad(y), in_axes=(None, 0, 0))(leaves, x, t)   # {path: (B, *shape)}
+  grads = {p: _validate.select_valid(g, t, k) for p, g in grads.items()}  # traced bad target
   est = 0.0
-  for p, m in masks.items():
-    d = jnp.asarray(m, leaves[p].dtype) * (jnp.asarray(value, leaves[p].dtype) - leaves[p])
+  for p, mk in masks.items():
+    d = jnp.asarray(mk, leaves[p].dtype) * (jnp.asarray(value, leaves[p].dtype) - leaves[p])[None]
     est = est + jnp.einsum("n...,b...->nb", d, grads[p])
   return est
 

@@ -1,0 +1,123 @@
+"""Shared conventions of the evaluation metrics (private).
+
+An attribution ``a`` is shaped like ``x`` or like a leading part of ``x`` that keeps the batch
+axis, e.g. a pixel map ``(B, H, W)`` for images ``(B, H, W, C)``, or per-token scores
+``(B, L)`` for sequences ``(B, L, E)``. The *features* a metric ranks or removes are the
+elements of ``a``; a feature covers the trailing axes of ``x`` that ``a`` lacks (a pixel covers
+its channels, a token its embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxplain import _validate
+from jaxplain.gradients import _check_output, _output_value
+
+Array = jax.Array
+Fn = Callable[[Array], Array]
+OUTPUTS = ("logit", "log_softmax", "softmax")
+
+
+def check_x(x: Any, name: str = "x") -> Array:
+  return _validate.check_batched(x, name, min_rank=2)
+
+
+def check_output(output: str) -> None:
+  if output not in OUTPUTS:
+    raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+  _check_output(output)
+
+
+def check_chunk(chunk: Any) -> None:
+  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+
+
+def check_count(v: Any, name: str, low: int = 1) -> int:
+  if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < low:
+    raise ValueError(f"{name}: expected an int >= {low}, got {v!r}")
+  return int(v)
+
+
+def check_map(a: Any, x_shape: tuple[int, ...], name: str = "attributions") -> Array:
+  """``a`` shaped like ``x`` or a leading part of it (with the batch axis)."""
+  a = jnp.asarray(a)
+  if not jnp.issubdtype(a.dtype, jnp.floating):
+    a = a.astype(jnp.float32)
+  if a.ndim < 2 or a.shape != tuple(x_shape[:a.ndim]):
+    raise ValueError(f"{name}: expected a shape that is a leading part of x {tuple(x_shape)} "
+                     f"with at least (B, features), e.g. {tuple(x_shape[:2])}; got {a.shape}")
+  _validate.check_finite(a, name)
+  return a
+
+
+def flat(a: Array) -> Array:
+  return a.reshape(a.shape[0], -1)
+
+
+def to_x(m: Array, map_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> Array:
+  """(B, N) values over the map's features -> broadcast to x's shape."""
+  m = m.reshape(map_shape + (1,) * (len(x_shape) - len(map_shape)))
+  return jnp.broadcast_to(m, x_shape)
+
+
+def baseline(x: Array, value: Any, name: str = "value") -> Array:
+  val = jnp.asarray(value, x.dtype)
+  try:
+    ok = jnp.broadcast_shapes(val.shape, x.shape) == x.shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name}: expected a scalar or an array broadcasting to x {x.shape}; got "
+                     f"shape {val.shape}")
+  _validate.check_finite(val, name)
+  return jnp.broadcast_to(val, x.shape)
+
+
+def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:
+  out = jax.eval_shape(f, x)
+  _validate.check_logits(out, x.shape[0])
+  return _validate.check_target(target, x.shape[0], out.shape[-1]), out.shape[-1]
+
+
+def score(f: Fn, x: Array, t: Array, output: str) -> Array:
+  return _output_value(f(x), t, output)
+
+
+def smap(fn: Callable[[Array], Any], xs: Any, chunk: int | None) -> Any:
+  """vmap over the leading axis of ``xs``, or ``chunk`` entries at a time."""
+  if chunk is None:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=int(chunk))
+
+
+def descending_ranks(s: Array) -> Array:
+  """(B, N) -> (B, N) int ranks, 0 = largest; ties broken by index (stable)."""
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+
+
+def average_ranks(v: Array) -> Array:
+  """(B, N) -> (B, N) ranks 1..N with ties given their average rank (as scipy.stats)."""
+  srt = jnp.sort(v, axis=-1)
+  lo = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(srt, v)
+  hi = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(srt, v)
+  return (lo + hi + 1).astype(jnp.float32) / 2.0
+
+
+def pearson(a: Array, b: Array) -> Array:
+  """Row-wise Pearson correlation of (B, S) arrays; 0 where a row is constant."""
+  a = a - a.mean(-1, keepdims=True)
+  b = b - b.mean(-1, keepdims=True)
+  den = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
+  return jnp.where(den > 0, jnp.sum(a * b, -1) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def num_elements(shape: tuple[int, ...]) -> int:
+  return math.prod(shape)

@@ -1,0 +1,876 @@
+"""One model interface for every layer-level method: ``wrap`` (framework adapters live here).
+
+``wrap(obj, variables=None)`` turns a Flax linen module (+ variables), a Flax NNX module, an
+Equinox module, a Keras 3 model (JAX backend) or an ``(apply_fn, params)`` pair into a
+``Model``: a pure ``apply(params, x) -> logits``, the parameter pytree ``params``, and hooks
+that read, perturb or replace the output of a layer named by the framework's own name:
+
+==========  =====================================================  ==========================
+framework   layer name                                             parameter layout (native)
+==========  =====================================================  ==========================
+linen       module path ``"block/conv"``                           Dense (in, out), Conv
+                                                                   (kh, kw, in, out)
+NNX         attribute path, list indices as numbers ``"blocks/0"``  as linen (``.../value``)
+Equinox     pytree path ``"layers/0"``                             Linear (out, in), Conv2d
+                                                                   (out, in, kh, kw)
+Keras 3     layer name ``"mixed10"``                               as linen
+==========  =====================================================  ==========================
+
+Conventions every method relies on (so that no method branches on the framework):
+
+- **Intermediates are batched and channels-last**: a captured layer output is (B, ..., C)
+  (Equinox modules run per example under ``jax.vmap`` and produce (C, H, W): the adapter moves
+  the channel axis last when it reads and back when it writes).
+- **Linear layers** (dense and convolution) are described by a ``Linear``: where the kernel
+  and bias live in ``params``, the permutation between the canonical (..., in, out) kernel and
+  the native one, and the layer's op in canonical layout (used by ``sweep_layer`` / ``walk``).
+  Keras layers with a fused ``activation`` report it; methods recompute the pre-activation.
+- **Inference mode**: batch norm uses its running statistics in every framework (linen: pass
+  ``apply_kwargs`` such as ``{"train": False}`` when the module needs it; NNX: ``.eval()``
+  on a private copy; Equinox: ``eqx.nn.inference_mode``; Keras: ``training=False``).
+- **A layer called twice** in one forward pass (a shared layer): hooking it raises
+  ``ValueError``; one call of a layer is one intermediate. Give the two uses distinct
+  submodules (the policy of every method in the library).
+- ``layer_names(x)`` lists the hookable layers in execution order (probed with
+  ``jax.eval_shape``, so nothing is computed).
+
+To add a framework, write one adapter class below (``apply``, ``run``, ``linear``,
+``trainable_paths``, ``names``) and one branch in ``wrap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxplain.interventions._select import path_str
+
+Array = jax.Array
+HookFn = Callable[[Any, Any, Any], tuple[Any, Any]]
+
+
+class Linear(NamedTuple):
+  """A dense or convolution layer as the intervention methods see it.
+
+  Attributes:
+    kind: ``"dense"`` or ``"conv"``.
+    kernel: ``/``-joined path of the kernel leaf in ``Model.params``.
+    bias: path of the bias leaf, or ``None``.
+    perm: native kernel = canonical kernel ``.transpose(perm)``; canonical is (..., in, out).
+    bias_shape: the native bias shape (Equinox conv: (out, 1, 1)).
+    op: ``op(h, kernel, bias) -> z`` in canonical layout, ``h`` channels-last (bias may be
+      ``None``); the layer without its activation.
+    activation: a fused activation applied after ``op`` (Keras ``activation=``), or ``None``.
+  """
+  kind: str
+  kernel: str
+  bias: str | None
+  perm: tuple[int, ...]
+  bias_shape: tuple[int, ...] | None
+  op: Callable[..., Array]
+  activation: Callable[[Array], Array] | None = None
+
+  def canonical(self, w: Array) -> Array:
+    """Native kernel -> canonical (..., in, out)."""
+    return jnp.transpose(w, np.argsort(self.perm))
+
+  def native_mask(self, m: np.ndarray) -> np.ndarray:
+    """Canonical (N, ..., in, out) masks -> native (N, *native shape)."""
+    return np.transpose(m, (0,) + tuple(p + 1 for p in self.perm))
+
+
+# -- helpers shared by the adapters ----------------------------------------------------------
+
+
+def _leaves(params: Any) -> dict[str, Any]:
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _unknown(layer: Any, names: Sequence[str]) -> ValueError:
+  return ValueError(f"layer: unknown layer name {layer!r}; available layers: "
+                    + ", ".join(repr(n) for n in names))
+
+
+def _twice(name: str) -> ValueError:
+  return ValueError(f"layer: {name!r} is called more than once in one forward pass; a hooked "
+                    "layer must be applied once (give each use its own submodule)")
+
+
+def _lax_padding(padding: Any, nd: int) -> Any:
+  if isinstance(padding, str):
+    p = padding.upper()
+    if p not in ("SAME", "VALID"):
+      raise ValueError(f"layer: padding {padding!r} is not supported by sweep_layer/walk; use "
+                       "sweep (the general path)")
+    return p
+  if isinstance(padding, int):
+    return [(padding, padding)] * nd
+  out = []
+  for q in padding:
+    out.append((q, q) if isinstance(q, int) else tuple(int(v) for v in q))
+  return out
+
+
+def _bcast(b: Array, ndim: int) -> Array:
+  return jnp.reshape(b, (1,) * (ndim - 1) + (-1,))
+
+
+def _tuple(v: Any, nd: int) -> tuple[int, ...]:
+  return (int(v),) * nd if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def conv_op(nd: int, strides: Any = 1, padding: Any = "VALID", dilation: Any = 1,
+            groups: int = 1, input_dilation: Any = 1) -> Callable[..., Array]:
+  """A channels-last convolution ``op(h, kernel (..., in, out), bias)`` (private helper)."""
+  spatial = "DHW"[-nd:] if nd <= 3 else None
+  if spatial is None:
+    raise ValueError(f"layer: {nd}-D convolutions are not supported")
+  dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+  strides, dilation = _tuple(strides, nd), _tuple(dilation, nd)
+  lhs_dil = _tuple(input_dilation, nd)
+  pad = _lax_padding(padding, nd)
+
+  def op(h, w, b=None):
+    # A restricted kernel (one input channel of a grouped conv) runs ungrouped.
+    g = groups if w.shape[-2] * groups == h.shape[-1] else 1
+    z = jax.lax.conv_general_dilated(h, w.astype(h.dtype), strides, pad, lhs_dilation=lhs_dil,
+                                     rhs_dilation=dilation, dimension_numbers=dn,
+                                     feature_group_count=g)
+    return z if b is None else z + _bcast(b.astype(z.dtype), z.ndim)
+  return op
+
+
+def dense_op(h, w, b=None):
+  """``h @ w (+ b)`` over the last axis (private helper)."""
+  z = jnp.tensordot(h, w.astype(h.dtype), axes=((-1,), (0,)))
+  return z if b is None else z + _bcast(b.astype(z.dtype), z.ndim)
+
+
+def _select_output(out: Any, output: Any) -> Any:
+  if output is not None:
+    return output(out) if callable(output) else out[output]
+  if isinstance(out, (tuple, list)):
+    raise ValueError(f"output: the model returns a {type(out).__name__} of "
+                     f"{len(out)} values; pass wrap(..., output=0) (an index or a function) "
+                     "to select the logits")
+  return out
+
+
+# -- adapters --------------------------------------------------------------------------------
+
+
+class _Linen:
+  framework = "linen"
+  channels_first = False
+
+  def __init__(self, module, variables, apply_kwargs, output):
+    if variables is None:
+      raise ValueError("variables: a flax.linen module needs its variables: "
+                       "wrap(module, variables)")
+    self.module, self.kw, self.output = module, dict(apply_kwargs or {}), output
+    self.variables = variables
+    self.mods: dict[str, Any] = {}
+
+  def apply(self, params, x):
+    return _select_output(self.module.apply(params, x, **self.kw), self.output)
+
+  def run(self, params, x, hooks, extra):
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    aux, order = {}, []
+
+    def interceptor(next_fun, args, kwargs, ctx):
+      if ctx.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      name = "/".join(str(p) for p in ctx.module.path)
+      if name and name not in order:
+        order.append(name)
+      out = next_fun(*args, **kwargs)
+      if name in hooks:
+        if name in aux:
+          raise _twice(name)
+        self.mods[name] = ctx.module.clone(parent=None)
+        out, aux[name] = hooks[name](args[0] if args else None, out, extra.get(name))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      logits = self.apply(params, x)
+    return logits, aux, order
+
+  def names(self):
+    return None  # linen submodules exist only while the model runs: probe
+
+  def _owners(self, params):
+    return [p[: -len("/kernel")] for p in _leaves(params) if p.endswith("/kernel")]
+
+  def linear(self, layer):
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    paths = _leaves(self.variables)
+    kpath = f"params/{layer}/kernel"
+    if kpath not in paths:
+      raise ValueError(f"layer: no layer with a kernel matches {layer!r}; available layers: "
+                       f"{[o[len('params/'):] for o in self._owners(self.variables)]}")
+    bpath = f"params/{layer}/bias" if f"params/{layer}/bias" in paths else None
+    nd = np.ndim(paths[kpath])
+    perm = tuple(range(nd))
+    bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+    if nd == 2:
+      return Linear("dense", kpath, bpath, perm, bshape, dense_op)
+    mods = self.mods
+
+    def op(h, w, b=None):
+      mod = mods.get(layer)
+      if mod is None:
+        raise RuntimeError(f"layer: {layer!r} must be captured before its op is used")
+      if not isinstance(mod, nn.Conv):
+        raise TypeError(f"layer: sweep_layer needs a Dense or Conv layer, got "
+                        f"{type(mod).__name__}; use sweep (the general path)")
+      groups = mod.feature_group_count
+      m = mod.clone(features=w.shape[-1], use_bias=b is not None,
+                    feature_group_count=groups if w.shape[-2] * groups == h.shape[-1] else 1)
+      p = {"kernel": w} if b is None else {"kernel": w, "bias": b}
+      return m.apply({"params": p}, h)
+    return Linear("conv", kpath, bpath, perm, bshape, op)
+
+  def trainable_paths(self, params):
+    return [p for p in _leaves(params) if p.startswith("params/")]
+
+  def param_prefix(self, layer):
+    return f"params/{layer}/"
+
+
+def _nnx_get(node, part):
+  return node[int(part)] if part.isdigit() else getattr(node, part)
+
+
+class _Proxy:
+  """Stands in for a hooked NNX submodule: calls go through the hook, the rest to the module."""
+
+  def __init__(self, inner, hook):
+    object.__setattr__(self, "_inner", inner)
+    object.__setattr__(self, "_hook", hook)
+
+  def __call__(self, *args, **kwargs):
+    return self._hook(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def __getitem__(self, i):
+    return self._inner[i]
+
+  def __iter__(self):
+    return iter(self._inner)
+
+  def __len__(self):
+    return len(self._inner)
+
+
+class _NNX:
+  framework = "nnx"
+  channels_first = False
+
+  def __init__(self, module, apply_kwargs, output):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    copy.eval()
+    self.graphdef, self.state = nnx.split(copy)
+    self.kw, self.output = dict(apply_kwargs or {}), output
+    self.copy = copy
+    params = nnx.split(copy, nnx.Param, ...)[1]
+    self.param_paths = set(_leaves(params))
+    self._names = ["/".join(str(p) for p in path)
+                   for path, mod in nnx.iter_modules(copy) if path and callable(mod)]
+
+  def apply(self, params, x):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    return _select_output(nnx.merge(self.graphdef, params)(x, **self.kw), self.output)
+
+  def run(self, params, x, hooks, extra):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    m = nnx.merge(self.graphdef, params)
+    aux, order = {}, []
+    targets = []
+    for name in self._names:
+      *parents, last = name.split("/")
+      parent = m
+      for p in parents:
+        parent = _nnx_get(parent, p)
+      targets.append((name, parent, last, _nnx_get(parent, last)))
+    for name, parent, last, inner in targets:
+      def hook(*args, _name=name, _inner=inner, **kwargs):
+        if _name not in order:
+          order.append(_name)
+        out = _inner(*args, **kwargs)
+        if _name in hooks:
+          if _name in aux:
+            raise _twice(_name)
+          out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
+        return out
+      proxy = _Proxy(inner, hook)
+      if last.isdigit():
+        parent[int(last)] = proxy
+      else:
+        object.__setattr__(parent, last, proxy)  # a private copy: bypass NNX attribute checks
+    return _select_output(m(x, **self.kw), self.output), aux, order
+
+  def names(self):
+    return list(self._names)
+
+  def linear(self, layer):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    if layer not in self._names:
+      raise _unknown(layer, self._names)
+    mod = self.copy
+    for p in layer.split("/"):
+      mod = _nnx_get(mod, p)
+    paths = _leaves(self.state)
+    kpath, bpath = f"{layer}/kernel/value", f"{layer}/bias/value"
+    bpath = bpath if bpath in paths else None
+    if kpath not in paths:
+      raise ValueError(f"layer: {layer!r} ({type(mod).__name__}) has no kernel; layers with "
+                       f"one: {[n for n in self._names if f'{n}/kernel/value' in paths]}")
+    nd = np.ndim(paths[kpath])
+    bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+    if isinstance(mod, nnx.Linear):
+      return Linear("dense", kpath, bpath, (0, 1), bshape, dense_op)
+    if isinstance(mod, nnx.Conv):
+      op = conv_op(nd - 2, mod.strides or 1, mod.padding, mod.kernel_dilation or 1,
+                   mod.feature_group_count, mod.input_dilation or 1)
+      return Linear("conv", kpath, bpath, tuple(range(nd)), bshape, op)
+    raise TypeError(f"layer: {layer!r} is a {type(mod).__name__}; sweep_layer/walk/units need "
+                    "an nnx.Linear or nnx.Conv")
+
+  def trainable_paths(self, params):
+    return [p for p in _leaves(params) if p in self.param_paths]
+
+  def param_prefix(self, layer):
+    return f"{layer}/"
+
+
+def _eqx_get(node, key):
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  return node[key.key]
+
+
+class _EqxHook:
+  """Placeholder type (defined lazily as an equinox Module)."""
+
+
+def _eqx_hook_cls():
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  global _EqxHook  # pylint: disable=global-statement
+  if isinstance(_EqxHook, type) and issubclass(_EqxHook, eqx.Module):
+    return _EqxHook
+
+  class Hook(eqx.Module):
+    inner: Any
+    name: str = eqx.field(static=True)
+    callback: Callable = eqx.field(static=True)
+
+    def __call__(self, *args, **kwargs):
+      return self.callback(self.name, self.inner, args, kwargs)
+
+  _EqxHook = Hook
+  return Hook
+
+
+class _Equinox:
+  framework = "equinox"
+  channels_first = True
+
+  def __init__(self, module, output):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    module = eqx.nn.inference_mode(module)
+    self.params, self.static = eqx.partition(module, eqx.is_array)
+    self.module, self.output = module, output
+    self._keys: dict[str, tuple] = {}
+
+    def visit(node, keys):
+      kids = jax.tree_util.tree_flatten_with_path(
+          node, is_leaf=lambda n: n is not node and isinstance(n, eqx.Module))[0]
+      for kp, child in kids:
+        if isinstance(child, eqx.Module):
+          full = keys + tuple(kp)
+          self._keys[path_str(full)] = full
+          visit(child, full)
+    visit(module, ())
+
+  def _get(self, tree, name):
+    node = tree
+    for k in self._keys[name]:
+      node = _eqx_get(node, k)
+    return node
+
+  def apply(self, params, x):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    return _select_output(jax.vmap(eqx.combine(params, self.static))(x), self.output)
+
+  def _conv_like(self, mod):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    return isinstance(mod, (eqx.nn.Conv, eqx.nn.ConvTranspose, eqx.nn.Pool))
+
+  def run(self, params, x, hooks, extra):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    hook_cls = _eqx_hook_cls()
+    order: list[str] = []
+    conv_like = {n: self._conv_like(self._get(self.module, n)) for n in self._keys}
+
+    def moved(a, name):
+      return isinstance(a, jax.Array) and a.ndim >= 2 and (conv_like[name] or a.ndim >= 3)
+
+    def per_example(p, xb, ex):
+      model = eqx.combine(p, self.static)
+      aux = {}
+
+      def callback(name, inner, args, kwargs):
+        if name not in order:
+          order.append(name)
+        out = inner(*args, **kwargs)
+        if name in hooks:
+          if name in aux:
+            raise _twice(name)
+          inp = args[0] if args else None
+          inp = jnp.moveaxis(inp, 0, -1) if moved(inp, name) else inp
+          flip = moved(out, name)
+          new, aux[name] = hooks[name](inp, jnp.moveaxis(out, 0, -1) if flip else out,
+                                       ex.get(name))
+          out = jnp.moveaxis(new, -1, 0) if flip else new
+        return out
+
+      # deepest first, so that a parent's hook wraps its hooked children
+      for name in sorted(self._keys, key=lambda n: -len(self._keys[n])):
+        model = eqx.tree_at(lambda m, n=name: self._get(m, n), model,
+                            replace_fn=lambda mod, n=name: hook_cls(mod, n, callback))
+      return _select_output(model(xb), self.output), aux
+
+    logits, aux = jax.vmap(per_example, in_axes=(None, 0, 0))(params, x, extra)
+    return logits, aux, order
+
+  def names(self):
+    return list(self._keys)
+
+  def linear(self, layer):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    if layer not in self._keys:
+      raise _unknown(layer, list(self._keys))
+    mod = self._get(self.module, layer)
+    bpath = f"{layer}/bias" if getattr(mod, "bias", None) is not None else None
+    bshape = None if bpath is None else tuple(mod.bias.shape)
+    if isinstance(mod, eqx.nn.Linear):
+      if mod.in_features == "scalar" or mod.out_features == "scalar":
+        raise ValueError(f"layer: {layer!r} is a scalar Linear; not supported")
+      return Linear("dense", f"{layer}/weight", bpath, (1, 0), bshape, dense_op)
+    if isinstance(mod, eqx.nn.Conv) and not isinstance(mod, eqx.nn.ConvTranspose):
+      if getattr(mod, "padding_mode", "ZEROS") != "ZEROS":
+        raise ValueError(f"layer: {layer!r} uses padding_mode={mod.padding_mode!r}; use sweep")
+      nd = mod.num_spatial_dims
+      perm = (nd + 1, nd) + tuple(range(nd))
+      op = conv_op(nd, mod.stride, mod.padding, mod.dilation, mod.groups)
+      return Linear("conv", f"{layer}/weight", bpath, perm, bshape, op)
+    raise TypeError(f"layer: {layer!r} is a {type(mod).__name__}; sweep_layer/walk/units need "
+                    "an eqx.nn.Linear or eqx.nn.Conv")
+
+  def trainable_paths(self, params):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    return [p for p, v in _leaves(params).items() if eqx.is_inexact_array(v)]
+
+  def param_prefix(self, layer):
+    return f"{layer}/"
+
+
+class _Keras:
+  framework = "keras"
+  channels_first = False
+
+  def __init__(self, model, output):
+    import keras  # pylint: disable=import-outside-toplevel
+    if keras.backend.backend() != "jax":
+      raise ValueError("obj: a Keras model needs the JAX backend (set KERAS_BACKEND=jax before "
+                       "importing keras)")
+    self.model, self.output = model, output
+    self.layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    self.keys: list[tuple[Any, str, str]] = []   # (variable, layer name, variable key)
+    seen = set()
+    params: dict[str, dict[str, Any]] = {}
+    self.trainable = set()
+    for l in self.layers:
+      train_ids = {id(v) for v in l.trainable_weights}
+      for v in l.weights:
+        if id(v) in seen:
+          continue
+        seen.add(id(v))
+        key, i = v.name, 1
+        while key in params.get(l.name, {}):
+          key, i = f"{v.name}_{i}", i + 1
+        params.setdefault(l.name, {})[key] = v.value
+        self.keys.append((v, l.name, key))
+        if id(v) in train_ids:
+          self.trainable.add(f"{l.name}/{key}")
+    rest = [v for v in model.variables if id(v) not in seen]
+    for j, v in enumerate(rest):
+      params.setdefault("_other", {})[f"{j}"] = v.value
+      self.keys.append((v, "_other", f"{j}"))
+    self.params = params
+    self.by_name = {l.name: l for l in self.layers}
+
+  def apply(self, params, x):
+    import keras  # pylint: disable=import-outside-toplevel
+    mapping = [(v, params[l][k]) for v, l, k in self.keys]
+    # Keras' own layers rely on numpy rank promotion and standard dtype promotion.
+    with keras.StatelessScope(state_mapping=mapping), jax.numpy_rank_promotion("allow"), \
+        jax.numpy_dtype_promotion("standard"):
+      out = self.model(x, training=False)
+    return _select_output(out, self.output)
+
+  def run(self, params, x, hooks, extra):
+    aux, order = {}, []
+    patched = []
+    try:
+      for layer in self.layers:
+        name, orig = layer.name, layer.call
+
+        def call(*args, _name=name, _orig=orig, **kwargs):
+          if _name not in order:
+            order.append(_name)
+          out = _orig(*args, **kwargs)
+          if _name in hooks:
+            if _name in aux:
+              raise _twice(_name)
+            out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
+          return out
+        object.__setattr__(layer, "call", call)
+        patched.append(layer)
+      logits = self.apply(params, x)
+    finally:
+      for layer in patched:
+        object.__delattr__(layer, "call")
+    return logits, aux, order
+
+  def names(self):
+    return [l.name for l in self.layers]
+
+  def linear(self, layer):
+    import keras  # pylint: disable=import-outside-toplevel
+    if layer not in self.by_name:
+      raise _unknown(layer, self.names())
+    l = self.by_name[layer]
+    act = getattr(l, "activation", None)
+    act = None if act in (None, keras.activations.linear) else act
+    bpath = f"{layer}/bias" if getattr(l, "use_bias", False) else None
+    bshape = None if bpath is None else tuple(l.bias.shape)
+    if isinstance(l, keras.layers.Dense):
+      return Linear("dense", f"{layer}/kernel", bpath, (0, 1), bshape, dense_op, act)
+    base = getattr(keras.src.layers.convolutional.base_conv, "BaseConv", None)
+    if base is not None and isinstance(l, base) and not isinstance(
+        l, (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D,
+            keras.layers.SeparableConv2D)):
+      if l.data_format != "channels_last":
+        raise ValueError(f"layer: {layer!r} is channels_first; not supported")
+      nd = l.rank
+      op = conv_op(nd, l.strides, l.padding, l.dilation_rate, l.groups)
+      return Linear("conv", f"{layer}/kernel", bpath, tuple(range(nd + 2)), bshape, op, act)
+    raise TypeError(f"layer: {layer!r} is a {type(l).__name__}; sweep_layer/walk/units need a "
+                    "keras Dense or ConvND layer")
+
+  def trainable_paths(self, params):
+    return [p for p in _leaves(params) if p in self.trainable]
+
+  def param_prefix(self, layer):
+    return f"{layer}/"
+
+
+class _Split:
+  """``(features, head)``: two functions with ``head(features(x))`` the logits; one layer."""
+  framework = "split"
+  channels_first = False
+
+  def __init__(self, features, head):
+    self.features, self.head = features, head
+
+  def apply(self, params, x):
+    del params
+    return self.head(self.features(x))
+
+  def run(self, params, x, hooks, extra):
+    del params
+    unknown = [h for h in hooks if h != "features"]
+    if unknown:
+      raise _unknown(unknown[0], ["features"])
+    a = self.features(x)
+    aux = {}
+    if "features" in hooks:
+      a, aux["features"] = hooks["features"](x, a, extra.get("features"))
+    return self.head(a), aux, ["features"]
+
+  def names(self):
+    return ["features"]
+
+  def linear(self, layer):
+    raise TypeError("model: a (features, head) pair has no parameter layout; use "
+                    "wrap(apply_fn, params) with sweep / first_order")
+
+  def trainable_paths(self, params):
+    return []
+
+  def param_prefix(self, layer):
+    return f"{layer}/"
+
+
+class _Function:
+  """``(apply_fn, params)``: a pure function; no named layers."""
+  framework = "function"
+  channels_first = False
+
+  def __init__(self, apply_fn, output):
+    self.fn, self.output = apply_fn, output
+
+  def apply(self, params, x):
+    return _select_output(self.fn(params, x), self.output)
+
+  def run(self, params, x, hooks, extra):
+    raise ValueError("model: an (apply_fn, params) pair has no named layers; wrap a Flax, "
+                     "Equinox or Keras model to hook layer outputs")
+
+  def names(self):
+    return []
+
+  def linear(self, layer):
+    paths = _leaves(self._params)
+    owners = [p[: -len("/kernel")] for p in paths if p.endswith("/kernel")]
+    hits = [o for o in owners if o == layer or o.endswith("/" + layer)]
+    if len(hits) != 1:
+      what = "no" if not hits else "more than one"
+      raise ValueError(f"layer: {what} layer with a kernel matches {layer!r}; available "
+                       f"layers: {owners}")
+    owner = hits[0]
+    kpath, bpath = owner + "/kernel", owner + "/bias"
+    bpath = bpath if bpath in paths else None
+    nd = np.ndim(paths[kpath])
+    bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+    op = dense_op if nd == 2 else conv_op(nd - 2, 1, "SAME")
+    return Linear("dense" if nd == 2 else "conv", kpath, bpath, tuple(range(nd)), bshape, op)
+
+  def trainable_paths(self, params):
+    return list(_leaves(params))
+
+  def param_prefix(self, layer):
+    return f"{layer}/"
+
+
+# -- the model value -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """A wrapped model: ``apply(params, x) -> logits`` (B, K), ``params``, and layer hooks.
+
+  Build it with :func:`wrap`. ``model(x)`` is ``model.apply(model.params, x)``. Every hook
+  method takes ``params=`` (default ``self.params``), so an edited or stacked parameter tree
+  runs through the same hooks (under ``jax.vmap`` too).
+  """
+  apply: Callable[[Any, Array], Array]
+  params: Any
+  adapter: Any = dataclasses.field(repr=False)
+
+  @property
+  def framework(self) -> str:
+    """``"linen"``, ``"nnx"``, ``"equinox"``, ``"keras"``, ``"split"`` or ``"function"``."""
+    return self.adapter.framework
+
+  @property
+  def channels_first(self) -> bool:
+    """Whether the model's *inputs* are channels-first (Equinox); intermediates never are."""
+    return self.adapter.channels_first
+
+  def __call__(self, x: Array) -> Array:
+    return self.apply(self.params, x)
+
+  def with_params(self, params: Any) -> "Model":
+    """The same model with another parameter tree (same structure)."""
+    return dataclasses.replace(self, params=params)
+
+  def run(self, x: Array, hooks: Mapping[str, HookFn], extra: Mapping[str, Any] | None = None,
+          *, params: Any = None) -> tuple[Array, dict[str, Any]]:
+    """Run with ``hooks[name](input, output, extra[name]) -> (new output, aux)`` on the named
+    layers (batched, channels-last; per example for Equinox, so hooks must not mix examples
+    and ``extra`` leaves carry a leading batch axis). Returns ``(logits, {name: aux})``."""
+    params = self.params if params is None else params
+    extra = dict(extra or {})
+    hooks = dict(hooks)
+    logits, aux, order = self.adapter.run(params, x, hooks, extra)
+    missing = [h for h in hooks if h not in aux]
+    if missing:
+      raise _unknown(missing[0], order or self.adapter.names() or [])
+    return logits, aux
+
+  def capture(self, x: Array, layers: Sequence[str] | str, *,
+              params: Any = None) -> tuple[Array, dict[str, tuple[Array, Array]]]:
+    """Logits and ``{layer: (input, output)}`` of the named layers (channels-last).
+
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> net = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(3)])
+    >>> m = wrap(net, net.init(jax.random.key(0), jnp.ones((1, 2))))
+    >>> logits, caps = m.capture(jnp.ones((5, 2)), ["layers_0"])
+    >>> [a.shape for a in caps["layers_0"]]
+    [(5, 2), (5, 4)]
+    """
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    return self.run(x, {l: (lambda i, o, e: (o, (i, o))) for l in layers}, params=params)
+
+  def perturb(self, x: Array, layer: str, delta: Array, *,
+              params: Any = None) -> tuple[Array, Array]:
+    """Logits with ``delta`` added to ``layer``'s output, and that (unperturbed) output.
+    ``d logits / d delta = d logits / d output`` (the mechanism of Grad-CAM)."""
+    logits, aux = self.run(x, {layer: lambda i, o, e: (o + e, o)}, {layer: delta},
+                           params=params)
+    return logits, aux[layer]
+
+  def replace(self, x: Array, layer: str, value: Array, *, params: Any = None) -> Array:
+    """Logits with ``layer``'s output replaced by ``value`` (B, ..., C) (channels-last).
+    Under ``jax.jit`` the layers before ``layer`` that nothing else needs are dead code."""
+    logits, _ = self.run(x, {layer: lambda i, o, e: (e, None)}, {layer: value}, params=params)
+    return logits
+
+  def layer_names(self, x: Array | None = None) -> tuple[str, ...]:
+    """Layer names in execution order (probed on ``x`` with ``jax.eval_shape``); without
+    ``x``, the framework's own listing (linen: the layers owning parameters)."""
+    if x is None:
+      names = self.adapter.names()
+      if names is None:
+        return tuple(p[len("params/"):] for p in self.adapter._owners(self.params))
+      return tuple(names)
+    order: list[str] = []
+
+    def probe(p, z):
+      _, _, o = self.adapter.run(p, z, {}, {})
+      order[:] = o
+      return 0
+    jax.eval_shape(probe, self.params, x)
+    return tuple(order)
+
+  def linear(self, layer: str) -> Linear:
+    """The ``Linear`` description of a dense / convolution layer (see module docstring)."""
+    if not isinstance(layer, str):
+      raise TypeError(f"layer: expected a layer name string, got {layer!r}")
+    return self.adapter.linear(layer)
+
+  def layer_params(self, layer: str, params: Any = None) -> list[str]:
+    """Paths (in ``params``) of the trainable leaves owned by ``layer`` (float leaves only)."""
+    params = self.params if params is None else params
+    pre = self.adapter.param_prefix(layer)
+    return [p for p in self.adapter.trainable_paths(params) if p.startswith(pre)]
+
+
+def _is_keras(obj: Any) -> bool:
+  if "keras" not in sys.modules:
+    return False
+  import keras  # pylint: disable=import-outside-toplevel
+  return isinstance(obj, keras.Model)
+
+
+def _is_eqx(obj: Any) -> bool:
+  if "equinox" not in sys.modules:
+    return False
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  return isinstance(obj, eqx.Module)
+
+
+def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
+         output: int | Callable | None = None) -> Model:
+  """Wrap any supported model as a ``Model`` (see the module docstring).
+
+  Args:
+    obj: a ``flax.linen.Module`` (with ``variables``), a ``flax.nnx.Module``, an
+      ``equinox.Module`` (called per example; ``apply`` vmaps it over the batch), a Keras 3
+      ``keras.Model`` (JAX backend), a pair ``(apply_fn, params)`` with
+      ``apply_fn(params, x) -> logits``, a pair ``(features, head)`` of functions, or a
+      ``Model`` (returned as is).
+    variables: the linen variables (``{"params": ..., "batch_stats": ...}``); else ``None``.
+    apply_kwargs: keyword arguments of every model call (linen / NNX), e.g. ``{"train": False}``.
+    output: when the model returns a tuple or dict, the index / key of the logits or a
+      function selecting them.
+
+  Returns:
+    A ``Model``.
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> class Net(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     return nn.Dense(3, name="out")(nn.relu(nn.Dense(4, name="hidden")(x)))
+  >>> v = Net().init(jax.random.key(0), jnp.ones((1, 2)))
+  >>> m = wrap(Net(), v)
+  >>> m.layer_names(jnp.ones((1, 2))), m(jnp.ones((5, 2))).shape
+  (('hidden', 'out'), (5, 3))
+  """
+  if isinstance(obj, Model):
+    if variables is not None or apply_kwargs is not None or output is not None:
+      raise ValueError("variables, apply_kwargs, output: must be None when obj is already a "
+                       "wrapped Model (give them to wrap)")
+    return obj
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if isinstance(obj, nn.Module):
+    a = _Linen(obj, variables, apply_kwargs, output)
+    return Model(a.apply, variables, a)
+  if variables is not None:
+    raise ValueError(f"variables: only a flax.linen module takes variables; got a "
+                     f"{type(obj).__name__} (wrap(obj) alone)")
+  if isinstance(obj, nnx.Module):
+    a = _NNX(obj, apply_kwargs, output)
+    return Model(a.apply, a.state, a)
+  if _is_keras(obj):
+    a = _Keras(obj, output)
+    return Model(a.apply, a.params, a)
+  if _is_eqx(obj):
+    a = _Equinox(obj, output)
+    return Model(a.apply, a.params, a)
+  if isinstance(obj, (tuple, list)) and len(obj) == 2 and callable(obj[0]):
+    if callable(obj[1]) and not _is_eqx(obj[1]) and not isinstance(obj[1], (dict, list, tuple)):
+      a = _Split(obj[0], obj[1])
+      return Model(a.apply, {}, a)
+    a = _Function(obj[0], output)
+    a._params = obj[1]
+    return Model(a.apply, obj[1], a)
+  raise TypeError(f"obj: expected a flax.linen Module (with variables), a flax.nnx Module, an "
+                  f"equinox Module, a keras.Model (JAX backend), an (apply_fn, params) pair or "
+                  f"a (features, head) pair of functions; got {type(obj).__name__}")
+
+
+def linen_parts(model: Any, what: str = "model") -> tuple[Any, Any]:
+  """``(module, variables)`` of a linen model given as a module or as ``wrap(module,
+  variables)`` (variables ``None`` for a bare module): the entry points that train a linen
+  module (``train.fit``, ``ppi.make_ppi_loss``) accept both. Other frameworks raise."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  if isinstance(model, Model):
+    if model.framework != "linen":
+      raise TypeError(f"{what}: training supports Flax linen models only (got a wrapped "
+                      f"{model.framework} model); wrap(module, variables) of a linen module "
+                      "works")
+    return model.adapter.module, model.params
+  if isinstance(model, nn.Module):
+    return model, None
+  raise TypeError(f"{what}: expected a flax.linen Module or wrap(module, variables), got "
+                  f"{type(model).__name__}")
+
+
+def as_model(model: Any, args: tuple, n: int, what: str) -> tuple[Model, tuple]:
+  """Accept ``f(model, *args)`` (n args) and the older ``f(model, variables, *args)``.
+
+  Returns ``(wrapped model, args)`` (private helper of the layer-level methods).
+  """
+  if len(args) == n + 1:
+    return wrap(model, args[0]), tuple(args[1:])
+  if len(args) != n:
+    raise TypeError(f"{what}: expected {n} positional arguments after the model, got "
+                    f"{len(args)}")
+  return wrap(model), tuple(args)

@@ -1,0 +1,526 @@
+"""The model interface (jaxplain.wrap): one small CNN written in Flax linen, Flax NNX, Equinox
+and Keras 3 with the same weights (layouts transposed) gives the same logits, Grad-CAM maps,
+units / sweep_layer results, first-order estimates and walk results, each checked against a
+hand computation with the model split by hand at that layer (plain jax.lax, no library code)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import equinox as eqx  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxplain  # noqa: E402
+from jaxplain import interventions as iv  # noqa: E402
+
+B, H, W, C0, C1, C2, K = 3, 6, 6, 2, 3, 4, 5
+T = np.array([0, 3, 1])
+
+
+def pool(x):  # 2x2 average pool, NHWC
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+# -- the hand model: plain lax ----------------------------------------------------------------
+
+
+def conv(x, k, b):
+  return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + b[None, None,
+                                                                                      None]
+
+
+def hand_features(p, x):
+  """x -> conv2's output (pre-ReLU), (B, 6, 6, 4)."""
+  a = jax.nn.relu(conv(x, p["conv1"]["kernel"], p["conv1"]["bias"]))
+  return conv(a, p["conv2"]["kernel"], p["conv2"]["bias"])
+
+
+def hand_fc_input(p, a2):
+  return pool(jax.nn.relu(a2)).reshape(a2.shape[0], -1)      # NHWC flatten, (B, 36)
+
+
+def hand_head(p, a2):
+  return hand_fc_input(p, a2) @ p["fc"]["kernel"] + p["fc"]["bias"][None]
+
+
+def hand_logits(p, x):
+  return hand_head(p, hand_features(p, x))
+
+
+# -- the four models -------------------------------------------------------------------------
+
+
+class Linen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jax.nn.relu(nn.Conv(C1, (3, 3), padding="SAME", name="conv1")(x))
+    x = jax.nn.relu(nn.Conv(C2, (3, 3), padding="SAME", name="conv2")(x))
+    return nn.Dense(K, name="fc")(pool(x).reshape(x.shape[0], -1))
+
+
+class NNX(nnx.Module):
+  def __init__(self, p):
+    r = nnx.Rngs(0)
+    self.conv1 = nnx.Conv(C0, C1, (3, 3), padding="SAME", rngs=r)
+    self.conv2 = nnx.Conv(C1, C2, (3, 3), padding="SAME", rngs=r)
+    self.fc = nnx.Linear(36, K, rngs=r)
+    for mod, name in ((self.conv1, "conv1"), (self.conv2, "conv2"), (self.fc, "fc")):
+      mod.kernel[...] = p[name]["kernel"]
+      mod.bias[...] = p[name]["bias"]
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.conv1(x))
+    x = jax.nn.relu(self.conv2(x))
+    return self.fc(pool(x).reshape(x.shape[0], -1))
+
+
+class Eqx(eqx.Module):
+  """Per example, channels first (C, H, W), CHW flatten: the Equinox conventions."""
+  conv1: eqx.nn.Conv2d
+  conv2: eqx.nn.Conv2d
+  fc: eqx.nn.Linear
+
+  def __init__(self, p):
+    k = jax.random.split(jax.random.key(0), 3)
+    c1 = eqx.nn.Conv2d(C0, C1, 3, padding=1, key=k[0])
+    c2 = eqx.nn.Conv2d(C1, C2, 3, padding=1, key=k[1])
+    fc = eqx.nn.Linear(36, K, key=k[2])
+    cw = lambda q: jnp.transpose(q["kernel"], (3, 2, 0, 1))  # noqa: E731  HWIO -> OIHW
+    self.conv1 = eqx.tree_at(lambda c: (c.weight, c.bias), c1,
+                             (cw(p["conv1"]), p["conv1"]["bias"][:, None, None]))
+    self.conv2 = eqx.tree_at(lambda c: (c.weight, c.bias), c2,
+                             (cw(p["conv2"]), p["conv2"]["bias"][:, None, None]))
+    # linen row (h * 3 + w) * 4 + c  ->  equinox column c * 9 + h * 3 + w
+    wfc = p["fc"]["kernel"].reshape(3, 3, C2, K).transpose(2, 0, 1, 3).reshape(36, K).T
+    self.fc = eqx.tree_at(lambda f: (f.weight, f.bias), fc, (wfc, p["fc"]["bias"]))
+
+  def __call__(self, x):
+    x = jax.nn.relu(self.conv1(x))
+    x = jax.nn.relu(self.conv2(x))
+    x = x.reshape(C2, 3, 2, 3, 2).mean(axis=(2, 4))
+    return self.fc(x.reshape(-1))
+
+
+def make_keras(p):
+  m = keras.Sequential([
+      keras.Input((H, W, C0)),
+      keras.layers.Conv2D(C1, 3, padding="same", name="conv1"),
+      keras.layers.ReLU(name="relu1"),
+      keras.layers.Conv2D(C2, 3, padding="same", name="conv2"),
+      keras.layers.ReLU(name="relu2"),
+      keras.layers.AveragePooling2D(2, name="pool"),
+      keras.layers.Flatten(name="flat"),
+      keras.layers.Dense(K, name="fc"),
+  ])
+  for name in ("conv1", "conv2", "fc"):
+    m.get_layer(name).set_weights([np.asarray(p[name]["kernel"]), np.asarray(p[name]["bias"])])
+  return m
+
+
+@pytest.fixture(scope="module")
+def four():
+  x = jax.random.uniform(jax.random.key(1), (B, H, W, C0))
+  v = Linen().init(jax.random.key(0), x)
+  v = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+  p = v["params"]
+  models = {
+      "linen": (jaxplain.wrap(Linen(), v), x),
+      "nnx": (jaxplain.wrap(NNX(p)), x),
+      "equinox": (jaxplain.wrap(Eqx(p)), jnp.transpose(x, (0, 3, 1, 2))),
+      "keras": (jaxplain.wrap(make_keras(p)), x),
+  }
+  return p, x, models
+
+
+def test_same_logits_and_layer_names_in_execution_order(four):
+  p, x, models = four
+  ref = np.asarray(hand_logits(p, x))
+  for name, (m, xm) in models.items():
+    np.testing.assert_allclose(m(xm), ref, rtol=1e-5, atol=1e-5, err_msg=name)
+    names = m.layer_names(xm)
+    assert [n for n in names if n in ("conv1", "conv2", "fc")] == ["conv1", "conv2", "fc"], name
+  assert models["keras"][0].layer_names(x) == ("conv1", "relu1", "conv2", "relu2", "pool",
+                                                "flat", "fc")
+  with pytest.raises(ValueError, match=r"layer: unknown layer name 'conv9'; available layers: "
+                                       r"'conv1', 'conv2', 'fc'"):
+    jaxplain.grad_cam(models["equinox"][0], models["equinox"][1], 0, layer="conv9")
+
+
+def test_grad_cam_equals_the_hand_split_in_every_framework(four):
+  p, x, models = four
+  a = np.asarray(hand_features(p, x))
+  g = np.stack([np.asarray(jax.grad(lambda ab: hand_head(p, ab[None])[0, T[b]])(jnp.asarray(a[b])))
+                for b in range(B)])
+  ref = np.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2)))
+  assert ref.min() < 0 < ref.max()
+  for name, (m, xm) in models.items():
+    got = jax.jit(lambda z: jaxplain.grad_cam(m, z, jnp.asarray(T), layer="conv2", relu=False,
+                                              upsample=None))(xm)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert jaxplain.grad_cam(m, xm, jnp.asarray(T), layer="conv2").shape == (B, H, W)
+
+
+def _hand_edit(p, layer, fn):
+  q = jax.tree_util.tree_map(np.array, p)
+  fn(q[layer])
+  return q
+
+
+def test_units_and_sweep_layer_match_hand_edits(four):
+  p, x, models = four
+  # filters of conv2 (with bias), by hand
+  ref_f = []
+  for k in range(C2):
+    def zero(q, k=k):
+      q["kernel"][..., k] = 0
+      q["bias"][k] = 0
+    ref_f.append(hand_logits(_hand_edit(p, "conv2", zero), x))
+  ref_f = np.stack(ref_f)
+  # conv slices 1 -> 2 and 0 -> 3 (weights of conv2)
+  ref_w = []
+  for i, k in ((1, 2), (0, 3)):
+    def zero(q, i=i, k=k):
+      q["kernel"][:, :, i, k] = 0
+    ref_w.append(hand_logits(_hand_edit(p, "conv2", zero), x))
+  ref_w = np.stack(ref_w)
+  # fc inputs grouped by conv channel (NHWC flatten in the hand model), toward outputs {0, 3}
+  ref_g = []
+  for c in range(C2):
+    def zero(q, c=c):
+      q["kernel"][c::C2, 0] = 0
+      q["kernel"][c::C2, 3] = 0
+    ref_g.append(hand_logits(_hand_edit(p, "fc", zero), x))
+  ref_g = np.stack(ref_g)
+  # single fc weights (input row, output): NHWC rows in the hand model; Equinox numbers its
+  # fc inputs in CHW order, so the same weight has another row index there
+  rows_hwc = [(5, 2), (30, 4)]
+  ref_d = []
+  for r, k in rows_hwc:
+    def zero(q, r=r, k=k):
+      q["kernel"][r, k] = 0
+    ref_d.append(hand_logits(_hand_edit(p, "fc", zero), x))
+  ref_d = np.stack(ref_d)
+  chw = lambda r: (r % C2) * 9 + r // C2  # noqa: E731
+  for name, (m, xm) in models.items():
+    idx = [[chw(r) if name == "equinox" else r, k] for r, k in rows_hwc]
+    ud = iv.units(m, "fc", "weight", idx)
+    np.testing.assert_allclose(iv.sweep_layer(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(iv.sweep(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5, err_msg=name)
+    uf = iv.units(m, "conv2", "filter")
+    uw = iv.units(m, "conv2", "weight", [[1, 2], [0, 3]])
+    ug = iv.units(m, "fc", "input", channels=C2, outputs=[0, 3])
+    assert uf.kernel_shape == (3, 3, C1, C2) and len(uw) == 2 and len(ug) == C2
+    for u, ref in ((uf, ref_f), (uw, ref_w), (ug, ref_g)):
+      fast = jax.jit(lambda z, u=u: iv.sweep_layer(m, z, u))(xm)
+      np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
+      slow = iv.sweep(m, xm, u)   # the native-layout masks through the general path
+      np.testing.assert_allclose(slow, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
+
+
+def test_keras_fused_activation_is_handled_by_sweep_layer_and_walk():
+  """Keras Dense(activation="relu"): the intervention acts before the activation."""
+  km = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="h"),
+                         keras.layers.Dense(3, name="out")])
+  m = jaxplain.wrap(km)
+  x = jax.random.normal(jax.random.key(8), (3, 4))
+  wh, bh = (np.asarray(a) for a in km.get_layer("h").get_weights())
+  wo, bo = (np.asarray(a) for a in km.get_layer("out").get_weights())
+  ref = []
+  for i in range(4):   # all weights leaving input i of "h", by hand in numpy
+    w = wh.copy()
+    w[i, :] = 0
+    ref.append(np.maximum(np.asarray(x) @ w + bh, 0) @ wo + bo)
+  u = iv.units(m, "h", "input")
+  np.testing.assert_allclose(iv.sweep_layer(m, x, u), np.stack(ref), rtol=1e-5, atol=1e-6)
+  r = iv.walk(m, x, 2, ["h", "out"])
+  assert r.per_layer["h"].effect.shape == (3, 4)
+
+
+def test_first_order_matches_the_closed_form(four):
+  """fc is linear in its weights: e = -sum_{rows of channel c} h_r W[r, t] exactly."""
+  p, x, models = four
+  h = np.asarray(hand_fc_input(p, hand_features(p, x)), np.float64)     # (B, 36) NHWC
+  wk = np.asarray(p["fc"]["kernel"], np.float64)
+  ref = np.stack([-(h[:, c::C2] * wk[c::C2, :][:, T].T).sum(-1) for c in range(C2)])
+  for name, (m, xm) in models.items():
+    u = iv.units(m, "fc", "input", channels=C2)
+    est = iv.first_order(m, xm, jnp.asarray(T), u)
+    np.testing.assert_allclose(est, ref, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def _hand_walk(p, x):
+  """Algorithm 1 over [conv2, fc] by hand: exact effects by editing and re-running."""
+  y = np.asarray(hand_logits(p, x))
+  y_t = y[np.arange(B), T]
+
+  def split(e):   # SPEC section 4 reading of eq. 1
+    mu, sd = e.mean(0), e.std(0)
+    return (e < -np.abs(mu)) & (sd > 0), (e > np.abs(mu)) & (sd > 0)
+
+  e_fc = []
+  for c in range(C2):
+    q = _hand_edit(p, "fc", lambda d, c=c: d["kernel"].__setitem__((slice(c, None, C2),), 0))
+    e_fc.append(np.asarray(hand_logits(q, x))[np.arange(B), T] - y_t)   # K = {t}: rows only
+  e_fc = np.stack(e_fc)     # (C2, B); only column t matters for logit t
+  pos_fc, _ = split(e_fc)
+  e_c2 = np.zeros((C1, B))
+  for b in range(B):
+    for i in range(C1):
+      def zero(q, i=i, b=b):
+        q["kernel"][:, :, i, pos_fc[:, b]] = 0
+      e_c2[i, b] = np.asarray(hand_logits(_hand_edit(p, "conv2", zero), x[b:b + 1]))[0, T[b]] - y_t[b]
+  pos_c2, _ = split(e_c2)
+  return e_fc.T, pos_fc.T, e_c2.T, pos_c2.T
+
+
+def test_walk_matches_a_hand_walk_in_every_framework(four):
+  p, x, models = four
+  e_fc, pos_fc, e_c2, pos_c2 = _hand_walk(p, x)
+  assert pos_fc.any() and pos_c2.any()
+  for name, (m, xm) in models.items():
+    r = jax.jit(lambda z: iv.walk(m, z, jnp.asarray(T), ["conv2", "fc"]))(xm)
+    np.testing.assert_allclose(r.per_layer["fc"].effect, e_fc, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_array_equal(r.per_layer["fc"].positive, pos_fc, err_msg=name)
+    np.testing.assert_allclose(r.per_layer["conv2"].effect, e_c2, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_array_equal(r.per_layer["conv2"].positive, pos_c2, err_msg=name)
+    assert r.per_layer["fc"].channels == C2
+    # correct() edits the native layout: the corrected model equals the hand correction
+    fixed = m.with_params(iv.correct(m, r, 0))
+    keep = np.asarray(pos_fc[0])
+    q = jax.tree_util.tree_map(np.array, p)
+    for c in np.flatnonzero(~keep):
+      q["fc"]["kernel"][c::C2, T[0]] = 0
+    for i in np.flatnonzero(~pos_c2[0]):
+      q["conv2"]["kernel"][:, :, i, keep] = 0
+    np.testing.assert_allclose(fixed(xm), hand_logits(q, x), rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+def test_mediator_map_is_the_mean_over_causal_channels(four):
+  p, x, models = four
+  _, pos_fc, _, _ = _hand_walk(p, x)
+  act = np.maximum(np.asarray(hand_features(p, x)), 0)
+  ref = np.stack([act[b][..., pos_fc[b]].mean(-1) if pos_fc[b].any() else act[b, ..., 0] * 0
+                  for b in range(B)])
+  for name, (m, xm) in models.items():
+    r = iv.walk(m, xm, jnp.asarray(T), ["conv2", "fc"])
+    got = iv.mediator_map(m, xm, r, "conv2")
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_layer_called_twice_is_an_error_everywhere():
+  """The one policy: a hooked layer must be applied once in a forward pass."""
+  class Twice(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      d = nn.Dense(3, name="shared")
+      return nn.Dense(2, name="out")(d(jax.nn.relu(d(x))))
+  x = jnp.ones((2, 3))
+  m = jaxplain.wrap(Twice(), Twice().init(jax.random.key(0), x))
+  match = "layer: 'shared' is called more than once in one forward pass"
+  with pytest.raises(ValueError, match=match):
+    jaxplain.grad_cam(m, x, 0, layer="shared")
+  with pytest.raises(ValueError, match=match):
+    iv.sweep_layer(m, x, iv.units(m, "shared", "filter"))
+  with pytest.raises(ValueError, match=match):
+    iv.walk(m, x, 0, ["shared", "out"])
+  assert iv.sweep(m, x, iv.units(m, "shared", "filter")).shape == (3, 2, 2)  # no hook: fine
+
+
+def test_per_layer_walk_step_is_jittable_and_vmappable_and_compiles_once(four):
+  p, x, models = four
+  m, _ = models["linen"]
+  traces = []
+
+  def step(xb, kb):
+    traces.append(1)
+    return iv.walk_step(m, xb[None], 0, "fc", kb[None], channels=C2).effect[0]
+
+  fn = jax.jit(jax.vmap(step))
+  k = jax.nn.one_hot(jnp.zeros(B, jnp.int32), K, dtype=bool)
+  e1 = fn(x, k)
+  e2 = fn(x[::-1], k)
+  assert len(traces) == 1
+  whole = iv.walk_step(m, x, 0, "fc", k, channels=C2).effect
+  np.testing.assert_allclose(e1, whole, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(e2, whole[::-1], rtol=1e-5, atol=1e-6)
+
+
+def test_wrap_errors_name_the_argument():
+  with pytest.raises(ValueError, match=r"variables: a flax.linen module needs its variables"):
+    jaxplain.wrap(Linen())
+  with pytest.raises(TypeError, match=r"obj: expected a flax.linen Module"):
+    jaxplain.wrap(3)
+  with pytest.raises(ValueError, match=r"output: the model returns a tuple of 2 values; pass "
+                                       r"wrap\(..., output=0\)"):
+    jaxplain.wrap((lambda p, z: (z, z), {}))(jnp.ones((1, 2)))
+  f = jaxplain.wrap((lambda p, z: (z @ p, z), jnp.ones((2, 3))), output=0)
+  assert f(jnp.ones((4, 2))).shape == (4, 3)
+
+
+def test_keras_inception_v3_ig_and_grad_cam_by_layer_name():
+  """Seed 000's network: keras.applications.InceptionV3 at its smallest input (75 x 75).
+  With network access a user passes weights="imagenet"; here weights=None (no download).
+  Grad-CAM on "mixed10" vs the hand split (mixed10 -> global average pool -> dense); at
+  75 x 75 mixed10 is 1 x 1, so "mixed5" (7 x 7) gives the spatial map."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  from jaxplain import plot  # pylint: disable=import-outside-toplevel
+  km = keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3),
+                                      classifier_activation=None)
+  m = jaxplain.wrap(km)
+  x = jax.random.uniform(jax.random.key(0), (1, 75, 75, 3))
+  assert m.layer_names(x)[-3:] == ("mixed10", "avg_pool", "predictions")
+
+  @jax.jit
+  def run(z):
+    logits, caps = m.capture(z, ["mixed10"])
+    cam = jaxplain.grad_cam(m, z, 7, layer="mixed10", relu=False, upsample=None)
+    ig = jaxplain.integrated_gradients(m, z, 7, steps=2)
+    cam5 = jaxplain.grad_cam(m, z, 7, layer="mixed5")   # 7 x 7 maps, upsampled
+    return logits, caps["mixed10"][1], cam, ig, cam5
+  logits, a, cam, ig, cam5 = run(x)
+  wd, bd = km.get_layer("predictions").get_weights()
+  head = lambda f: f.mean(axis=(1, 2)) @ wd + bd[None]  # noqa: E731
+  np.testing.assert_allclose(head(a), logits, rtol=1e-4, atol=1e-4)
+  g = jax.grad(lambda f: head(f)[0, 7])(a)
+  ref = np.einsum("bhwc,bc->bhw", np.asarray(a), np.asarray(g).mean(axis=(1, 2)))
+  assert ref.shape == (1, 1, 1)   # mixed10 is 1 x 1 at the smallest input
+  assert cam5.shape == (1, 75, 75) and np.isfinite(np.asarray(cam5)).all()
+  np.testing.assert_allclose(cam, ref, rtol=1e-3, atol=1e-6 * np.abs(ref).max())
+  assert ig.shape == x.shape and np.isfinite(np.asarray(ig)).all()
+  fig = plot.three_panel(np.asarray(x[0]), np.asarray(ig[0]), title="InceptionV3 IG")
+  assert len(fig.axes) == 3
+
+
+# -- beyond images: tokens and integer inputs -------------------------------------------------
+
+
+class ViTBlock(nn.Module):
+  @nn.compact
+  def __call__(self, t):
+    h = nn.LayerNorm(name="ln1")(t)
+    t = t + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h, h)
+    h = nn.LayerNorm(name="ln2")(t)
+    return t + nn.Dense(8, name="mlp2")(jax.nn.gelu(nn.Dense(16, name="mlp1")(h)))
+
+
+class TinyViT(nn.Module):
+  """8x8x1 images, 4x4 patches -> 4 tokens of width 8, two blocks, mean-pool head."""
+
+  @nn.compact
+  def __call__(self, x):
+    b = x.shape[0]
+    p = x.reshape(b, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(b, 4, 16)
+    t = nn.Dense(8, name="embed")(p)
+    t = ViTBlock(name="block0")(t)
+    t = ViTBlock(name="block1")(t)
+    return nn.Dense(3, name="head")(t.mean(axis=1))
+
+
+def test_grad_cam_on_a_vit_last_block_is_a_map_over_tokens():
+  vit = TinyViT()
+  x = jax.random.uniform(jax.random.key(4), (2, 8, 8, 1))
+  v = vit.init(jax.random.key(5), x)
+  p = v["params"]
+  # the hand split: tokens after block1 (linen submodules applied one by one), then the head
+  patches = x.reshape(2, 2, 4, 2, 4, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 16)
+  t = patches @ p["embed"]["kernel"] + p["embed"]["bias"][None, None]
+  for blk in ("block0", "block1"):
+    t = ViTBlock().apply({"params": p[blk]}, t)
+  head = lambda a: a.mean(axis=1) @ p["head"]["kernel"] + p["head"]["bias"][None]  # noqa: E731
+  np.testing.assert_allclose(head(t), vit.apply(v, x), rtol=1e-5, atol=1e-6)
+  tgt = np.array([2, 0])
+  g = np.stack([np.asarray(jax.grad(lambda a: head(a[None])[0, tgt[b]])(t[b])) for b in range(2)])
+  ref = np.einsum("blc,bc->bl", np.asarray(t), g.mean(axis=1))
+  got = jaxplain.grad_cam(jaxplain.wrap(vit, v), x, jnp.asarray(tgt), layer="block1", relu=False)
+  assert got.shape == (2, 4)
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+
+
+class TextNet(nn.Module):
+  """Token ids (B, L) -> embedding -> dense "proj" per token -> ReLU -> mean -> "out"."""
+
+  @nn.compact
+  def __call__(self, ids):
+    e = nn.Embed(11, 6, name="embed")(ids)
+    h = jax.nn.relu(nn.Dense(5, name="proj")(e))
+    return nn.Dense(3, name="out")(h.mean(axis=1))
+
+
+def test_sweeps_walk_and_first_order_on_integer_token_inputs():
+  net = TextNet()
+  ids = jnp.array([[1, 4, 4, 9, 0], [3, 3, 7, 2, 10]], jnp.int32)
+  v = net.init(jax.random.key(6), ids)
+  v = jax.tree_util.tree_map(lambda a: a + 0.2 * jax.random.normal(jax.random.key(7), a.shape), v)
+  m = jaxplain.wrap(net, v)
+  apply = jax.jit(net.apply)
+  # a Python loop: zero output unit k of "proj" (its kernel column and bias) and re-run
+  ref = []
+  for k in range(5):
+    q = jax.tree_util.tree_map(np.array, v)
+    q["params"]["proj"]["kernel"][:, k] = 0
+    q["params"]["proj"]["bias"][k] = 0
+    ref.append(apply(q, ids))
+  ref = np.stack(ref)
+  u = iv.units(m, "proj", "filter")
+  np.testing.assert_allclose(iv.sweep_layer(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(iv.sweep(m, ids, u), ref, rtol=1e-5, atol=1e-6)
+  # first order on the last layer's weights is exact: e = -w_ik * mean_l relu(proj)_i
+  pn = jax.tree_util.tree_map(np.asarray, v["params"])
+  h = np.maximum(pn["embed"]["embedding"][np.asarray(ids)] @ pn["proj"]["kernel"]
+                 + pn["proj"]["bias"], 0).mean(axis=1)           # (B, 5)
+  uo = iv.units(m, "out", "weight", [[0, 1], [4, 1], [2, 1]])
+  est = iv.first_order(m, ids, 1, uo)
+  w = np.asarray(v["params"]["out"]["kernel"])
+  np.testing.assert_allclose(est, np.stack([-w[i, 1] * h[:, i] for i in (0, 4, 2)]),
+                             rtol=1e-5, atol=1e-6)
+  # the walk and Grad-CAM / mediator maps over tokens run on token ids
+  r = jax.jit(lambda z: iv.walk(m, z, 1, ["proj", "out"]))(ids)
+  assert r.per_layer["proj"].effect.shape == (2, 6) and r.per_layer["out"].effect.shape == (2, 5)
+  assert iv.mediator_map(m, ids, r, "proj").shape == (2, 5)
+  assert jaxplain.grad_cam(m, ids, 1, layer="proj").shape == (2, 5)
+
+
+def test_fit_and_ppi_take_a_wrapped_linen_model():
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxplain import ppi, train  # pylint: disable=import-outside-toplevel
+
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv")(x))
+      return nn.Dense(2, name="fc")(x.reshape(x.shape[0], -1))
+  mod = Small()
+  x = jax.random.uniform(jax.random.key(9), (4, 4, 4, 1))
+  v = mod.init(jax.random.key(10), x)
+  data = {"image": np.asarray(x), "label": np.array([0, 1, 0, 1])}
+  # lr 0: fit must return the wrapped variables themselves (not a fresh init)
+  r = train.fit(jaxplain.wrap(mod, v), data, epochs=1, batch_size=4, progress=False,
+                optimizer=optax.sgd(0.0))
+  for a, b in zip(jax.tree_util.tree_leaves(r.variables), jax.tree_util.tree_leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="training supports Flax linen models only"):
+    train.fit(jaxplain.wrap(NNX(jax.tree_util.tree_map(np.zeros_like, {
+        "conv1": {"kernel": np.zeros((3, 3, C0, C1)), "bias": np.zeros(C1)},
+        "conv2": {"kernel": np.zeros((3, 3, C1, C2)), "bias": np.zeros(C2)},
+        "fc": {"kernel": np.zeros((36, K)), "bias": np.zeros(K)}}))), data, epochs=1)
+  batch = {"image": x, "label": jnp.array([0, 1, 0, 1])}
+  a = ppi.make_ppi_loss(jaxplain.wrap(mod, v), saliency="grad_cam")(
+      v["params"], {}, batch, jax.random.key(0), 10**6)
+  b = ppi.make_ppi_loss(mod, saliency="grad_cam")(v["params"], {}, batch, jax.random.key(0),
+                                                   10**6)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)

@@ -1,0 +1,368 @@
+"""LRP layer rules, composites, guided backprop / deconvnet and several targets per call.
+
+Every expected value is an independent computation: each rule's equation written out in
+NumPy on an explicit weight matrix (a convolution is turned into its matrix by loops),
+jax.grad of the same network with the ReLU backward replaced by a custom_vjp, or a Python
+loop over classes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxplain import gradients, rules
+
+STAB = 1e-6
+
+
+def J(method, f, x, t, **kw):
+  return jax.jit(lambda x: method(f, x, t, **kw))(x)
+
+
+# ------------------------------------------------------------------------------------------
+# NumPy: each rule's equation on an explicit matrix M (n_in, n_out) with bias b (n_out,)
+
+
+def _stab(z, eps):
+  return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+
+def _np_rule(rule, x, M, b, R, low=None, high=None):
+  """R_in = sum_k c_jk R_k with the contributions c_jk of ``rule`` (SPEC.md section 8)."""
+  p, n = (lambda a: np.maximum(a, 0)), (lambda a: np.minimum(a, 0))
+  xj = x[:, None]
+  if rule == "epsilon":
+    C, den = xj * M, x @ M + b
+  elif rule == "zplus":
+    C = p(xj) * p(M) + n(xj) * n(M)
+    den = C.sum(0) + p(b)
+  elif rule in ("alphabeta", "gamma"):
+    if rule == "alphabeta":
+      P, N = p(xj) * p(M) + n(xj) * n(M), p(xj) * n(M) + n(xj) * p(M)
+      return (2 * P @ (R / _stab(P.sum(0) + p(b), STAB))
+              - 1 * N @ (R / _stab(N.sum(0) + n(b), STAB)))
+    g = 0.25
+    z = x @ M + b
+    Cp = p(xj) * (M + g * p(M)) + n(xj) * (M + g * n(M))
+    Cn = p(xj) * (M + g * n(M)) + n(xj) * (M + g * p(M))
+    Rp = np.where(z > 0, R / _stab(Cp.sum(0) + b + g * p(b), STAB), 0.0)
+    Rn = np.where(z < 0, R / _stab(Cn.sum(0) + b + g * n(b), STAB), 0.0)
+    return Cp @ Rp + Cn @ Rn
+  elif rule == "flat":
+    C = (M != 0).astype(float) * np.ones_like(xj)
+    den = C.sum(0)
+  elif rule == "wsquare":
+    C = M ** 2 * np.ones_like(xj)
+    den = C.sum(0)
+  elif rule == "zbox":
+    C = xj * M - low[:, None] * p(M) - high[:, None] * n(M)
+    den = C.sum(0)
+  else:
+    raise ValueError(rule)
+  eps = 1e-3 if rule == "epsilon" else STAB
+  return C @ (R / _stab(den, eps))
+
+
+def _conv_matrix(w, h, wd):
+  """(h*wd*c, h*wd*o) matrix of a stride-1 SAME convolution, NHWC / HWIO, by loops."""
+  kh, kw, c, o = w.shape
+  M = np.zeros((h, wd, c, h, wd, o))
+  for i in range(h):
+    for j in range(wd):
+      for di in range(kh):
+        for dj in range(kw):
+          ii, jj = i + di - kh // 2, j + dj - kw // 2
+          if 0 <= ii < h and 0 <= jj < wd:
+            M[ii, jj, :, i, j, :] += w[di, dj]
+  return M.reshape(h * wd * c, h * wd * o)
+
+
+def _pool_matrix(h, wd, c):
+  """2x2 stride-2 average pooling as a matrix."""
+  M = np.zeros((h, wd, c, h // 2, wd // 2, c))
+  for i in range(h):
+    for j in range(wd):
+      for k in range(c):
+        M[i, j, k, i // 2, j // 2, k] = 0.25
+  return M.reshape(h * wd * c, (h // 2) * (wd // 2) * c)
+
+
+def _np_lrp(layers, x, t, low=None, high=None):
+  """Layer by layer: layers = [(rule, M, b, relu_after)], relevance of the target logit."""
+  acts, zs, a = [], [], x
+  for _, M, b, relu in layers:
+    acts.append(a)
+    z = a @ M + b
+    zs.append(z)
+    a = np.maximum(z, 0) if relu else z
+  R = np.zeros_like(zs[-1])
+  R[t] = zs[-1][t]
+  for (rule, M, b, _), a in zip(reversed(layers), reversed(acts)):
+    R = _np_rule(rule, a, M, b, R, low, high)  # relu passes relevance unchanged
+  return R
+
+
+RULES = {"epsilon": rules.Epsilon(1e-3), "zplus": rules.ZPlus(), "alphabeta":
+         rules.AlphaBeta(2.0, 1.0), "gamma": rules.Gamma(0.25), "flat": rules.Flat(),
+         "wsquare": rules.WSquare()}
+
+
+def _rand(key, shape, scale=1.0):
+  return scale * jax.random.normal(jax.random.key(key), shape, jnp.float64)
+
+
+@pytest.mark.parametrize("name", list(RULES) + ["zbox"])
+def test_each_rule_on_a_dense_layer_matches_numpy(name):
+  with jax.enable_x64(True):
+    w1, b1 = _rand(0, (5, 6)), _rand(1, (6,), 0.5)
+    w2, b2 = _rand(2, (6, 3)), _rand(3, (3,), 0.5)
+    x = _rand(4, (3, 5))
+    f = lambda x: jax.nn.relu(x @ w1 + b1) @ w2 + b2
+    low, high = -2.0 * jnp.ones(5), 2.0 + jnp.arange(5.0)
+    rule = rules.ZBox(low, high) if name == "zbox" else RULES[name]
+    comp = rules.Composite(dense=rules.Epsilon(1e-3), first=rule)
+    t = jnp.array([0, 2, 1])
+    r = J(rules.lrp, f, x, t, composite=comp)
+    np_layers = [(name, np.asarray(w1), np.asarray(b1), True),
+                 ("epsilon", np.asarray(w2), np.asarray(b2), False)]
+    for b in range(3):
+      want = _np_lrp(np_layers, np.asarray(x[b]), int(t[b]), np.asarray(low), np.asarray(high))
+      np.testing.assert_allclose(np.asarray(r[b]), want, rtol=1e-8, atol=1e-12)
+    assert float(jnp.abs(r).max()) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(RULES) + ["zbox"])
+def test_each_rule_on_a_conv_layer_matches_numpy(name):
+  with jax.enable_x64(True):
+    h = wd = 4
+    w1, b1 = _rand(5, (3, 3, 2, 3)), _rand(6, (3,), 0.5)
+    w2, b2 = _rand(7, (h * wd * 3, 2)), _rand(8, (2,), 0.5)
+    x = _rand(9, (2, h, wd, 2))
+
+    def f(x):
+      y = jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b1
+      return jax.nn.relu(y).reshape(x.shape[0], -1) @ w2 + b2
+
+    low, high = -3.0 * jnp.ones((h, wd, 2)), 3.0 * jnp.ones((h, wd, 2))
+    rule = rules.ZBox(low, high) if name == "zbox" else RULES[name]
+    comp = rules.Composite(dense=rules.Epsilon(1e-3), conv=rule)
+    t = jnp.array([1, 0])
+    r = J(rules.lrp, f, x, t, composite=comp)
+    M = _conv_matrix(np.asarray(w1), h, wd)
+    np_layers = [(name, M, np.tile(np.asarray(b1), h * wd), True),
+                 ("epsilon", np.asarray(w2), np.asarray(b2), False)]
+    for b in range(2):
+      want = _np_lrp(np_layers, np.asarray(x[b]).ravel(), int(t[b]),
+                     np.asarray(low).ravel(), np.asarray(high).ravel())
+      np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-8, atol=1e-12)
+
+
+def test_residual_block_does_not_double_relevance():
+  with jax.enable_x64(True):
+    w1, w2, w3 = _rand(10, (4, 4)), _rand(11, (4, 4)), _rand(12, (4, 2))
+    x = _rand(13, (3, 4))
+    f = lambda x: jax.nn.relu(jax.nn.relu(x @ w1) @ w2 + x) @ w3   # bias-free, skip
+    t = jnp.array([0, 1, 1])
+    r = J(rules.lrp, f, x, t, epsilon=0.0)
+    np.testing.assert_allclose(r.sum(1), jnp.take_along_axis(f(x), t[:, None], 1)[:, 0],
+                               rtol=1e-10)
+    # by hand: the sum z = u + x splits R_z into u / z and x / z shares
+    for b in range(3):
+      xb = np.asarray(x[b])
+      a1 = np.maximum(xb @ np.asarray(w1), 0)
+      u = a1 @ np.asarray(w2)
+      z = u + xb
+      a2 = np.maximum(z, 0)
+      out = a2 @ np.asarray(w3)
+      R = np.zeros(2)
+      R[int(t[b])] = out[int(t[b])]
+      Rz = a2 * (np.asarray(w3) @ (R / out))
+      Ru, Rx = u * Rz / z, xb * Rz / z
+      Ra1 = a1 * (np.asarray(w2) @ (Ru / u))
+      Rin = xb * (np.asarray(w1) @ (Ra1 / (xb @ np.asarray(w1)))) + Rx
+      np.testing.assert_allclose(np.asarray(r[b]), Rin, rtol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# composites on a CNN with batch norm (canonized) and average pooling
+
+
+class _CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(3, (3, 3), name="conv1")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(x))
+    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    x = nn.Conv(4, (3, 3), name="conv2")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn2")(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(5, name="fc1")(x))
+    return nn.Dense(3, name="fc2")(x)
+
+
+def _bn_merge(conv, bn, hw):
+  s = np.asarray(bn["scale"]) / np.sqrt(np.asarray(bn["var"]) + 1e-5)
+  M = _conv_matrix(np.asarray(conv["kernel"]), hw, hw) * np.tile(s, hw * hw)
+  b = np.tile(s * (np.asarray(conv["bias"]) - np.asarray(bn["mean"])) + np.asarray(
+      bn["bias"]), hw * hw)
+  return M, b
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1",
+                                       "epsilon_plus_flat", "epsilon_gamma_box"])
+def test_named_composites_match_a_hand_composed_cnn(composite):
+  with jax.enable_x64(True):
+    model = _CNN()
+    x = jax.random.uniform(jax.random.key(14), (2, 4, 4, 2), jnp.float64)
+    v = model.init(jax.random.key(15), x)
+    v = jax.tree_util.tree_map_with_path(
+        lambda p, a: (jax.random.uniform(jax.random.key(len(str(p))), a.shape, jnp.float64,
+                                         0.5, 2) if p[-1].key in ("var", "scale") else
+                      0.3 * jax.random.normal(jax.random.key(len(str(p)) + 1), a.shape,
+                                              jnp.float64)
+                      if p[-1].key in ("mean", "bias") else a.astype(jnp.float64)), v)
+    f = lambda x: model.apply(v, x)
+    t = jnp.array([2, 0])
+    r = J(rules.lrp, f, x, t, composite=composite, low=0.0, high=1.0)
+    P, S = v["params"], v["batch_stats"]
+    first, conv = {"epsilon_plus": ("zplus", "zplus"),
+                   "epsilon_alpha2_beta1": ("alphabeta", "alphabeta"),
+                   "epsilon_plus_flat": ("flat", "zplus"),
+                   "epsilon_gamma_box": ("zbox", "gamma")}[composite]
+    M1, b1 = _bn_merge(P["conv1"], {**P["bn1"], **S["bn1"]}, 4)
+    M2, b2 = _bn_merge(P["conv2"], {**P["bn2"], **S["bn2"]}, 2)
+    layers = [(first, M1, b1, True), ("norm", _pool_matrix(4, 4, 3), np.zeros(12), False),
+              (conv, M2, b2, True),
+              ("epsilon6", np.asarray(P["fc1"]["kernel"]), np.asarray(P["fc1"]["bias"]), True),
+              ("epsilon6", np.asarray(P["fc2"]["kernel"]), np.asarray(P["fc2"]["bias"]), False)]
+    for b in range(2):
+      want = _np_lrp_named(layers, np.asarray(x[b]).ravel(), int(t[b]))
+      np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-7, atol=1e-12)
+    assert float(jnp.abs(r).max()) > 1e-4
+
+
+def _np_lrp_named(layers, x, t):
+  acts, zs, a = [], [], x
+  for _, M, b, relu in layers:
+    acts.append(a)
+    z = a @ M + b
+    zs.append(z)
+    a = np.maximum(z, 0) if relu else z
+  R = np.zeros_like(zs[-1])
+  R[t] = zs[-1][t]
+  for (rule, M, b, _), a in zip(reversed(layers), reversed(acts)):
+    if rule in ("norm", "epsilon6"):   # Norm / Epsilon(1e-6): the epsilon equation
+      R = (a[:, None] * M) @ (R / _stab(a @ M + b, STAB))
+    else:
+      n = a.size
+      R = _np_rule(rule, a, M, b, R, np.zeros(n), np.ones(n))
+  return R
+
+
+def test_composite_by_layer_name_and_errors():
+  with jax.enable_x64(True):
+    model = _CNN()
+    x = jax.random.uniform(jax.random.key(16), (1, 4, 4, 2), jnp.float64)
+    v = model.init(jax.random.key(17), x)
+    f = lambda x: model.apply(v, x)
+    named = rules.Composite(names=((r".*conv1", rules.ZPlus()), (r".*conv2", rules.ZPlus())))
+    np.testing.assert_allclose(J(rules.lrp, f, x, 1, composite=named),
+                               J(rules.lrp, f, x, 1, composite="epsilon_plus"), rtol=1e-10)
+    with pytest.raises(ValueError, match="low, high"):
+      rules.lrp(f, x, 1, composite="epsilon_gamma_box")
+    with pytest.raises(ValueError, match="composite"):
+      rules.lrp(f, x, 1, composite="zplus_everywhere")
+    with pytest.raises(ValueError, match="alpha - beta = 1"):
+      rules.AlphaBeta(2.0, 2.0)
+
+
+# ------------------------------------------------------------------------------------------
+# guided backprop and deconvnet vs a custom_vjp ReLU
+
+
+def _relu_with_backward(bwd_fn):
+  @jax.custom_vjp
+  def relu(v):
+    return jnp.maximum(v, 0.0)
+
+  relu.defvjp(lambda v: (jnp.maximum(v, 0.0), v), lambda v, g: (bwd_fn(v, g),))
+  return relu
+
+
+@pytest.mark.parametrize("method,bwd", [
+    (rules.guided_backprop, lambda v, g: g * (v > 0) * (g > 0)),
+    (rules.deconvnet, lambda v, g: jnp.maximum(g, 0.0)),
+], ids=["guided_backprop", "deconvnet"])
+def test_guided_backprop_and_deconvnet_match_custom_vjp_relu(method, bwd):
+  w1 = jax.random.normal(jax.random.key(18), (3, 3, 2, 4))
+  w2 = jax.random.normal(jax.random.key(19), (4 * 4 * 4, 6)) / 8
+  w3 = jax.random.normal(jax.random.key(20), (6, 3))
+
+  def net(relu):
+    def f(x):
+      y = jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = relu(y + 0.1)
+      y = jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+      y = relu(y.reshape(y.shape[0], -1) @ w2 - 0.05)
+      return y @ w3
+    return f
+
+  x = jax.random.normal(jax.random.key(21), (3, 8, 8, 2))
+  t = jnp.array([0, 1, 2])
+  custom = _relu_with_backward(bwd)
+  want = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(net(custom)(x), t[:, None], 1)))(x)
+  got = J(method, net(jax.nn.relu), x, t)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  plain = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(net(jax.nn.relu)(x), t[:, None],
+                                                         1)))(x)
+  assert float(jnp.abs(plain - want).max()) > 1e-3  # the modification matters here
+
+
+# ------------------------------------------------------------------------------------------
+# several targets per call, output=
+
+
+def _small_net():
+  w1 = jax.random.normal(jax.random.key(22), (5, 7))
+  w2 = jax.random.normal(jax.random.key(23), (7, 4))
+  return lambda x: jax.nn.relu(x @ w1 + 0.1) @ w2 - 0.2
+
+
+@pytest.mark.parametrize("method", [rules.wbp, rules.lrp, rules.deeplift,
+                                    rules.guided_backprop, rules.deconvnet])
+def test_target_all_and_per_example_lists_equal_a_loop(method):
+  f = _small_net()
+  x = jax.random.normal(jax.random.key(24), (3, 5))
+  allm = J(method, f, x, "all")
+  assert allm.shape == (3, 4, 5)
+  for k in range(4):
+    np.testing.assert_allclose(allm[:, k], J(method, f, x, k), rtol=1e-5, atol=1e-6)
+  tt = jnp.array([[3, 0], [1, 1], [2, 0]])
+  some = J(method, f, x, tt, target_chunk=1)
+  for b in range(3):
+    for j in range(2):
+      np.testing.assert_allclose(some[b, j], allm[b, int(tt[b, j])], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(J(method, f, x, "all", target_chunk=3), allm, rtol=1e-6,
+                             atol=1e-7)
+  with pytest.raises(ValueError, match="target"):
+    method(f, x, "every")
+  with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
+    method(f, x, jnp.array([[0, 4], [0, 0], [0, 0]]))
+
+
+@pytest.mark.parametrize("output", gradients.OUTPUTS)
+def test_output_argument_matches_gradient_x_input_on_relu_net(output):
+  f = _small_net()
+  x = jax.random.normal(jax.random.key(25), (3, 5))
+  t = jnp.array([0, 3, 1])
+  want = jax.jit(lambda x: gradients.gradient_x_input(f, x, t, output=output))(x)
+  np.testing.assert_allclose(J(rules.wbp, f, x, t, output=output), want, rtol=1e-5,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="output"):
+    rules.wbp(f, x, t, output="probability")
