@@ -13,6 +13,9 @@ attribution method explains the predicted class of the same test images. For eac
   fc2, fc1, conv2, conv1 in turn (fresh Flax initialisation, another seed) and report the
   Spearman rank correlation and SSIM of each map with the trained model's map. A method that
   depends on the weights should fall towards 0.
+* the explainer x metric grid of :func:`jaxplain.evaluate` (faithfulness correlation,
+  max-sensitivity, sparseness, complexity, deletion AUC of |map|), batched and sharded over
+  the local devices.
 * for Integrated Gradients, every quadrature rule at the same number of steps with its
   completeness gap ``sum IG - (f(x)[t] - f(0)[t])``.
 
@@ -33,9 +36,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import jaxplain
+from jaxplain import _progress
 from jaxplain import metrics as jm
 from jaxplain import rules
 
@@ -93,10 +96,10 @@ def methods(model, cfg: dict, key: jax.Array) -> dict[str, tuple[Callable, str]]
     return lambda z: model.apply({"params": p}, z)
 
   return {
-      "gradient": (lambda p, x, t: jaxplain.gradient(fwd(p), x, t), "abs_sum"),
+      "gradient": (lambda p, x, t: jaxplain.gradient(fwd(p), x, t), "sum_abs"),
       "grad x input": (lambda p, x, t: jaxplain.gradient_x_input(fwd(p), x, t), "sum"),
       "SmoothGrad": (lambda p, x, t: jaxplain.smoothgrad(
-          fwd(p), x, t, key=key, num_samples=cfg["sg_samples"]), "abs_sum"),
+          fwd(p), x, t, key=key, num_samples=cfg["sg_samples"]), "sum_abs"),
       "IG (black)": (lambda p, x, t: jaxplain.integrated_gradients(
           fwd(p), x, t, baseline="black", steps=cfg["ig_steps"]), "sum"),
       "Grad-CAM": (lambda p, x, t: jaxplain.grad_cam(lenet_split(p), None, x, t), "sum"),
@@ -189,16 +192,17 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
   random_params = model.init(init_key, x[:1])["params"]
   layers = jm.cascade_layers(params, model=model, x=x[:1])  # the model's execution order
   maps, sanity, seconds = {}, {}, {}
-  for name, (explain, reduce) in tqdm(meths.items(), desc="methods + sanity check",
-                                      disable=smoke):
+  for name, (explain, reduce) in _progress.iterate(meths.items(),
+                                                  desc="methods + sanity check",
+                                                  disable=smoke):
     fn = jax.jit(lambda p, rp, x, t, explain=explain:
                  jm.cascading_randomization(explain, p, x, t, random_params=rp, layers=layers,
-                                            reduce="abs_sum", chunk=cfg["stage_chunk"]))
+                                            reduce="sum_abs", chunk=cfg["stage_chunk"]))
     t1 = time.perf_counter()
     r = fn(params, random_params, x, pred)
     sanity[name] = {"spearman": np.asarray(r["spearman"]), "ssim": np.asarray(r["ssim"]),
                     "spearman_signed": np.asarray(r["spearman_signed"])}
-    maps[name] = np.asarray(r["maps"][0] if reduce == "abs_sum" else r["maps_signed"][0])
+    maps[name] = np.asarray(r["maps"][0] if reduce == "sum_abs" else r["maps_signed"][0])
     seconds[name] = time.perf_counter() - t1
   n_pix = x.shape[1] * x.shape[2]
   fractions = jm.step_fractions(cfg["steps"], n_pix)
@@ -245,6 +249,15 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         "mean_relative_gap": float(np.mean(gap / np.maximum(np.abs(delta), 1e-6))),
         "deletion_auc": float(np.mean(np.asarray(jm.area_under_curve(d, fractions)))),
     }
+
+  # -- the explainer x metric grid of jaxplain.evaluate (issue 16): faithfulness correlation,
+  # max-sensitivity, sparseness, complexity and the deletion AUC of |map| in one sharded,
+  # jitted pass per batch over the same images
+  ev = jaxplain.evaluate(
+      {n: (lambda x, t, e=e: e(params, x, t)) for n, (e, _) in meths.items()},
+      jaxplain.evaluation.default_metrics(steps=cfg["steps"], n_samples=cfg["orders"]),
+      (np.asarray(x), np.asarray(pred)), f=lambda z: model.apply({"params": params}, z),
+      key=jax.random.fold_in(key, 7), batch_size=64, progress=not smoke)
 
   layer_names = ["trained", *layers]
   figs = _figures(out, x, maps, fractions, curves, sanity, layer_names, min(cfg["n_show"], b))
@@ -311,11 +324,19 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
                  "deletion AUC (p)"],
                 [[r, v["mean_abs_gap"], v["mean_relative_gap"], v["deletion_auc"]]
                  for r, v in ig_rules.items()]),
+      "",
+      f"jaxplain.evaluate over the same {ev['n']} images ({ev['devices']} device(s); "
+      f"deletion AUC of |map| on p(class), lower = better; faithfulness correlation, higher "
+      f"= better; max-sensitivity ({cfg['orders']} perturbations of radius 0.05), lower = "
+      f"more robust; sparseness (Gini) and complexity (entropy) of |map|):",
+      "",
+      jaxplain.evaluation.to_table(ev, digits=3),
   ])
   metrics = {"model": "lenet", "num_images": int(b), "accuracy": accuracy,
              "fractions": fractions.tolist(), "methods": met_methods,
              "sanity_layers": layer_names, "ig_rules": ig_rules,
              "wbp_vs_gxi_max_rel_diff": wbp_gxi, "beats_random": beats,
+             "evaluation": ev["mean"],
              "sanity_passed": passed, "seconds": time.perf_counter() - t0}
   return {"metrics": metrics, "figures": figs, "summary": summary}
 
