@@ -36,9 +36,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import jaxplain
+from jaxplain import _progress
 from jaxplain import metrics as jm
 from jaxplain import rules
 
@@ -96,10 +96,10 @@ def methods(model, cfg: dict, key: jax.Array) -> dict[str, tuple[Callable, str]]
     return lambda z: model.apply({"params": p}, z)
 
   return {
-      "gradient": (lambda p, x, t: jaxplain.gradient(fwd(p), x, t), "abs_sum"),
+      "gradient": (lambda p, x, t: jaxplain.gradient(fwd(p), x, t), "sum_abs"),
       "grad x input": (lambda p, x, t: jaxplain.gradient_x_input(fwd(p), x, t), "sum"),
       "SmoothGrad": (lambda p, x, t: jaxplain.smoothgrad(
-          fwd(p), x, t, key=key, num_samples=cfg["sg_samples"]), "abs_sum"),
+          fwd(p), x, t, key=key, num_samples=cfg["sg_samples"]), "sum_abs"),
       "IG (black)": (lambda p, x, t: jaxplain.integrated_gradients(
           fwd(p), x, t, baseline="black", steps=cfg["ig_steps"]), "sum"),
       "Grad-CAM": (lambda p, x, t: jaxplain.grad_cam(lenet_split(p), None, x, t), "sum"),
@@ -192,16 +192,17 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
   random_params = model.init(init_key, x[:1])["params"]
   layers = jm.cascade_layers(params, model=model, x=x[:1])  # the model's execution order
   maps, sanity, seconds = {}, {}, {}
-  for name, (explain, reduce) in tqdm(meths.items(), desc="methods + sanity check",
-                                      disable=smoke):
+  for name, (explain, reduce) in _progress.iterate(meths.items(),
+                                                  desc="methods + sanity check",
+                                                  disable=smoke):
     fn = jax.jit(lambda p, rp, x, t, explain=explain:
                  jm.cascading_randomization(explain, p, x, t, random_params=rp, layers=layers,
-                                            reduce="abs_sum", chunk=cfg["stage_chunk"]))
+                                            reduce="sum_abs", chunk=cfg["stage_chunk"]))
     t1 = time.perf_counter()
     r = fn(params, random_params, x, pred)
     sanity[name] = {"spearman": np.asarray(r["spearman"]), "ssim": np.asarray(r["ssim"]),
                     "spearman_signed": np.asarray(r["spearman_signed"])}
-    maps[name] = np.asarray(r["maps"][0] if reduce == "abs_sum" else r["maps_signed"][0])
+    maps[name] = np.asarray(r["maps"][0] if reduce == "sum_abs" else r["maps_signed"][0])
     seconds[name] = time.perf_counter() - t1
   n_pix = x.shape[1] * x.shape[2]
   fractions = jm.step_fractions(cfg["steps"], n_pix)

@@ -30,9 +30,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 import jaxplain
+from jaxplain import _progress
 from jaxplain import metrics as jm
 
 NAME = "seed003_shift"
@@ -146,7 +146,8 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
 
   results: dict[str, dict[float, dict[str, np.ndarray]]] = {}
   maps_before, maps_after = {}, {}
-  for name, (which, base) in tqdm(runs.items(), desc="shift invariance", disable=smoke):
+  for name, (which, base) in _progress.iterate(runs.items(), desc="shift invariance",
+                                                disable=smoke):
     results[name] = {}
     for c in cfg["shifts"]:
       r, before, after = compiled[which](x, pred, jnp.float32(c), base)

@@ -7,11 +7,13 @@ argument and what was expected.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+T = TypeVar("T")
 
 
 def is_concrete(x: Any) -> bool:
@@ -31,6 +33,35 @@ def check_batched(x: Any, name: str = "x", *, min_rank: int = 2) -> jax.Array:
     raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
   check_finite(x, name)
   return x
+
+
+def one_example_error(x: Any, name: str = "x") -> ValueError:
+  """The error for an input that is one example, not a batch."""
+  return ValueError(f"{name}: expected a batch (B, ...); got one example of shape "
+                    f"{tuple(jnp.shape(x))} (use {name}[None] for a batch of one)")
+
+
+def _accepts_one_example(f: Callable, x: Any) -> bool:
+  """True when ``f`` runs on ``x[None]`` (shapes only, nothing is computed) and returns a
+  batch of one: then ``x`` was one example, not a batch."""
+  try:
+    out = jax.eval_shape(f, jax.ShapeDtypeStruct((1,) + tuple(jnp.shape(x)), jnp.result_type(x)))
+  except Exception:  # pylint: disable=broad-except
+    return False
+  out = out[0] if isinstance(out, (tuple, list)) and out else out
+  return getattr(out, "ndim", 0) == 2 and out.shape[0] == 1
+
+
+def call_model(call: Callable[[], T], f: Callable, x: Any, name: str = "x") -> T:
+  """``call()`` (something that runs ``f`` on ``x``), turning a failure caused by ``x`` being
+  one example instead of a batch into :func:`one_example_error`. Free when it succeeds."""
+  try:
+    return call()
+  except Exception as err:  # pylint: disable=broad-except
+    if not isinstance(err, (ValueError, TypeError)) or "expected a batch" not in str(err):
+      if _accepts_one_example(f, x):
+        raise one_example_error(x, name) from err
+    raise
 
 
 def check_finite(x: Any, name: str) -> None:
@@ -66,13 +97,49 @@ def check_target(target: Any, batch: int, num_classes: int | None = None,
 
 
 def select_target(logits: jax.Array, target: jax.Array) -> jax.Array:
-  """``logits[b, target[b]]`` for each example: (B, K), (B,) -> (B,)."""
-  return jnp.take_along_axis(logits, target[:, None].astype(jnp.int32), axis=1)[:, 0]
+  """``logits[b, target[b]]`` for each example: (B, K), (B,) -> (B,); NaN where
+  ``target[b]`` is outside ``[0, K)`` (possible only under jit, see :func:`select_valid`)."""
+  t = target.astype(jnp.int32)
+  k = logits.shape[1]
+  picked = jnp.take_along_axis(logits, jnp.clip(t, 0, k - 1)[:, None], axis=1)[:, 0]
+  return select_valid(picked, t, k)
 
 
-def check_logits(out: Any, batch: int, name: str = "f(x)") -> jax.Array:
-  """Check that a model output is (B, K) logits."""
+def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None = None,
+                 x: Any = None) -> jax.Array:
+  """Check that a model output is (B, K) logits: one array, not a tuple (e.g. Keras
+  ``stateless_call`` returns ``(outputs, non_trainable_variables)``), with the batch of
+  ``x``. Given ``f`` and ``x``, a wrong shape caused by ``x`` being one example says so."""
+  if isinstance(out, (tuple, list, dict)) or not hasattr(out, "ndim"):
+    kind = (f"a {type(out).__name__} of {len(out)} items"
+            if isinstance(out, (tuple, list, dict)) else f"a {type(out).__name__}")
+    raise TypeError(
+        f"{name}: the model must return one logits array of shape (B, K); it returned {kind}. "
+        f"Pass a function that selects the logits, e.g. `lambda x: f(x)[0]` (Keras "
+        f"`stateless_call` returns (outputs, non_trainable_variables))")
   if out.ndim != 2 or out.shape[0] != batch:
+    lead_ok = out.ndim >= 1 and out.shape[0] == batch  # a batch, but not (B, K) logits
+    if not lead_ok and f is not None and x is not None and _accepts_one_example(f, x):
+      raise one_example_error(x)
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
                      f"got shape {out.shape}")
   return out
+
+
+def check_model(f: Callable, x: Any, name: str = "f(x)") -> Any:
+  """Shapes only (``jax.eval_shape``, nothing is computed): ``f(x)`` must be one (B, K)
+  logits array for the batch ``x``; returns its ``ShapeDtypeStruct``. For methods that call
+  ``f`` on other rows than ``x`` (IG's path points, SmoothGrad's noisy copies), so that a
+  tuple output or one example instead of a batch is reported in terms of ``x``."""
+  out = call_model(lambda: jax.eval_shape(f, x), f, x)
+  return check_logits(out, jnp.shape(x)[0], name, f=f, x=x)
+
+
+def select_valid(values: jax.Array, target: jax.Array, num_classes: int) -> jax.Array:
+  """NaN in the rows of ``values`` ((B, ...)) whose ``target`` lies outside
+  ``[0, num_classes)``. Under ``jax.jit`` a traced target cannot be range-checked; this keeps
+  every method consistent there: maps, completeness gaps, curves and scores of such an example
+  are all NaN (a concrete target raises instead, see :func:`check_target`)."""
+  ok = (target >= 0) & (target < num_classes)
+  ok = ok.reshape(ok.shape + (1,) * (values.ndim - 1))
+  return jnp.where(ok, values, jnp.asarray(jnp.nan, values.dtype))

@@ -75,14 +75,14 @@ def _grad_rows(f: Fn, x: Array, target: Array, output: str,
   ``target`` is normalised with the model's number of classes (range errors when concrete).
   ``weights`` (N,) scales each row's cotangent (used by Integrated Gradients).
   """
-  logits, vjp = jax.vjp(f, x)
-  _validate.check_logits(logits, x.shape[0])
+  logits, vjp = _validate.call_model(lambda: jax.vjp(f, x), f, x)
+  _validate.check_logits(logits, x.shape[0], f=f, x=x)
   t = _validate.check_target(target, x.shape[0], logits.shape[-1], name)
   ct = _cotangent(logits, t, output)
   if weights is not None:
     ct = ct * weights[:, None].astype(ct.dtype)
   (g,) = vjp(ct)
-  return logits, g
+  return logits, _validate.select_valid(g, t, logits.shape[-1])  # NaN for a traced bad target
 
 
 def _is_multi(target: Any) -> bool:
@@ -269,6 +269,7 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
   if key is None:
     raise ValueError("key: smoothgrad needs an explicit jax.random key")
   x = _validate.check_batched(x, "x")
+  _validate.check_model(f, x)
   b = x.shape[0]
   red = tuple(range(1, x.ndim))
   span = jnp.max(x, axis=red, keepdims=True) - jnp.min(x, axis=red, keepdims=True)

@@ -254,6 +254,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   _check_target_chunk(target_chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
+  k = _validate.check_model(f, x).shape[1]
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   b = x.shape[0]
   multi = _is_multi(target)
@@ -261,7 +262,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     t = _multi_targets(target, b, _num_classes(f, x) if isinstance(target, str) else None)
     per = (t.shape[1],) + x.shape[1:]  # one example's (T, ...) block
   else:
-    t = _validate.check_target(target, b, None, "target")
+    t = _validate.check_target(target, b, k, "target")
     per = x.shape[1:]
   # Nodes, weights and the running sum are kept in the accumulation dtype (float32 for
   # bfloat16 / float16 inputs); only the points handed to f are in x's dtype.

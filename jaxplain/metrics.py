@@ -15,10 +15,13 @@
 
 Conventions. ``x`` is NHWC ``(B, H, W, C)``. A saliency argument is either an attribution
 shaped like ``x`` -- aggregated over channels into a pixel map by ``reduce`` -- or a pixel map
-``(B, H, W)`` (e.g. Grad-CAM). ``reduce``: ``"abs_sum"`` = sum over channels of ``|a|``
-(the seed-000 grayscale, the default), ``"sum"`` = signed sum (ranks pixels by their evidence
+``(B, H, W)`` (e.g. Grad-CAM). ``reduce`` is one of the channel reductions shared with
+``plot`` and ``ppi`` (``jaxplain._maps``): ``"sum_abs"`` = sum over channels of ``|a|`` (the
+seed-000 grayscale, the default), ``"sum"`` = signed sum (ranks pixels by their evidence
 *for* the class: use it for signed attributions such as gradient x input, IG, LRP),
-``"max_abs"`` = max over channels of ``|a|``. Every function is pure and jittable (the
+``"abs_of_sum"`` = ``|sum_c a_c|``, ``"max_abs"`` = max over channels of ``|a|``. The old
+``"abs_sum"`` (which meant ``"sum_abs"`` here but ``"abs_of_sum"`` in ``plot``) raises an
+error naming both. Every function is pure and jittable (the
 ``steps``, ``reduce`` and ``output`` arguments are static) and never calls ``jax.jit`` itself.
 """
 
@@ -30,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxplain._validate import check_batched, check_logits, check_target, select_target
+from jaxplain import _maps
+from jaxplain._validate import call_model, check_batched, check_finite, check_logits
+from jaxplain._validate import check_target, select_target
 
 __all__ = [
     "pixel_saliency", "step_fractions", "deletion_curve", "insertion_curve",
@@ -39,20 +44,21 @@ __all__ = [
     "cascading_randomization",
 ]
 
-_REDUCTIONS = ("abs_sum", "sum", "max_abs")
+_REDUCTIONS = _maps.REDUCTIONS
 _OUTPUTS = ("logit", "probability", "log_softmax")
 
 
 # -- pixel maps --------------------------------------------------------------------------------
 
-def pixel_saliency(attributions: Any, *, reduce: str = "abs_sum") -> jax.Array:
+def pixel_saliency(attributions: Any, *, reduce: str = "sum_abs") -> jax.Array:
   """Aggregate an attribution over channels into a pixel map.
 
   Args:
     attributions: ``(B, H, W, C)`` attribution, or an already aggregated ``(B, H, W)`` map
       (returned unchanged).
-    reduce: ``"abs_sum"`` (sum of ``|a|`` over channels, seed 000), ``"sum"`` (signed sum)
-      or ``"max_abs"``.
+    reduce: ``"sum_abs"`` (sum of ``|a|`` over channels, seed 000), ``"sum"`` (signed sum),
+      ``"abs_of_sum"`` (``|sum a|``) or ``"max_abs"`` (the vocabulary of ``jaxplain._maps``,
+      shared with ``plot`` and ``ppi``).
 
   Returns:
     ``(B, H, W)`` pixel saliency.
@@ -61,19 +67,14 @@ def pixel_saliency(attributions: Any, *, reduce: str = "abs_sum") -> jax.Array:
   >>> pixel_saliency(jnp.array([[[[1.0, -2.0]]]])).tolist()
   [[[3.0]]]
   """
-  if reduce not in _REDUCTIONS:
-    raise ValueError(f"reduce: expected one of {_REDUCTIONS}, got {reduce!r}")
+  _maps.check_reduce(reduce)
   a = jnp.asarray(attributions)
   if a.ndim == 3:
     return a
   if a.ndim != 4:
     raise ValueError("attributions: expected (B, H, W, C) or a pixel map (B, H, W); "
                      f"got shape {a.shape}")
-  if reduce == "abs_sum":
-    return jnp.sum(jnp.abs(a), axis=-1)
-  if reduce == "sum":
-    return jnp.sum(a, axis=-1)
-  return jnp.max(jnp.abs(a), axis=-1)
+  return _maps.reduce_channels(a, reduce)
 
 
 def _pixel_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
@@ -158,7 +159,9 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
     raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
   b, h, w, _ = x.shape
   s = _pixel_map(saliency, x.shape, reduce)
-  t = check_target(target, b)
+  check_finite(s, "saliency")
+  out = call_model(lambda: jax.eval_shape(f, x), f, x)
+  t = check_target(target, b, check_logits(out, b, f=f, x=x).shape[1])
   try:
     base = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape)
   except ValueError as e:
@@ -166,7 +169,6 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
                      f"broadcasts to x {x.shape}; got shape {jnp.shape(value)}") from e
   counts = jnp.asarray(_step_counts(steps, h * w), jnp.int32)
   ranks = _descending_ranks(s.reshape(b, h * w)).reshape(b, h, w, 1)
-  check_logits(jax.eval_shape(f, x), b)
 
   def score_at(k):
     top = ranks < k
@@ -182,7 +184,7 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
 
 def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                    saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
-                   output: str = "logit", reduce: str = "abs_sum",
+                   output: str = "logit", reduce: str = "sum_abs",
                    chunk: int | None = None) -> jax.Array:
   """Class score after removing the top-k salient pixels, for each k (deletion metric).
 
@@ -217,7 +219,7 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
 
 def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                     saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
-                    output: str = "logit", reduce: str = "abs_sum",
+                    output: str = "logit", reduce: str = "sum_abs",
                     chunk: int | None = None) -> jax.Array:
   """Class score when only the top-k salient pixels of ``x`` are kept on a ``value`` canvas.
 
@@ -304,7 +306,7 @@ def area_under_curve(curve: jax.Array, fractions: Any) -> jax.Array:
   if fr.shape[0] == 1:
     return curve[..., 0]
   span = fr[-1] - fr[0]
-  area = jnp.trapezoid(curve, fr, axis=-1)
+  area = jnp.trapezoid(curve, jnp.broadcast_to(fr, curve.shape), axis=-1)
   return jnp.where(span > 0, area / jnp.where(span > 0, span, 1.0), curve[..., 0])
 
 
@@ -339,7 +341,7 @@ def _flat_pair(a, b, reduce, names=("a", "b")):
   return sa.reshape(sa.shape[0], -1), sb.reshape(sb.shape[0], -1), sa, sb
 
 
-def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum") -> jax.Array:
+def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs") -> jax.Array:
   """Spearman rank correlation between two batches of maps, per example.
 
   Ties get their average rank (as ``scipy.stats.spearmanr``). A constant map carries no rank
@@ -361,7 +363,7 @@ def rank_correlation(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum") -> 
   return _pearson_rows(_average_ranks(fa), _average_ranks(fb), fa, fb)
 
 
-def map_change(reference: jax.Array, other: jax.Array, *, reduce: str = "abs_sum",
+def map_change(reference: jax.Array, other: jax.Array, *, reduce: str = "sum_abs",
                normalize: str = "reference") -> dict[str, jax.Array]:
   """Normalised L1 and L2 distance between pixel maps, per example (0 for identical maps).
 
@@ -410,7 +412,7 @@ def _gaussian_window(size: int, sigma: float) -> jax.Array:
   return jnp.outer(g, g)
 
 
-def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum", window: int = 7,
+def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs", window: int = 7,
          sigma: float = 1.5, normalize: bool = True) -> jax.Array:
   """Mean structural similarity (SSIM, Wang et al. 2004) between pixel maps, per example.
 
@@ -457,7 +459,7 @@ def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum", window: int = 7
   return s.mean(axis=(1, 2))
 
 
-def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum",
+def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs",
                    ssim_window: int = 7) -> dict[str, jax.Array]:
   """All map comparisons at once: Spearman, SSIM and the normalised L1/L2 change.
 
@@ -480,7 +482,7 @@ def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "abs_sum",
 
 def shift_invariance(f: Callable[[jax.Array], jax.Array],
                      explain: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
-                     target: Any, shift: Any, *, reduce: str = "abs_sum",
+                     target: Any, shift: Any, *, reduce: str = "sum_abs",
                      ssim_window: int = 7) -> dict[str, jax.Array]:
   """Input-shift invariance (seed 003; Kindermans et al. 2019): explain ``x`` and ``x + shift``.
 
@@ -512,13 +514,13 @@ def shift_invariance(f: Callable[[jax.Array], jax.Array],
   """
   x = _check_image(x)
   b, c = x.shape[0], x.shape[-1]
-  t = check_target(target, b)
+  l0 = check_logits(call_model(lambda: f(x), f, x), b, f=f, x=x)
+  t = check_target(target, b, l0.shape[1])
   shift = jnp.asarray(shift, x.dtype)
   if shift.ndim > 1 or (shift.ndim == 1 and shift.shape[0] != c):
     raise ValueError(f"shift: expected a scalar or a per-channel array of shape ({c},), "
                      f"got shape {shift.shape}")
-  xs = x + shift
-  l0 = check_logits(f(x), b)
+  xs = x + jnp.broadcast_to(shift, x.shape)
   l1 = f(xs)
   out = {"prediction_unchanged": jnp.argmax(l0, -1) == jnp.argmax(l1, -1),
          "score_change": select_target(l1, t) - select_target(l0, t)}
@@ -624,7 +626,7 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
                             params: Any, x: jax.Array, target: Any, *,
                             random_params: Any = None, key: jax.Array | None = None,
                             layers: Sequence[str] | None = None, model: Any = None,
-                            reduce: str = "abs_sum", ssim_window: int = 7,
+                            reduce: str = "sum_abs", ssim_window: int = 7,
                             chunk: int | None = None) -> dict[str, Any]:
   """Cascading model-parameter randomisation (Adebayo et al. 2018, sec. 3.1).
 

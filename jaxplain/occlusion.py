@@ -81,6 +81,8 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
   if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
     raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
   b, h, w = x.shape[:3]
+  logits = _validate.call_model(lambda: f(x), f, x)  # before the windows: x may be one example
+  _validate.check_logits(logits, b, f=f, x=x)
   masks_np = window_masks(h, w, patch, stride)
   n = masks_np.shape[0]
   val = jnp.asarray(value, x.dtype)
@@ -95,8 +97,6 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
   masks = jnp.asarray(masks_np, x.dtype)
   mshape = (n, 1, h, w) + (1,) * (x.ndim - 3)
 
-  logits = f(x)
-  _validate.check_logits(logits, b)
   t = _validate.check_target(target, b, logits.shape[-1], "target")
   ref = _output_value(logits, t, output)
   c = n if chunk is None else min(int(chunk), n)
@@ -110,7 +110,7 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
   drops = jnp.concatenate(drops, axis=0)                          # (n, B)
   count = masks_np.sum(axis=0)
   inv = jnp.asarray(np.where(count > 0, 1.0 / np.maximum(count, 1), 0.0), x.dtype)
-  attr = jnp.einsum("nb,nhw->bhw", drops, masks) * inv
+  attr = jnp.einsum("nb,nhw->bhw", drops, masks) * inv[None]
   if x.ndim == 4:
     attr = jnp.broadcast_to(attr[..., None], x.shape)
   return attr

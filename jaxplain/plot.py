@@ -20,17 +20,28 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-GRAYSCALE_MODES = ("sum_abs", "abs_sum", "sum")
-NORMALIZE_METHODS = ("minmax", "percentile", "maxabs")
+from jaxplain import _maps
+
+GRAYSCALE_MODES = _maps.REDUCTIONS  # the channel reductions shared with metrics and ppi
+NORMALIZE_METHODS = _maps.NORMALIZATIONS
 
 
-def to_grayscale(attr: Any, *, mode: str = "sum_abs") -> np.ndarray:
+def _renamed_mode(mode: Any) -> None:
+  if mode is not None:
+    raise TypeError(f"mode: renamed to reduce= (one vocabulary with jaxplain.metrics and ppi: "
+                    f"{_maps.REDUCTIONS}); call with reduce={mode!r} (note: 'abs_sum' is "
+                    f"now 'abs_of_sum')")
+
+
+def to_grayscale(attr: Any, *, reduce: str = "sum_abs", mode: Any = None) -> np.ndarray:
   """Reduce the channel axis (last) of an attribution: (..., H, W, C) -> (..., H, W).
 
   Args:
     attr: attributions with channels last (one map (H, W, C) or a batch (B, H, W, C)).
-    mode: ``"sum_abs"``: sum_c |a_c| (seed 000, SPEC section 1; default); ``"abs_sum"``:
-      |sum_c a_c|; ``"sum"``: sum_c a_c (signed, for a diverging map).
+    reduce: ``"sum_abs"``: sum_c |a_c| (seed 000, SPEC section 1; default); ``"sum"``:
+      sum_c a_c (signed, for a diverging map); ``"abs_of_sum"``: |sum_c a_c|; ``"max_abs"``:
+      max_c |a_c| (the vocabulary of :func:`jaxplain.pixel_saliency`).
+    mode: the old name of ``reduce``; passing it raises a TypeError naming ``reduce``.
 
   Returns:
     Maps without the channel axis, float numpy.
@@ -38,17 +49,13 @@ def to_grayscale(attr: Any, *, mode: str = "sum_abs") -> np.ndarray:
   >>> to_grayscale(np.array([[[1., -2.]]]))
   array([[3.]])
   """
+  _renamed_mode(mode)
+  _maps.check_reduce(reduce)
   a = np.asarray(attr, dtype=np.float64)
   if a.ndim < 3:
     raise ValueError(f"attr: expected channels last, (H, W, C) or (B, H, W, C); got shape "
                      f"{a.shape} (pass maps without channels straight to normalize)")
-  if mode == "sum_abs":
-    return np.abs(a).sum(axis=-1)
-  if mode == "abs_sum":
-    return np.abs(a.sum(axis=-1))
-  if mode == "sum":
-    return a.sum(axis=-1)
-  raise ValueError(f"mode: expected one of {GRAYSCALE_MODES}, got {mode!r}")
+  return _maps.reduce_channels(a, reduce, xp=np)
 
 
 def normalize(maps: Any, *, method: str = "percentile", percentile: float = 99.0) -> np.ndarray:
@@ -56,14 +63,16 @@ def normalize(maps: Any, *, method: str = "percentile", percentile: float = 99.0
 
   Args:
     maps: (H, W) or (..., H, W).
-    method: ``"minmax"``: (m - min) / (max - min) (seed 000); ``"percentile"``: (m - min) /
+    method: one of the normalisations shared with :func:`jaxplain.normalize_saliency`:
+      ``"minmax"``: (m - min) / (max - min) (seed 000); ``"percentile"``: (m - min) /
       (p - min) clipped to [0, 1], p the ``percentile``-th percentile (PAIR's
-      ``VisualizeImageGrayscale``, 99th); ``"maxabs"``: m / max|m| in [-1, 1], for signed
-      maps (with ``percentile`` < 100, divides by that percentile of |m| and clips).
-    percentile: the clip percentile for ``"percentile"`` and ``"maxabs"``.
+      ``VisualizeImageGrayscale``, 99th); ``"signed_max"``: m / max|m| in [-1, 1], for signed
+      maps (with ``percentile`` < 100, divides by that percentile of |m| and clips; the old
+      name ``"maxabs"`` raises); ``"relu_max"``: max(m, 0) / max; ``"abs_max"``: |m| / max|m|.
+    percentile: the clip percentile for ``"percentile"`` and ``"signed_max"``.
 
   Returns:
-    Float numpy maps in [0, 1] (``"maxabs"``: [-1, 1]); a constant map gives zeros.
+    Float numpy maps in [0, 1] (``"signed_max"``: [-1, 1]); a constant map gives zeros.
 
   >>> normalize(np.array([[1., 2.], [3., 5.]]), method="minmax")
   array([[0.  , 0.25],
@@ -72,21 +81,8 @@ def normalize(maps: Any, *, method: str = "percentile", percentile: float = 99.0
   m = np.asarray(maps, dtype=np.float64)
   if m.ndim < 2:
     raise ValueError(f"maps: expected (H, W) or (..., H, W), got shape {m.shape}")
-  if not 0 < percentile <= 100:
-    raise ValueError(f"percentile: expected in (0, 100], got {percentile}")
-  if method == "maxabs":
-    hi = np.percentile(np.abs(m), percentile, axis=(-2, -1), keepdims=True)
-    return np.clip(np.divide(m, hi, out=np.zeros_like(m), where=hi > 0), -1.0, 1.0)
-  lo = m.min(axis=(-2, -1), keepdims=True)
-  if method == "minmax":
-    hi = m.max(axis=(-2, -1), keepdims=True)
-  elif method == "percentile":
-    hi = np.percentile(m, percentile, axis=(-2, -1), keepdims=True)
-  else:
-    raise ValueError(f"method: expected one of {NORMALIZE_METHODS}, got {method!r}")
-  span = hi - lo
-  out = np.divide(m - lo, span, out=np.zeros_like(m), where=span > 0)
-  return np.clip(out, 0.0, 1.0)
+  return np.asarray(_maps.normalize_maps(m, method, axes=(-2, -1), percentile=percentile,
+                                         xp=np), np.float64)
 
 
 def _image_rgb(image: Any) -> np.ndarray:
@@ -162,8 +158,9 @@ def diverging(attr: Any, *, cmap: str = "RdBu_r", percentile: float = 99.0) -> n
   (True, True)
   """
   a = np.asarray(attr, dtype=np.float64)
-  g = to_grayscale(a, mode="sum") if a.ndim == 3 else a
-  return colorize(normalize(g, method="maxabs", percentile=percentile), cmap=cmap, signed=True)
+  g = to_grayscale(a, reduce="sum") if a.ndim == 3 else a
+  return colorize(normalize(g, method="signed_max", percentile=percentile), cmap=cmap,
+                  signed=True)
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -182,7 +179,7 @@ def _show(ax, img, title=None, **kw):
 
 def three_panel(image: Any, attribution: Any, *, title: str | None = None,
                 normalization: str = "minmax", cmap: str = "hot", alpha: float = 0.5,
-                mode: str = "sum_abs") -> Figure:
+                reduce: str = "sum_abs", mode: Any = None) -> Figure:
   """The seed-000 figure: original, saliency, saliency superimposed.
 
   Args:
@@ -192,7 +189,8 @@ def three_panel(image: Any, attribution: Any, *, title: str | None = None,
     title: name shown over the original.
     normalization: ``"minmax"`` (seed 000) or ``"percentile"`` (99th, PAIR).
     cmap, alpha: colour map and blend weight of the overlay.
-    mode: the channel reduction of :func:`to_grayscale`.
+    reduce: the channel reduction of :func:`to_grayscale`.
+    mode: the old name of ``reduce``; passing it raises a TypeError naming ``reduce``.
 
   Returns:
     A matplotlib ``Figure`` (save it with :func:`save_png`).
@@ -202,7 +200,8 @@ def three_panel(image: Any, attribution: Any, *, title: str | None = None,
   ['original', 'saliency map', 'saliency map superimposed']
   """
   a = np.asarray(attribution)
-  gray = to_grayscale(a, mode=mode) if a.ndim == 3 else a
+  _renamed_mode(mode)
+  gray = to_grayscale(a, reduce=reduce) if a.ndim == 3 else a
   sal = normalize(gray, method=normalization)
   fig = _new_figure((9, 3.2))
   axes = fig.subplots(1, 3)
@@ -223,7 +222,7 @@ def method_grid(images: Any, maps: Mapping[str, Any], *, signed: Sequence[str] =
     images: (N, H, W, C) or (N, H, W).
     maps: method name -> attributions (N, H, W, C) (reduced with :func:`to_grayscale`) or
       maps (N, H, W).
-    signed: method names drawn with the diverging map (signed channel sum, ``maxabs``).
+    signed: method names drawn with the diverging map (signed channel sum, ``signed_max``).
     normalization: for unsigned maps, ``"minmax"`` or ``"percentile"`` (99th).
     cmap: colour map of unsigned maps.
     overlay_alpha: blend unsigned maps over the image with this alpha (``None``: plain map).

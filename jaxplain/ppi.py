@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxplain import _maps
 from jaxplain import _validate
 from jaxplain.train import weighted_mean
 
@@ -88,6 +89,7 @@ SaliencyFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array], 
 SALIENCY_NAMES = ("wbp", "gradient", "gradient_x_input", "grad_cam", "lrp")
 _CONTRAST_LOSSES = ("one_vs_others", "neg_ce")
 _MASKS = ("soft", "box")
+# the [0, 1]-valued normalisations of the shared vocabulary (jaxplain._maps)
 _NORMALIZE = ("relu_max", "abs_max", "minmax")
 _REG_TARGETS = ("l1", "normalized", "raw")
 _PAIRINGS = ("roll", "random_shift", "same_label")
@@ -155,26 +157,30 @@ class PPIConfig:
 
 # -- masks --------------------------------------------------------------------------------------
 
-def pixel_saliency(saliency: jax.Array, x: jax.Array, name: str = "saliency") -> jax.Array:
-  """One saliency value per pixel: (B, H, W, C) maps are summed over channels.
+def pixel_saliency(*args, **kwargs):
+  """Removed: use :func:`jaxplain.pixel_saliency` with ``reduce="sum"``.
 
-  Args:
-    saliency: (B, H, W, C) shaped like ``x``, or (B, H, W).
-    x: the NHWC input (B, H, W, C) the map explains.
-    name: argument name used in error messages.
+  ``ppi.pixel_saliency(saliency, x)`` (a signed channel sum) had the name but not the
+  signature of ``jaxplain.pixel_saliency(attributions, reduce=...)``; there is now one.
 
-  Returns:
-    (B, H, W) map.
-
-  >>> import jax.numpy as jnp
-  >>> pixel_saliency(jnp.ones((2, 4, 4, 3)), jnp.ones((2, 4, 4, 3))).shape
-  (2, 4, 4)
+  >>> pixel_saliency(None, None)
+  Traceback (most recent call last):
+  ...
+  TypeError: ppi.pixel_saliency is removed: use jaxplain.pixel_saliency(saliency, reduce="sum") (the one channel reduction shared by metrics, plot and ppi)
   """
+  del args, kwargs
+  raise TypeError('ppi.pixel_saliency is removed: use jaxplain.pixel_saliency(saliency, '
+                  'reduce="sum") (the one channel reduction shared by metrics, plot and ppi)')
+
+
+def _pixel_map(saliency: jax.Array, x: jax.Array, name: str = "saliency") -> jax.Array:
+  """One saliency value per pixel: (B, H, W, C) maps are summed over channels (the ``"sum"``
+  reduction of ``jaxplain._maps``); (B, H, W) maps pass."""
   s = jnp.asarray(saliency)
   if x.ndim != 4:
     raise ValueError(f"x: expected an NHWC batch (B, H, W, C), got shape {x.shape}")
   if s.shape == x.shape:
-    return jnp.sum(s, axis=-1)
+    return _maps.reduce_channels(s, "sum")
   if s.shape == x.shape[:3]:
     return s
   raise ValueError(f"{name}: expected a map shaped like x {x.shape} or (B, H, W) = "
@@ -198,16 +204,10 @@ def normalize_saliency(s: jax.Array, method: str = "relu_max", eps: float = 1e-1
   Array([[0. , 0.5, 1. ]], dtype=float32)
   """
   s = _validate.check_batched(s, "s", min_rank=2)
-  axes = tuple(range(1, s.ndim))
-  if method == "relu_max":
-    s = jnp.maximum(s, 0.0)
-  elif method == "abs_max":
-    s = jnp.abs(s)
-  elif method == "minmax":
-    s = s - jnp.min(s, axis=axes, keepdims=True)
-  else:
-    raise ValueError(f"method: expected one of {_NORMALIZE}, got {method!r}")
-  return s / (jnp.max(s, axis=axes, keepdims=True) + eps)
+  if method not in _NORMALIZE:
+    _maps.check_normalization(method)  # a retired name says what replaced it
+    raise ValueError(f"method: expected one of {_NORMALIZE} (maps in [0, 1]), got {method!r}")
+  return _maps.normalize_maps(s, method, axes=tuple(range(1, s.ndim)), eps=eps)
 
 
 def soft_mask(s: jax.Array, sigma: float = 0.5, omega: float = 50.0) -> jax.Array:
@@ -427,7 +427,7 @@ def ppi_objective(f: Callable[[jax.Array], jax.Array], x: jax.Array, y: Any,
       raise ValueError(f"weights: expected shape ({b},), got {weights.shape}")
   mean = lambda v: weighted_mean(v, weights)
 
-  s = pixel_saliency(saliency, x)
+  s = _pixel_map(saliency, x)
   if config.stop_saliency_gradient:
     s = jax.lax.stop_gradient(s)
   s_norm = normalize_saliency(s, config.normalize, config.eps)

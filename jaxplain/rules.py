@@ -60,6 +60,7 @@ import numpy as np
 
 from jaxplain import _jaxpr
 from jaxplain import _rules
+from jaxplain import _validate
 from jaxplain._jaxpr import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 from jaxplain._rules import AlphaBeta as AlphaBeta
 from jaxplain._rules import Composite as Composite
@@ -111,7 +112,9 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
     raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
   if target_chunk is not None and not (isinstance(target_chunk, int) and target_chunk >= 1):
     raise ValueError(f"target_chunk: expected None or an int >= 1, got {target_chunk!r}")
-  closed = jax.make_jaxpr(f)(jax.ShapeDtypeStruct(x.shape, x.dtype))
+  closed, out_shape = _validate.call_model(
+      lambda: jax.make_jaxpr(f, return_shape=True)(jax.ShapeDtypeStruct(x.shape, x.dtype)), f, x)
+  check_logits(out_shape, x.shape[0], f=f, x=x)
   jaxpr = closed.jaxpr
   if len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
     raise ValueError(f"f: expected a function of one array returning one (B, K) logits array; "
@@ -148,8 +151,8 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
     (c,) = pullback(cot.astype(logits.dtype))
     return rule.finish(x, ref, c)
 
-  if not several:
-    return one(t[:, 0])
+  if not several:  # NaN for a traced out-of-range target, as in every other method
+    return _validate.select_valid(one(t[:, 0]), t[:, 0], logits.shape[1])
   maps = jax.lax.map(one, t.T, batch_size=target_chunk or t.shape[1])  # (T, B, ...)
   return jnp.moveaxis(maps, 0, 1)
 
@@ -235,6 +238,8 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   except ValueError as e:
     raise ValueError(f"reference: expected an array broadcastable to x.shape={x.shape}, "
                      f"got shape {jnp.shape(reference)}") from e
+  if reference is not None:
+    _validate.check_finite(reference, "reference")
   return _modified_backprop(f, x, target, _rules.DeepLIFT(), output=output, reference=ref,
                             target_chunk=target_chunk)
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import pathlib
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -461,7 +462,8 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
     keep: checkpoints kept.
     early_stop_patience: stop when ``monitor`` has not improved for this many epochs and
       return the best epoch's variables (needs ``validation``).
-    progress: tqdm bar with loss and accuracy.
+    progress: a tqdm bar with loss and accuracy when stderr is a terminal; otherwise (a log
+      file, CI) one line per epoch on stderr.
     devices: devices of the data mesh (default all local devices).
     remainder: the last partial batch: "drop" (reshuffled each epoch) or "pad" (masked).
     init_variables: start from these variables (fine-tuning) instead of a fresh init.
@@ -545,6 +547,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
   """The body of :func:`fit` (resume, loop, saves); ``mngr`` is closed by the caller."""
   from tqdm.auto import tqdm
 
+  from jaxplain import _progress
+
+  lines = progress and not _progress.is_terminal()  # a log: one line per epoch, no bar
   early = early_stop_patience is not None
   history: list[dict] = []
   epoch_metrics: dict[str, list[float]] = {}
@@ -580,8 +585,9 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
     _save(mngr, int(state["step"]), tree, meta)
 
   step = int(state["step"])
-  bar = tqdm(total=total, initial=min(step, total), disable=not progress, desc="fit",
+  bar = tqdm(total=total, initial=min(step, total), disable=not progress or lines, desc="fit",
              leave=False)
+  started = time.perf_counter()
   pending: list[dict] = []  # device metrics not yet fetched
 
   def flush():
@@ -634,6 +640,11 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
             if es["bad_epochs"] >= early_stop_patience:
               es["stopped"] = True
       history.append(rec)
+      if lines:
+        shown = [f"{k} {rec[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")
+                 if k in rec]
+        _progress.line(f"fit: epoch {epoch + 1}/{epochs}, step {step}: {', '.join(shown)} "
+                       f"({time.perf_counter() - started:.1f} s)")
       epoch_metrics = {}
       if save_every and step % save_every == 0 and epoch + 1 < epochs and not es["stopped"]:
         save(epoch + 1, 0)

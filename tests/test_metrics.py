@@ -21,7 +21,7 @@ def _linear_model(key, shape, k=3):
   kw, kb = jax.random.split(key)
   w = jax.random.normal(kw, (n, k))
   b = jax.random.normal(kb, (k,))
-  f = lambda x: x.reshape(x.shape[0], -1) @ w + b
+  f = lambda x: x.reshape(x.shape[0], -1) @ w + b[None]
   return f, np.asarray(w), np.asarray(b)
 
 
@@ -256,7 +256,8 @@ def _trained_digits_net():
       logits = model.apply({"params": p}, xb)
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     g = jax.grad(loss)(params)
-    upd, state = opt.update(g, state)
+    with jax.numpy_dtype_promotion("standard"):  # optax adam: float ** int32 step
+      upd, state = opt.update(g, state)
     return optax.apply_updates(params, upd), state
 
   rng = np.random.default_rng(0)

@@ -15,10 +15,11 @@ def test_to_grayscale_modes():
   a = np.random.default_rng(0).normal(size=(2, 5, 4, 3))
   np.testing.assert_allclose(plot.to_grayscale(a), np.abs(a[..., 0]) + np.abs(a[..., 1])
                              + np.abs(a[..., 2]))
-  np.testing.assert_allclose(plot.to_grayscale(a, mode="abs_sum"), np.abs(a.sum(-1)))
-  np.testing.assert_allclose(plot.to_grayscale(a, mode="sum"), a.sum(-1))
-  with pytest.raises(ValueError, match="mode: expected one of"):
-    plot.to_grayscale(a, mode="max")
+  np.testing.assert_allclose(plot.to_grayscale(a, reduce="abs_of_sum"), np.abs(a.sum(-1)))
+  np.testing.assert_allclose(plot.to_grayscale(a, reduce="sum"), a.sum(-1))
+  np.testing.assert_allclose(plot.to_grayscale(a, reduce="max_abs"), np.abs(a).max(-1))
+  with pytest.raises(ValueError, match="reduce: expected one of"):
+    plot.to_grayscale(a, reduce="max")
   with pytest.raises(ValueError, match=r"attr: expected channels last"):
     plot.to_grayscale(a[0, 0])
 
@@ -37,7 +38,7 @@ def test_normalize_minmax_percentile_maxabs():
     np.testing.assert_allclose(pc[b], np.clip((m[b] - flat[0]) / (p99 - flat[0]), 0, 1))
     assert np.sum(pc[b] == 1.0) == 1  # only the max lies above the interpolated p99
   s = m - 1.0
-  ma = plot.normalize(s, method="maxabs", percentile=100)
+  ma = plot.normalize(s, method="signed_max", percentile=100)
   np.testing.assert_allclose(ma, s / np.abs(s).max(axis=(1, 2), keepdims=True))
   np.testing.assert_array_equal(plot.normalize(np.ones((3, 3))), np.zeros((3, 3)))
   with pytest.raises(ValueError, match="method: expected one of"):

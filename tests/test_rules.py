@@ -44,7 +44,8 @@ class _ReluBNCNN(nn.Module):
     x = nn.Conv(6, (3, 3), use_bias=False, name="conv2")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn2")(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))        # flax: reduce_window_max
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))        # reduce_window_sum
+    with jax.numpy_dtype_promotion("standard"):       # flax divides by an int32 count
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))      # reduce_window_sum
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(7, name="fc1")(x))
     return nn.Dense(5, name="fc2")(x)
@@ -85,9 +86,9 @@ def _mlp_params(sizes, key, dtype=jnp.float64, bias=True):
 def _mlp(params, act):
   def f(x):
     for w, b in params[:-1]:
-      x = act(x @ w + b)
+      x = act(x @ w + b[None])
     w, b = params[-1]
-    return x @ w + b
+    return x @ w + b[None]
   return f
 
 
@@ -276,11 +277,11 @@ def test_linen_nnx_and_plain_function_give_identical_maps():
   def f_plain(x):
     y = jax.lax.conv_general_dilated(x, v["conv"]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jnp.maximum(y + v["conv"]["bias"], 0.0)        # relu as a bare max primitive
+    y = jnp.maximum(y + v["conv"]["bias"].reshape(1, 1, 1, -1), 0.0)  # relu as a bare max
     y = jnp.max(y.reshape(2, 4, 2, 4, 2, 3), axis=(2, 4))  # max-pool as reduce_max
     y = y.reshape(2, -1)
-    y = jax.nn.gelu(y @ v["fc1"]["kernel"] + v["fc1"]["bias"])
-    return y @ v["fc2"]["kernel"] + v["fc2"]["bias"]
+    y = jax.nn.gelu(y @ v["fc1"]["kernel"] + v["fc1"]["bias"][None])
+    return y @ v["fc2"]["kernel"] + v["fc2"]["bias"][None]
 
   t = jnp.array([1, 3])
   np.testing.assert_allclose(f_nnx(x), f_linen(x), rtol=1e-5, atol=1e-6)
@@ -374,7 +375,7 @@ def test_lrp_relevance_conserved_through_resnet_skip_connections():
   with jax.enable_x64(True):
     model = _SkipNet()
     x = jax.random.normal(jax.random.key(22), (2, 8, 8, 2), jnp.float64)
-    variables = model.init(jax.random.key(23), x)
+    variables = model.init(jax.random.key(23), x.astype(jnp.float32))
     # inference batch norm as a pure scale (zero mean, zero shift): no bias anywhere
     variables = jax.tree_util.tree_map_with_path(
         lambda p, a: (jnp.zeros_like(a) if p[-1].key in ("mean", "bias") else

@@ -40,8 +40,8 @@ class TinyNoTrainArg(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("tfds"))
+def digits():
+  d = str(data.default_data_dir())  # conftest.py: the session's temporary data directory
   tr = data.load("digits", "train", data_dir=d)
   va = data.load("digits", "validation", data_dir=d)
   return {k: v[:96] for k, v in tr.items()}, {k: v[:40] for k, v in va.items()}
@@ -305,3 +305,17 @@ def test_sharded_step_equals_single_device(tmp_path, digits):
   np.testing.assert_allclose(p["losses"], s["losses"], rtol=1e-5)
   jax.tree.map(close, p["variables"], s["variables"], is_leaf=lambda x: isinstance(x, list))
   assert len(s["losses"]) == 8
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(digits, capsys):
+  # under capsys stderr is not a terminal (as in CI or a redirected log): no tqdm frames,
+  # one line per epoch with the epoch's mean loss
+  tr, va = digits
+  r = _fit(TinyNoTrainArg(), tr, va, epochs=3, progress=True)
+  err = capsys.readouterr().err
+  assert "\r" not in err
+  lines = [l for l in err.splitlines() if l.startswith("fit: ")]
+  assert len(lines) == 3 and len(err.strip().splitlines()) == 3, err
+  for e, (l, h) in enumerate(zip(lines, r.history), 1):
+    assert l.startswith(f"fit: epoch {e}/3, step {h['step']}: loss {h['loss']:.4f}"), l
+    assert f"val_accuracy {h['val_accuracy']:.4f}" in l

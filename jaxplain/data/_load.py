@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -99,38 +100,61 @@ def _decoy_masks(positions: np.ndarray, size: int) -> np.ndarray:
 
 
 def _quiet_prepare(builder) -> None:
-  """``download_and_prepare`` without tfds' progress bars and absl warnings."""
+  """``download_and_prepare`` with nothing on stdout.
+
+  tfds prints "Downloading and preparing dataset ..." and "Dataset ... downloaded and
+  prepared ..." with ``print`` the first time; those lines go to the ``jaxplain.data``
+  logger (INFO) instead, its progress bars are switched off and absl's warnings are quieted.
+  """
+  import io
   import logging
 
   from tensorflow_datasets.core.utils import tqdm_utils
 
   was_active, tqdm_utils._active = tqdm_utils._active, False  # pylint: disable=protected-access
+  captured = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(captured):
+      builder.download_and_prepare()
+  finally:
+    tqdm_utils._active = was_active  # pylint: disable=protected-access
+    for line in captured.getvalue().splitlines():
+      if line.strip():
+        logging.getLogger("jaxplain.data").info("tfds: %s", line.strip())
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """absl (tfds' logger) at ERROR level inside the block, e.g. "Variant folder ... has no
+  dataset_info.json" while a builder looks at a half-prepared directory."""
+  import logging
+
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
   try:
-    builder.download_and_prepare()
+    yield
   finally:
-    tqdm_utils._active = was_active  # pylint: disable=protected-access
     absl_logger.setLevel(level)
 
 
 @functools.lru_cache(maxsize=8)
 def _embedded_raw(name: str, split: str, data_dir: str) -> dict:
   cls = _builders.JaxplainDecoyDigits if name == "decoy_digits" else _builders.JaxplainDigits
-  builder = cls(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    import fcntl
+  with _quiet_absl():
+    builder = cls(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      import fcntl
 
-    # Several processes (pytest -n, parallel experiments) may prepare at once: serialise.
-    pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
-    with open(pathlib.Path(data_dir) / f".{cls.name}.lock", "w") as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      builder = cls(data_dir=data_dir, file_format="array_record")
-      if not builder.is_prepared():
-        _quiet_prepare(builder)
-      fcntl.flock(lock, fcntl.LOCK_UN)
-  src = builder.as_data_source(split=split)
+      # Several processes (pytest -n, parallel experiments) may prepare at once: serialise.
+      pathlib.Path(data_dir).mkdir(parents=True, exist_ok=True)
+      with open(pathlib.Path(data_dir) / f".{cls.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = cls(data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+          _quiet_prepare(builder)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    src = builder.as_data_source(split=split)
   ex = src.__getitems__(list(range(len(src))))
   order = np.argsort([e["index"] for e in ex])
   out = {k: np.stack([ex[i][k] for i in order]) for k in ex[0]}

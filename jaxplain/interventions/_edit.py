@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _validate
 from jaxplain.interventions._select import Selection, as_selection, path_str, tree_paths
 
 KINDS = ("weight", "input", "filter")
@@ -72,6 +73,7 @@ def set_value(params: Any, selection: Selection | str, value: Any = 0.0, *,
   Array([[0., 1.],
          [1., 0.]], dtype=float32)
   """
+  _validate.check_finite(value, "value")
   return _map_selected(params, selection,
                        lambda p, w: jnp.broadcast_to(jnp.asarray(value, w.dtype), w.shape), where)
 

@@ -90,10 +90,14 @@ def select(*patterns: str, predicate: Callable[[str, Any], bool] | None = None) 
   """
   if not patterns and predicate is None:
     raise ValueError("select: give at least one pattern or a predicate")
-  for p in patterns:
+  for i, p in enumerate(patterns):
     if not isinstance(p, str):
-      raise TypeError(f"select: patterns must be strings, got {p!r}")
-    re.compile(p)
+      raise TypeError(f"patterns: expected regex strings, got {p!r} at position {i}")
+    try:
+      re.compile(p)
+    except re.error as err:
+      raise ValueError(f"patterns: {p!r} (position {i}) is not a valid regular expression: "
+                       f"{err}") from err
   return Selection(tuple(patterns), predicate)
 
 

@@ -31,6 +31,7 @@ an exact sweep.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -119,6 +120,7 @@ def sweep(model: Any, *args: Any, value: Any = 0.0, chunk: int | None = None) ->
   m, (x, units) = _as_model(model, args, 2, "sweep")
   x = _check_x(x)
   masks = _masks_of(units)
+  _validate.check_finite(value, "value")
   sel = select(*[re.escape(p) for p in masks])
   masks = {p: jnp.asarray(mk) for p, mk in masks.items()}
 
@@ -352,8 +354,10 @@ def first_order(model: Any, *args: Any, value: Any = 0.0) -> jax.Array:
   m, (x, target, units) = _as_model(model, args, 3, "first_order")
   masks = _masks_of(units)
   x = _check_x(x)
-  t = _validate.check_target(target, x.shape[0])
+  _validate.check_finite(value, "value")
   params = m.params
+  k = _validate.check_logits(jax.eval_shape(m.apply, params, x), x.shape[0]).shape[1]
+  t = _validate.check_target(target, x.shape[0], k)
   all_leaves = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   missing = [p for p in masks if p not in all_leaves]
   if missing:
@@ -366,6 +370,7 @@ def first_order(model: Any, *args: Any, value: Any = 0.0) -> jax.Array:
     return m.apply(p, xb[None])[0, tb]
 
   grads = jax.vmap(jax.grad(y), in_axes=(None, 0, 0))(leaves, x, t)   # {path: (B, *shape)}
+  grads = {p: _validate.select_valid(g, t, k) for p, g in grads.items()}  # traced bad target
   est = 0.0
   for p, mk in masks.items():
     d = jnp.asarray(mk, leaves[p].dtype) * (jnp.asarray(value, leaves[p].dtype) - leaves[p])[None]

@@ -1,0 +1,39 @@
+"""pytest setup for the whole repository: the tests in ``tests/`` and the doctests of
+``jaxplain/`` (``pytest --doctest-modules jaxplain tests``).
+
+- JAX runs with strict dtype promotion and rank promotion = raise (as equinox's suite does),
+  so an accidental promotion or broadcast is an error.
+- Nothing is written outside temporary directories: the tfds data directory
+  (``JAXPLAIN_DATA_DIR`` / ``TFDS_DATA_DIR``), matplotlib's and Keras' config/cache folders
+  point into one pytest temporary directory per session. With ``pytest -n`` the controller
+  creates it before the workers start and the workers inherit it through the environment, so
+  the embedded digits are prepared once per session (``jaxplain.data`` serialises the
+  preparation with a file lock). A data directory set beforehand is overridden on purpose:
+  the tests must pass on a machine that never prepared the data.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import pytest
+
+_MARK = "JAXPLAIN_TEST_TMP"  # set by the controller, inherited by the xdist workers
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has configured itself
+def pytest_configure(config):
+  jax.config.update("jax_numpy_dtype_promotion", "strict")
+  jax.config.update("jax_numpy_rank_promotion", "raise")
+  if hasattr(config, "workerinput") and os.environ.get(_MARK):
+    root = os.environ[_MARK]  # an xdist worker: share the controller's directory
+  else:
+    root = str(config._tmp_path_factory.getbasetemp() / "jaxplain-session")  # pylint: disable=protected-access
+    os.environ[_MARK] = root
+  for var, sub in (("JAXPLAIN_DATA_DIR", "tensorflow_datasets"),
+                   ("TFDS_DATA_DIR", "tensorflow_datasets"),
+                   ("MPLCONFIGDIR", "matplotlib"), ("KERAS_HOME", "keras")):
+    path = os.path.join(root, sub)
+    os.makedirs(path, exist_ok=True)
+    os.environ[var] = path
