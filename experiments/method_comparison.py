@@ -13,6 +13,9 @@ attribution method explains the predicted class of the same test images. For eac
   fc2, fc1, conv2, conv1 in turn (fresh Flax initialisation, another seed) and report the
   Spearman rank correlation and SSIM of each map with the trained model's map. A method that
   depends on the weights should fall towards 0.
+* the explainer x metric grid of :func:`jaxplain.evaluate` (faithfulness correlation,
+  max-sensitivity, sparseness, complexity, deletion AUC of |map|), batched and sharded over
+  the local devices.
 * for Integrated Gradients, every quadrature rule at the same number of steps with its
   completeness gap ``sum IG - (f(x)[t] - f(0)[t])``.
 
@@ -247,6 +250,15 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
         "deletion_auc": float(np.mean(np.asarray(jm.area_under_curve(d, fractions)))),
     }
 
+  # -- the explainer x metric grid of jaxplain.evaluate (issue 16): faithfulness correlation,
+  # max-sensitivity, sparseness, complexity and the deletion AUC of |map| in one sharded,
+  # jitted pass per batch over the same images
+  ev = jaxplain.evaluate(
+      {n: (lambda x, t, e=e: e(params, x, t)) for n, (e, _) in meths.items()},
+      jaxplain.evaluation.default_metrics(steps=cfg["steps"], n_samples=cfg["orders"]),
+      (np.asarray(x), np.asarray(pred)), f=lambda z: model.apply({"params": params}, z),
+      key=jax.random.fold_in(key, 7), batch_size=64, progress=not smoke)
+
   layer_names = ["trained", *layers]
   figs = _figures(out, x, maps, fractions, curves, sanity, layer_names, min(cfg["n_show"], b))
 
@@ -312,11 +324,19 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False,
                  "deletion AUC (p)"],
                 [[r, v["mean_abs_gap"], v["mean_relative_gap"], v["deletion_auc"]]
                  for r, v in ig_rules.items()]),
+      "",
+      f"jaxplain.evaluate over the same {ev['n']} images ({ev['devices']} device(s); "
+      f"deletion AUC of |map| on p(class), lower = better; faithfulness correlation, higher "
+      f"= better; max-sensitivity ({cfg['orders']} perturbations of radius 0.05), lower = "
+      f"more robust; sparseness (Gini) and complexity (entropy) of |map|):",
+      "",
+      jaxplain.evaluation.to_table(ev, digits=3),
   ])
   metrics = {"model": "lenet", "num_images": int(b), "accuracy": accuracy,
              "fractions": fractions.tolist(), "methods": met_methods,
              "sanity_layers": layer_names, "ig_rules": ig_rules,
              "wbp_vs_gxi_max_rel_diff": wbp_gxi, "beats_random": beats,
+             "evaluation": ev["mean"],
              "sanity_passed": passed, "seconds": time.perf_counter() - t0}
   return {"metrics": metrics, "figures": figs, "summary": summary}
 

@@ -67,6 +67,7 @@ METHODS = ("gradient", "grad_cam", "lrp", "wbp")
 LABELS = {"gradient": "Gradient", "lrp": "LRP", "grad_cam": "GradCAM", "wbp": "WBP"}
 SITES = ("A", "B", "C", "D")
 SIGMAS = (0.1, 0.2, 0.3, 0.5)
+CLAIMS = ("confounder", "cross_domain", "table2")
 
 
 class SmallCNN(nn.Module):
@@ -188,8 +189,9 @@ def train_run(train: dict, arm: str, seed: int, S: dict, sigma: float) -> dict:
 class _Cache:
   """One JSON line per finished run, keyed by (claim, arm, seed, condition)."""
 
-  def __init__(self, path: pathlib.Path):
+  def __init__(self, path: pathlib.Path, cache_only: bool = False):
     self.path = path
+    self.cache_only = cache_only
     self.rows = {}
     if path.exists():
       for line in path.read_text().splitlines():
@@ -199,6 +201,8 @@ class _Cache:
 
   def get(self, key, fn):
     k = json.dumps(key)
+    if k not in self.rows and self.cache_only:
+      return None
     if k not in self.rows:
       t0 = time.time()
       v = fn()
@@ -268,15 +272,18 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   t_start = time.time()
   S = _settings(full, smoke)
   if overrides:
-    unknown = set(overrides) - set(S) - {"sigma"}
+    unknown = set(overrides) - set(S) - {"sigma", "claims", "cache_only"}
     if unknown:
       raise ValueError(f"overrides: unknown settings {sorted(unknown)}; known: {sorted(S)}")
     S = {**S, **overrides}
-    S["name"] += "-" + "-".join(f"{k}={v}" for k, v in sorted(overrides.items())).replace(
+    S["name"] += "-" + "-".join(f"{k}={v}" for k, v in sorted(overrides.items())
+                                if k not in ("claims", "cache_only")).replace(
         " ", "").replace("(", "").replace(")", "").replace(",", "_").replace("'", "")
+  claims = S.get("claims", CLAIMS)
   fig_dir = out_dir / "ppi_claims"
   fig_dir.mkdir(parents=True, exist_ok=True)
-  cache = _Cache(fig_dir / f"runs-{S['name']}.jsonl")
+  cache = _Cache(fig_dir / f"runs-{S['name']}.jsonl", cache_only=S.get("cache_only", False))
+  keep = lambda lst, v: lst.append(v) if v is not None else None
   digits = {s: jdata.load("digits", s, image_size=SIZE) for s in ("train", "validation",
                                                                   "test")}
   seeds = [seed + k for k in range(S["seeds"])]
@@ -286,9 +293,10 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   sigma = ppi.PPIConfig().sigma
   sweep = {}
   for sg in S["sweep"]:
-    sweep[sg] = [cache.get(["sweep", sg, s], lambda sg=sg, s=s: {"val": _acc(
+    got = [cache.get(["sweep", sg, s], lambda sg=sg, s=s: {"val": _acc(
         train_run(subset(digits["train"], 0.25, s), "ppi:wbp", s, S, sg),
-        digits["validation"])})["val"] for s in seeds[:3]]
+        digits["validation"])}) for s in seeds[:3]]
+    sweep[sg] = [g["val"] for g in got if g is not None]
     log(f"sweep sigma {sg}: val acc {_ms(sweep[sg])}")
   if sweep:
     sigma = max(sweep, key=lambda k: np.mean(sweep[k]))
@@ -303,13 +311,13 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
     else:
       conf_arms.append(f"ppi:wbp:{ab}")
   conf_res = {}
-  for arm in conf_arms:
+  for arm in conf_arms if "confounder" in claims else ():
     for s in seeds:
       def go(arm=arm, s=s):
         v = train_run(conf["train"], arm, s, S, sigma)
         return {"test": _acc(v, conf["test"]), "val": _acc(v, conf["validation"]),
                 "clean": _acc(v, digits["test"])}
-      conf_res.setdefault(arm, []).append(cache.get(["confounder", arm, s, sigma], go))
+      keep(conf_res.setdefault(arm, []), cache.get(["confounder", arm, s, sigma], go))
     log(f"confounder {arm}: test {_ms([r['test'] for r in conf_res[arm]])}")
 
   # -- cross-domain ---------------------------------------------------------------------------
@@ -319,29 +327,37 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   site_test = {k: site(digits["test"], k, "test") for k in SITES}
   d_nomarker = _strip_marker(site_test["D"], digits["test"])
   xd = {}
-  for src in S["train_sites"]:
+  for src in S["train_sites"] if "cross_domain" in claims else ():
     for arm in ("baseline", "ppi:wbp"):
       for s in seeds:
         def go(src=src, arm=arm, s=s):
           v = train_run(site_train[src], arm, s, S, sigma)
           return {**{t: _acc(v, site_test[t]) for t in SITES},
                   "D_nomarker": _acc(v, d_nomarker)}
-        xd.setdefault((src, arm), []).append(cache.get(["cross", src, arm, s, sigma], go))
+        keep(xd.setdefault((src, arm), []), cache.get(["cross", src, arm, s, sigma], go))
       log(f"cross-domain train {src} {arm}: " + ", ".join(
           f"{t} {np.mean([r[t] for r in xd[(src, arm)]]):.3f}" for t in SITES))
 
   # -- Table 2 analogue -----------------------------------------------------------------------
   t2_arms = ["baseline"] + [f"ppi:{m}" for m in S["methods"]]
   t2 = {}
-  for fr in S["fractions"]:
+  for fr in S["fractions"] if "table2" in claims else ():
     for arm in t2_arms:
       for s in seeds:
         def go(fr=fr, arm=arm, s=s):
           v = train_run(subset(digits["train"], fr, s), arm, s, S, sigma)
           return {"test": _acc(v, digits["test"])}
-        t2.setdefault((fr, arm), []).append(cache.get(["table2", fr, arm, s, sigma], go))
+        keep(t2.setdefault((fr, arm), []), cache.get(["table2", fr, arm, s, sigma], go))
       log(f"table2 {fr} {arm}: {_ms([r['test'] for r in t2[(fr, arm)]])}")
 
+  # only cells with runs (a --cache-only report of an unfinished run)
+  conf_arms = [a for a in conf_arms if conf_res.get(a)]
+  conf_res = {a: conf_res[a] for a in conf_arms}
+  xd = {k: v for k, v in xd.items() if v}
+  xd = {k: v for k, v in xd.items() if xd.get((k[0], "baseline")) and xd.get((k[0], "ppi:wbp"))}
+  t2 = {k: v for k, v in t2.items() if v}
+  t2_arms = [a for a in t2_arms if any(k[1] == a for k in t2)]
+  t2 = {k: v for k, v in t2.items() if all((k[0], a) in t2 for a in t2_arms)}
   return _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_dir,
                  t_start)
 
@@ -364,7 +380,8 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
   lines += ["## PPI's claims on digit constructions (seed 004, Tables 2 and 3)", "",
             f"SmallCNN 16x16, Adam 3e-3, batch 32, {S['steps']} steps ({S['warmup']} plain "
             f"warm-up, then PPI: w = 1/0.1/1, L_reg = ||s||_1, one-vs-others, soft mask, "
-            f"omega 50, sigma {sigma}); {len(seeds)} seed(s) per cell unless stated; "
+            f"omega 50, sigma {sigma}); up to {len(seeds)} seed(s) per cell (n in the paired "
+            "columns); "
             "differences are paired PPI - baseline per seed with 95 % t-intervals. "
             "Constructions: `experiments/ppi_claims.py`.", ""]
   if sweep:
@@ -373,7 +390,19 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
               + f" -> sigma = {sigma}.", ""]
     metrics["sweep"] = {str(k): v for k, v in sweep.items()}
 
-  # confounder
+  if conf_res:
+    _confounder_section(conf_arms, conf_res, lines, metrics, figures, fig_dir, plt)
+  if xd:
+    _cross_section(xd, lines, metrics, figures, fig_dir, plt)
+  if t2:
+    _table2_section(t2, t2_arms, lines, metrics, figures, fig_dir, plt)
+  lines += ["", f"Wall time {time.time() - t_start:.0f} s."]
+  metrics["seconds"] = time.time() - t_start
+  (fig_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
+  return {"metrics": metrics, "figures": figures, "summary": "\n".join(lines)}
+
+
+def _confounder_section(conf_arms, conf_res, lines, metrics, figures, fig_dir, plt):
   base = conf_res["baseline"]
   rows = ["| arm | test acc (random texture) | paired diff | confounder-free acc | paired "
           "diff | val acc (correlated) |", "|---|---|---|---|---|---|"]
@@ -404,7 +433,8 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
   figures.append("ppi_claims/confounder.png")
   lines += ["![confounder](ppi_claims/confounder.png)", ""]
 
-  # cross-domain
+
+def _cross_section(xd, lines, metrics, figures, fig_dir, plt):
   srcs = [s for s in SITES if (s, "baseline") in xd]
   hdr = "| train \\ test | " + " | ".join(SITES) + " | D without marker |"
   sep = "|---|" + "---|" * (len(SITES) + 1)
@@ -449,7 +479,8 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
   figures.append("ppi_claims/cross_domain.png")
   lines += ["![cross-domain](ppi_claims/cross_domain.png)", ""]
 
-  # table 2
+
+def _table2_section(t2, t2_arms, lines, metrics, figures, fig_dir, plt):
   rows = ["| training digits | " + " | ".join(_arm_label(a) for a in t2_arms) + " |",
           "|---|" + "---|" * len(t2_arms)]
   rows_d = ["| training digits | " + " | ".join(_arm_label(a) for a in t2_arms[1:]) + " |",
@@ -483,10 +514,7 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
   fig.savefig(fig_dir / "table2.png", dpi=90)
   plt.close(fig)
   figures.append("ppi_claims/table2.png")
-  lines += ["![table2](ppi_claims/table2.png)", "", f"Wall time {time.time() - t_start:.0f} s."]
-  metrics["seconds"] = time.time() - t_start
-  (fig_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-  return {"metrics": metrics, "figures": figures, "summary": "\n".join(lines)}
+  lines += ["![table2](ppi_claims/table2.png)"]
 
 
 def main(argv=None) -> dict:
@@ -502,12 +530,16 @@ def main(argv=None) -> dict:
   for name in ("seeds", "steps", "warmup"):
     ap.add_argument(f"--{name}", type=int)
   ap.add_argument("--sigma", type=float)
-  for name in ("fractions", "methods", "train-sites", "ablations", "sweep"):
+  ap.add_argument("--cache-only", action="store_true",
+                  help="report the runs already in the cache, train nothing")
+  for name in ("fractions", "methods", "train-sites", "ablations", "sweep", "claims"):
     ap.add_argument(f"--{name}", help="comma-separated ('' for none)")
   a = ap.parse_args(argv)
   ov = {k: getattr(a, k) for k in ("seeds", "steps", "warmup", "sigma")
         if getattr(a, k) is not None}
-  for name in ("fractions", "methods", "train_sites", "ablations", "sweep"):
+  if a.cache_only:
+    ov["cache_only"] = True
+  for name in ("fractions", "methods", "train_sites", "ablations", "sweep", "claims"):
     v = getattr(a, name)
     if v is not None:
       items = [t for t in v.split(",") if t]

@@ -428,3 +428,98 @@ def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
   assert not np.asarray(info1["converged"]).all()  # reported, not hidden
   np.testing.assert_array_equal(np.asarray(info1["steps"])[~np.asarray(info1["converged"])],
                                 17)
+
+
+# -- exact IG for piecewise-linear networks -------------------------------------------------
+
+
+def pl_params(dtype):
+  r = np.random.default_rng(3)
+  return {"w1": r.normal(size=(3, 3, 1, 3)), "b1": r.normal(size=3) * 0.5,
+          "w2": r.normal(size=(12, 5)) * 0.5, "b2": r.normal(size=5) * 0.5,
+          "w3": r.normal(size=(5, 3)), "b3": r.normal(size=3) * 0.1,
+          "dtype": dtype}
+
+
+def pl_net(p, x, pattern=False):
+  """conv -> relu -> 2x2 max-pool (lax.reduce_window) -> dense -> leaky relu -> dense."""
+  dt = p["dtype"]
+  z1 = jax.lax.conv_general_dilated(x, jnp.asarray(p["w1"], dt), (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z1 = z1 + jnp.asarray(p["b1"], dt).reshape(1, 1, 1, -1)
+  h = nn.max_pool(jax.nn.relu(z1), (2, 2), (2, 2))
+  z2 = h.reshape(x.shape[0], -1) @ jnp.asarray(p["w2"], dt) + jnp.asarray(p["b2"], dt)[None]
+  out = jax.nn.leaky_relu(z2, 0.1) @ jnp.asarray(p["w3"], dt) + jnp.asarray(p["b3"], dt)[None]
+  if not pattern:
+    return out
+  r = jax.nn.relu(z1).reshape(x.shape[0], 2, 2, 2, 2, 3).transpose(0, 1, 3, 5, 2, 4)
+  win = jnp.argmax(r.reshape(x.shape[0], 2, 2, 3, 4), axis=-1)  # the pool's arg-max
+  return jnp.concatenate([(z1 > 0).reshape(x.shape[0], -1).astype(jnp.int32),
+                          win.reshape(x.shape[0], -1).astype(jnp.int32),
+                          (z2 > 0).reshape(x.shape[0], -1).astype(jnp.int32)], axis=1)
+
+
+def test_exact_ig_on_a_relu_maxpool_cnn():
+  p = pl_params(jnp.float32)
+  f = functools.partial(pl_net, p)
+  r = np.random.default_rng(4)
+  x = jnp.asarray(r.normal(size=(2, 4, 4, 1)), jnp.float32)
+  base = jnp.asarray(r.normal(size=(2, 4, 4, 1)) * 0.5, jnp.float32)
+  t = jnp.array([0, 2])
+  ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
+                                           return_info=True)
+  y, y0 = np.asarray(f(x)), np.asarray(f(base))
+  delta = y[[0, 1], [0, 2]] - y0[[0, 1], [0, 2]]
+  gap = np.asarray(ig, np.float64).sum(axis=(1, 2, 3)) - delta
+  assert np.all(np.abs(gap) <= 1e-5 * np.abs(delta)), (gap, delta)
+  # Gauss-Legendre at m = 4096, computed here (jax.grad on 512-node chunks): it converges only
+  # as O(1/m) on this step-wise integrand (its own gap is ~1e-4 here), so it agrees to that
+  a, w = np.polynomial.legendre.leggauss(4096)
+  a, w = (a + 1) / 2, w / 2
+  grad = jax.jit(jax.grad(lambda z, k: f(z)[:, k].sum()), static_argnums=1)
+  gl = np.zeros(x.shape)
+  for b in range(2):
+    for s in range(0, 4096, 512):
+      pts = base[b][None] + jnp.asarray(a[s:s + 512], jnp.float32).reshape(-1, 1, 1, 1) * (
+          x - base)[b][None]
+      gl[b] += np.tensordot(w[s:s + 512], np.asarray(grad(pts, int(t[b])), np.float64), 1)
+  gl *= np.asarray(x - base, np.float64)
+  gl_gap = gl.sum(axis=(1, 2, 3)) - delta
+  scale = np.abs(np.asarray(ig)).max()
+  assert np.abs(np.asarray(ig) - gl).max() <= 1e-3 * scale
+  assert np.all(np.abs(gap) < np.abs(gl_gap))
+  # the breakpoints equal those of a dense scan of the activation pattern along the path
+  n = 20001
+  grid = np.linspace(0, 1, n)
+  for b in range(2):
+    pts = base[b][None] + jnp.asarray(grid, jnp.float32).reshape(-1, 1, 1, 1) * (x - base)[b][None]
+    pat = np.asarray(jax.jit(lambda z: pl_net(p, z, pattern=True))(pts))
+    changed = set(np.flatnonzero(np.any(pat[1:] != pat[:-1], axis=1)))
+    bp = np.asarray(info["breakpoints"][b])
+    found = set(np.searchsorted(grid, bp) - 1)
+    assert len(bp) > 5 and found == changed, (sorted(found ^ changed), len(bp))
+    assert int(info["steps"][b]) == len(bp) + 1
+
+
+def test_exact_ig_float64_completeness_and_errors():
+  with jax.enable_x64(True):
+    p = pl_params(jnp.float64)
+    f = functools.partial(pl_net, p)
+    r = np.random.default_rng(5)
+    x = jnp.asarray(r.normal(size=(1, 4, 4, 1)))
+    base = jnp.asarray(r.normal(size=(1, 4, 4, 1)) * 0.5)
+    ig, gap = jaxplain.integrated_gradients(f, x, 1, method="exact", baseline=base,
+                                            return_gap=True)
+    delta = float(f(x)[0, 1] - f(base)[0, 1])
+    assert ig.dtype == jnp.float64
+    assert abs(float(np.asarray(ig).sum()) - delta) <= 1e-10 * abs(delta)
+    assert abs(float(gap[0])) <= 1e-10 * abs(delta)
+  smooth = lambda z: jnp.tanh(z.reshape(z.shape[0], -1)[:, :3])
+  with pytest.raises(ValueError, match="first non-piecewise-linear primitive is 'tanh'"):
+    jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact")
+  with pytest.raises(ValueError, match="output: method='exact' needs output='logit'"):
+    jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact",
+                                  output="softmax")
+  with pytest.raises(ValueError, match="cannot be traced"):
+    jax.jit(lambda z: jaxplain.integrated_gradients(smooth, z, 0, method="exact"))(
+        jnp.ones((1, 4)))

@@ -201,7 +201,22 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       q["kernel"][c::C2, 3] = 0
     ref_g.append(hand_logits(_hand_edit(p, "fc", zero), x))
   ref_g = np.stack(ref_g)
+  # single fc weights (input row, output): NHWC rows in the hand model; Equinox numbers its
+  # fc inputs in CHW order, so the same weight has another row index there
+  rows_hwc = [(5, 2), (30, 4)]
+  ref_d = []
+  for r, k in rows_hwc:
+    def zero(q, r=r, k=k):
+      q["kernel"][r, k] = 0
+    ref_d.append(hand_logits(_hand_edit(p, "fc", zero), x))
+  ref_d = np.stack(ref_d)
+  chw = lambda r: (r % C2) * 9 + r // C2  # noqa: E731
   for name, (m, xm) in models.items():
+    idx = [[chw(r) if name == "equinox" else r, k] for r, k in rows_hwc]
+    ud = iv.units(m, "fc", "weight", idx)
+    np.testing.assert_allclose(iv.sweep_layer(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+    np.testing.assert_allclose(iv.sweep(m, xm, ud), ref_d, rtol=1e-4, atol=1e-5, err_msg=name)
     uf = iv.units(m, "conv2", "filter")
     uw = iv.units(m, "conv2", "weight", [[1, 2], [0, 3]])
     ug = iv.units(m, "fc", "input", channels=C2, outputs=[0, 3])
@@ -211,6 +226,25 @@ def test_units_and_sweep_layer_match_hand_edits(four):
       np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
       slow = iv.sweep(m, xm, u)   # the native-layout masks through the general path
       np.testing.assert_allclose(slow, ref, rtol=1e-4, atol=1e-5, err_msg=f"{name} {u.kind}")
+
+
+def test_keras_fused_activation_is_handled_by_sweep_layer_and_walk():
+  """Keras Dense(activation="relu"): the intervention acts before the activation."""
+  km = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6, activation="relu", name="h"),
+                         keras.layers.Dense(3, name="out")])
+  m = jaxplain.wrap(km)
+  x = jax.random.normal(jax.random.key(8), (3, 4))
+  wh, bh = (np.asarray(a) for a in km.get_layer("h").get_weights())
+  wo, bo = (np.asarray(a) for a in km.get_layer("out").get_weights())
+  ref = []
+  for i in range(4):   # all weights leaving input i of "h", by hand in numpy
+    w = wh.copy()
+    w[i, :] = 0
+    ref.append(np.maximum(np.asarray(x) @ w + bh, 0) @ wo + bo)
+  u = iv.units(m, "h", "input")
+  np.testing.assert_allclose(iv.sweep_layer(m, x, u), np.stack(ref), rtol=1e-5, atol=1e-6)
+  r = iv.walk(m, x, 2, ["h", "out"])
+  assert r.per_layer["h"].effect.shape == (3, 4)
 
 
 def test_first_order_matches_the_closed_form(four):
@@ -459,3 +493,34 @@ def test_sweeps_walk_and_first_order_on_integer_token_inputs():
   assert r.per_layer["proj"].effect.shape == (2, 6) and r.per_layer["out"].effect.shape == (2, 5)
   assert iv.mediator_map(m, ids, r, "proj").shape == (2, 5)
   assert jaxplain.grad_cam(m, ids, 1, layer="proj").shape == (2, 5)
+
+
+def test_fit_and_ppi_take_a_wrapped_linen_model():
+  import optax  # pylint: disable=import-outside-toplevel
+  from jaxplain import ppi, train  # pylint: disable=import-outside-toplevel
+
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv")(x))
+      return nn.Dense(2, name="fc")(x.reshape(x.shape[0], -1))
+  mod = Small()
+  x = jax.random.uniform(jax.random.key(9), (4, 4, 4, 1))
+  v = mod.init(jax.random.key(10), x)
+  data = {"image": np.asarray(x), "label": np.array([0, 1, 0, 1])}
+  # lr 0: fit must return the wrapped variables themselves (not a fresh init)
+  r = train.fit(jaxplain.wrap(mod, v), data, epochs=1, batch_size=4, progress=False,
+                optimizer=optax.sgd(0.0))
+  for a, b in zip(jax.tree_util.tree_leaves(r.variables), jax.tree_util.tree_leaves(v)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(TypeError, match="training supports Flax linen models only"):
+    train.fit(jaxplain.wrap(NNX(jax.tree_util.tree_map(np.zeros_like, {
+        "conv1": {"kernel": np.zeros((3, 3, C0, C1)), "bias": np.zeros(C1)},
+        "conv2": {"kernel": np.zeros((3, 3, C1, C2)), "bias": np.zeros(C2)},
+        "fc": {"kernel": np.zeros((36, K)), "bias": np.zeros(K)}}))), data, epochs=1)
+  batch = {"image": x, "label": jnp.array([0, 1, 0, 1])}
+  a = ppi.make_ppi_loss(jaxplain.wrap(mod, v), saliency="grad_cam")(
+      v["params"], {}, batch, jax.random.key(0), 10**6)
+  b = ppi.make_ppi_loss(mod, saliency="grad_cam")(v["params"], {}, batch, jax.random.key(0),
+                                                   10**6)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
