@@ -1,15 +1,22 @@
-"""Benchmark: WBP, LRP-epsilon and DeepLIFT (jaxplain.rules) vs one jax.grad backward pass,
-and vs Captum's LRP and DeepLift on the same weights (torch, CPU).
+"""Benchmark: the rule engine (jaxplain.rules) vs one jax.grad, and vs Zennit 0.5.1 on the
+same weights.
 
-Models: jaxplain.models.SmallCNN (batch 64, 32x32x3) and jaxplain.models.ResNetSmall (batch
-64, 32x32x3, inference batch norm). Each JAX function is jitted; compile time (first call
-minus a warm call) is reported separately; run times are medians over repeats. The gradient
-baseline is d(sum_b logit[b, t_b]) / dx, i.e. one forward + one backward pass.
-Captum runs on a torch port of SmallCNN (logits checked against the Flax model first).
+* JAX methods (WBP, LRP epsilon and every named composite, DeepLIFT, guided backprop,
+  deconvnet) on jaxplain.models.SmallCNN (batch 64, 32x32x3) and LRP on a small Flax linen
+  ViT (batch 16, 4x4 patches, 2 blocks), each against jax.grad of the target logit (one
+  forward + one backward) on the same model and batch: one process, jitted, timed in
+  interleaved order (same library, so no cross-library thread contention).
+* Peer comparison: jaxplain LRP ``composite="epsilon_plus"`` vs Zennit's ``EpsilonPlus`` on a
+  torch port of SmallCNN with identical weights, each library in its own process, alternating
+  A B A B (``benchmarks/_runner.py``). The maps are compared (max |diff| / max |Zennit|).
+  Zennit 0.5.1 imports torchvision, whose compiled ops do not load with torch 2.13 here; the
+  Zennit process puts a stub ``torchvision.models.resnet`` in ``sys.modules`` first (Zennit
+  only uses it for its ResNet canonizer, unused here).
 
   python benchmarks/bench_rules.py [--quick]
 
-Ends with one JSON line of medians and ratios.
+Prints a table with the load average, writes benchmarks/bench_rules.md (saying which mode
+ran) and ends with one JSON line of medians and ratios.
 """
 
 from __future__ import annotations
@@ -18,56 +25,127 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
+import types
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from jaxplain import rules  # noqa: E402
-from jaxplain.models import ResNetSmall, SmallCNN  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MAPS = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / "bench_rules_maps"
 
 
-def _round_robin(fns: dict, repeats: int) -> dict:
-  """Median time of each function, timed in interleaved order so that load drifts on a
-  shared machine affect all of them alike."""
+def _cnn(batch):
+  import jax
+  from jaxplain.models import SmallCNN
+  x = jax.random.uniform(jax.random.key(0), (batch, 32, 32, 3))
+  t = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
+  model = SmallCNN()
+  v = model.init(jax.random.key(2), x[:1])
+  # non-zero biases, so that the rules differ from gradient x input
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, a: 0.05 * jax.random.normal(jax.random.key(len(str(p))), a.shape)
+      if p[-1].key == "bias" else a, v)
+  return (lambda x: model.apply(v, x)), v, x, t
+
+
+def _vit():
+  import flax.linen as nn
+  import jax
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = x + nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=64)(nn.LayerNorm()(x))
+      return x + nn.Dense(64)(nn.gelu(nn.Dense(128)(nn.LayerNorm()(x))))
+
+  class ViT(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(64, (4, 4), strides=(4, 4), padding="VALID")(x)
+      x = x.reshape(x.shape[0], -1, 64)
+      for _ in range(2):
+        x = Block()(x)
+      return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+  x = jax.random.uniform(jax.random.key(3), (16, 32, 32, 3))
+  t = jax.random.randint(jax.random.key(4), (16,), 0, 10)
+  v = ViT().init(jax.random.key(5), x[:1])
+  return (lambda x: ViT().apply(v, x)), x, t
+
+
+def _jax_fns(f, t):
+  import jax
+  import jax.numpy as jnp
+  from jaxplain import rules
+
+  def grad(x):
+    return jax.grad(lambda x: jnp.sum(jnp.take_along_axis(f(x), t[:, None], 1)))(x)
+
+  fns = {"grad": grad, "wbp": lambda x: rules.wbp(f, x, t),
+         "lrp": lambda x: rules.lrp(f, x, t)}
+  for c in ("epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat", "epsilon_gamma_box"):
+    fns[f"lrp {c}"] = (lambda c: lambda x: rules.lrp(f, x, t, composite=c, low=0.0,
+                                                     high=1.0))(c)
+  fns.update({"deeplift": lambda x: rules.deeplift(f, x, t),
+              "guided_backprop": lambda x: rules.guided_backprop(f, x, t),
+              "deconvnet": lambda x: rules.deconvnet(f, x, t)})
+  return {k: jax.jit(v) for k, v in fns.items()}
+
+
+def _interleaved(fns, x, repeats):
+  import jax
+  compile_s = {}
+  for k, fn in fns.items():
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(x))
+    compile_s[k] = time.perf_counter() - t0
   times = {k: [] for k in fns}
   for _ in range(repeats):
     for k, fn in fns.items():
       t0 = time.perf_counter()
-      fn()
+      jax.block_until_ready(fn(x))
       times[k].append(time.perf_counter() - t0)
-  return {k: statistics.median(v) for k, v in times.items()}
+  return {k: statistics.median(v) for k, v in times.items()}, compile_s
 
 
-def _jax_methods(f, x, t, repeats):
-  def grad(x, t):
-    return jax.grad(lambda x: jnp.sum(jnp.take_along_axis(f(x), t[:, None], 1)))(x)
-
-  fns = {
-      "grad": jax.jit(grad),
-      "wbp": jax.jit(lambda x, t: rules.wbp(f, x, t)),
-      "lrp": jax.jit(lambda x, t: rules.lrp(f, x, t, epsilon=1e-9)),
-      "deeplift": jax.jit(lambda x, t: rules.deeplift(f, x, t)),
-  }
-  first = {}
-  for name, fn in fns.items():
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(x, t))
-    first[name] = time.perf_counter() - t0
-  run = _round_robin({k: (lambda fn=fn: jax.block_until_ready(fn(x, t)))
-                      for k, fn in fns.items()}, repeats)
-  out = {k: (run[k], max(first[k] - run[k], 0.0)) for k in fns}
-  return out, {k: fn(x, t) for k, fn in fns.items()}
+# ------------------------------------------------------------------------------------------
+# contenders of the peer comparison (each runs in its own process)
 
 
-def _torch_smallcnn(variables):
+def setup_jaxplain(batch: int = 64):
+  import jax
+  from jaxplain import rules
+  f, _, x, t = _cnn(batch)
+  fn = jax.jit(lambda x: rules.lrp(f, x, t, composite="epsilon_plus"))
+  out = jax.block_until_ready(fn(x))
+  MAPS.mkdir(parents=True, exist_ok=True)
+  np.save(MAPS / "jaxplain.npy", np.asarray(out))
+  np.save(MAPS / "grad.npy", np.asarray(jax.grad(lambda x: (f(x)[jax.numpy.arange(batch), t]
+                                                            ).sum())(x)))
+  return lambda: jax.block_until_ready(fn(x))
+
+
+def _stub_torchvision():
+  tv = types.ModuleType("torchvision")
+  models = types.ModuleType("torchvision.models")
+  resnet = types.ModuleType("torchvision.models.resnet")
+  resnet.Bottleneck = type("Bottleneck", (), {})
+  resnet.BasicBlock = type("BasicBlock", (), {})
+  tv.models, models.resnet = models, resnet
+  sys.modules.update({"torchvision": tv, "torchvision.models": models,
+                      "torchvision.models.resnet": resnet})
+
+
+def setup_zennit(batch: int = 64):
   import torch
   from torch import nn as tnn
+  _stub_torchvision()
+  from zennit.attribution import Gradient
+  from zennit.composites import EpsilonPlus
+  f, v, x, t = _cnn(batch)
 
   class Net(tnn.Module):
     def __init__(self):
@@ -87,7 +165,7 @@ def _torch_smallcnn(variables):
       return self.fc2(self.relu4(self.fc1(x)))
 
   net = Net().eval()
-  p = variables["params"]
+  p = v["params"]
   with torch.no_grad():
     for name in ("conv1", "conv2", "conv3"):
       getattr(net, name).weight.copy_(torch.from_numpy(
@@ -96,132 +174,84 @@ def _torch_smallcnn(variables):
     for name in ("fc1", "fc2"):
       getattr(net, name).weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).T.copy()))
       getattr(net, name).bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
-  return net
+  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+  onehot = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(t)).long(), 10).float()
+  with torch.no_grad():
+    logit_err = float(np.abs(net(xt).numpy() - np.asarray(f(x))).max())
+
+  def run():
+    with Gradient(model=net, composite=EpsilonPlus()) as attributor:
+      # output relevance = the target logit, as jaxplain.lrp
+      _, rel = attributor(xt, lambda out: onehot * out)
+    return rel
+
+  rel = run()
+  MAPS.mkdir(parents=True, exist_ok=True)
+  np.save(MAPS / "zennit.npy", rel.detach().numpy().transpose(0, 2, 3, 1))
+  return {"run": run, "info": {"torch_logit_max_abs_diff": logit_err,
+                               "threads": torch.get_num_threads()}}
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--batch", type=int, default=64)
   args = ap.parse_args()
-  repeats = 5 if args.quick else 20
-  b = args.batch
-  x = jax.random.uniform(jax.random.key(0), (b, 32, 32, 3))
-  t = jax.random.randint(jax.random.key(1), (b,), 0, 10)
-  rows, res = [], {}
+  from benchmarks import _runner
+  import jax
+  repeats = 3 if args.quick else 10
 
-  # --- JAX, two models ----------------------------------------------------------------------
-  for mname, model in (("SmallCNN", SmallCNN()), ("ResNetSmall", ResNetSmall())):
-    variables = model.init(jax.random.key(2), x[:1])
-    f = lambda x, model=model, variables=variables: model.apply(variables, x)
-    times, outs = _jax_methods(f, x, t, repeats)
-    g = times["grad"][0]
-    for k, (run, comp) in times.items():
-      rows.append((mname, f"jaxplain {k}" if k != "grad" else "jax.grad (1 backward)",
-                   run * 1e3, comp, run / g))
-    res[mname] = {k: v[0] for k, v in times.items()}
-    if mname == "SmallCNN":
-      cnn_vars, cnn_outs, cnn_f = variables, outs, f
+  f, _, x, t = _cnn(64)
+  cnn, cnn_c = _interleaved(_jax_fns(f, t), x, repeats)
+  fv, xv, tv = _vit()
+  vit, vit_c = _interleaved({k: fn for k, fn in _jax_fns(fv, tv).items()
+                             if k in ("grad", "wbp", "lrp", "deeplift")}, xv, repeats)
 
-  # --- Captum on the same SmallCNN weights --------------------------------------------------
-  import torch
-  from captum.attr import LRP, DeepLift
-  torch.set_num_threads(os.cpu_count())
-  net = _torch_smallcnn(cnn_vars)
-  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-  tt = torch.from_numpy(np.asarray(t)).long()
-  with torch.no_grad():
-    logit_err = float(np.abs(net(xt).numpy() - np.asarray(cnn_f(x))).max())
-  assert logit_err < 1e-3, f"torch port disagrees with Flax: max |logit diff| = {logit_err}"
+  peer = _runner.compare({
+      "jaxplain lrp epsilon_plus": _runner.Contender("benchmarks.bench_rules:setup_jaxplain"),
+      "zennit EpsilonPlus": _runner.Contender("benchmarks.bench_rules:setup_zennit"),
+  }, rounds=2 if args.quick else 4, repeats=3 if args.quick else 5)
+  ours, theirs = np.load(MAPS / "jaxplain.npy"), np.load(MAPS / "zennit.npy")
+  grad = np.load(MAPS / "grad.npy").reshape(64, -1)
+  per_ex = (np.abs(ours - theirs).reshape(64, -1).max(1)
+            / (np.abs(theirs).reshape(64, -1).max(1) + 1e-30))
+  z_over = _runner.ratio(peer, "zennit EpsilonPlus", "jaxplain lrp epsilon_plus")
 
-  def torch_grad():
-    xi = xt.clone().requires_grad_(True)
-    net(xi).gather(1, tt[:, None]).sum().backward()
-    return xi.grad
-
-  lrp_c, dl_c = LRP(net), DeepLift(net)
-  torch_fns = {
-      "torch autograd (1 backward)": torch_grad,
-      "captum LRP (eps 1e-9)": lambda: lrp_c.attribute(xt, target=tt),
-      "captum DeepLift": lambda: dl_c.attribute(xt, baselines=torch.zeros_like(xt), target=tt),
-  }
-  touts = {name: fn() for name, fn in torch_fns.items()}
-  ttimes = _round_robin(torch_fns, repeats)
-  tg = ttimes["torch autograd (1 backward)"]
-  for name, v in ttimes.items():
-    rows.append(("SmallCNN", name, v * 1e3, float("nan"), v / tg))
-
-  def agree(ours, theirs):  # per-example max |diff| / max |theirs|
-    a = np.asarray(ours).reshape(b, -1)
-    c = theirs.detach().numpy().transpose(0, 2, 3, 1).reshape(b, -1)
-    return np.max(np.abs(a - c), axis=1) / (np.max(np.abs(c)) + 1e-30)
-
-  # Examples where even jax.grad and torch autograd disagree (a discrete ReLU / max-pool
-  # decision flipped by float rounding) are set aside when comparing the rule maps.
-  grad_per_ex = agree(cnn_outs["grad"], touts["torch autograd (1 backward)"])
-  same = grad_per_ex < 1e-4
-  grad_agree, n_flip = float(grad_per_ex.max()), int(b - same.sum())
-  lrp_agree = float(agree(cnn_outs["lrp"], touts["captum LRP (eps 1e-9)"])[same].max())
-  dl_agree = float(agree(cnn_outs["deeplift"], touts["captum DeepLift"])[same].max())
-
-  cnn, rn = res["SmallCNN"], res["ResNetSmall"]
-  summary = {
-      "wbp_over_grad": cnn["wbp"] / cnn["grad"],
-      "lrp_over_grad": cnn["lrp"] / cnn["grad"],
-      "deeplift_over_grad": cnn["deeplift"] / cnn["grad"],
-      "resnet_wbp_over_grad": rn["wbp"] / rn["grad"],
-      "resnet_lrp_over_grad": rn["lrp"] / rn["grad"],
-      "resnet_deeplift_over_grad": rn["deeplift"] / rn["grad"],
-      "captum_lrp_over_lrp": ttimes["captum LRP (eps 1e-9)"] / cnn["lrp"],
-      "captum_deeplift_over_deeplift": ttimes["captum DeepLift"] / cnn["deeplift"],
-      "grad_ms": cnn["grad"] * 1e3, "wbp_ms": cnn["wbp"] * 1e3, "lrp_ms": cnn["lrp"] * 1e3,
-      "deeplift_ms": cnn["deeplift"] * 1e3,
-      "captum_lrp_ms": ttimes["captum LRP (eps 1e-9)"] * 1e3,
-      "captum_deeplift_ms": ttimes["captum DeepLift"] * 1e3,
-      "torch_logit_max_abs_diff": logit_err,
-      "lrp_vs_captum_max_rel_diff": lrp_agree, "deeplift_vs_captum_max_rel_diff": dl_agree,
-      "grad_vs_torch_max_rel_diff": grad_agree, "examples_with_flipped_decisions": n_flip,
-      "batch": b, "repeats": repeats, "device": jax.devices()[0].device_kind,
-  }
-
-  dev = jax.devices()[0]
-  lines = [
-      "# bench_rules: modified-backprop maps vs one backward pass",
-      "",
-      f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, JAX device {dev.platform} "
-      f"({dev.device_kind}); jax {jax.__version__}, torch {torch.__version__}. Batch {b} of "
-      f"32x32x3, median of {repeats} repeats, jitted JAX functions; compile time separate. "
-      "Measured while other jobs were running on the machine (shared 2-core box), so absolute "
-      "times are inflated; ratios are measured side by side in the same run.",
-      "",
-      "| model | method | median ms | compile s | x its backward |",
-      "|---|---|---:|---:|---:|",
-  ]
-  for m, name, ms, comp, ratio in rows:
-    comp_s = "" if comp != comp else f"{comp:.2f}"
-    lines.append(f"| {m} | {name} | {ms:.1f} | {comp_s} | {ratio:.2f} |")
-  lines += [
-      "",
-      "Ratios for JAX rows are relative to jax.grad on the same model and batch; torch rows "
-      "relative to one torch autograd backward on the ported SmallCNN (max |logit diff| vs "
-      f"Flax {logit_err:.1e}).",
-      f"Agreement on SmallCNN (max |diff| / max |captum|): jaxplain LRP vs Captum LRP "
-      f"{lrp_agree:.1e}, jaxplain DeepLIFT vs Captum DeepLift {dl_agree:.1e}, over the "
-      f"{b - n_flip} examples where jax.grad and torch autograd themselves agree; on the other "
-      f"{n_flip} even the plain gradients differ (by {grad_agree:.1e}: a discrete ReLU or "
-      "max-pool decision flips under float rounding between XLA and torch), so they are not a "
-      "test of the rules. The flax init has zero biases, so here DeepLIFT (zero reference) and "
-      "LRP-epsilon(1e-9) both equal gradient x input up to rounding.",
-      "LRP-epsilon with epsilon = 1e-9 in float32 divides by the pre-activations: on examples "
-      "with a pre-activation within ~1e-7 of 0, float rounding differences between XLA and torch "
-      "are amplified, and both implementations deviate there from gradient x input (checked "
-      "separately: the largest LRP differences sit on the same examples for both libraries).",
-      "",
-  ]
+  lines = [f"# bench_rules (load average {_runner.load_average()}, {os.cpu_count()} cores, "
+           f"jax {jax.__version__}, {jax.devices()[0].device_kind})", "",
+           f"SmallCNN, batch 64, median of {repeats} interleaved repeats (jitted; compile "
+           "separate):", "", "| method | median ms | compile s | x jax.grad |", "|---|---:|---:|---:|"]
+  for k, s in cnn.items():
+    lines.append(f"| {k} | {s * 1e3:.1f} | {cnn_c[k]:.1f} | {s / cnn['grad']:.2f} |")
+  lines += ["", "Flax linen ViT (2 blocks, 64 tokens, dim 64), batch 16:", "",
+            "| method | median ms | compile s | x jax.grad |", "|---|---:|---:|---:|"]
+  for k, s in vit.items():
+    lines.append(f"| {k} | {s * 1e3:.1f} | {vit_c[k]:.1f} | {s / vit['grad']:.2f} |")
+  lines += ["", _runner.table(peer, "jaxplain vs Zennit 0.5.1, SmallCNN batch 64, separate "
+                              "processes A B A B"), "",
+            f"Zennit / jaxplain time: {z_over['ratio']:.2f} (per round "
+            f"{', '.join(f'{r:.2f}' for r in z_over['per_round'])}). Maps (EpsilonPlus, "
+            f"output relevance = target logit): max |diff| / max |Zennit| per example: median "
+            f"{np.median(per_ex):.1e}, max {per_ex.max():.1e}; torch port logits vs Flax max "
+            f"|diff| {peer['zennit EpsilonPlus']['info']['torch_logit_max_abs_diff']:.1e}.",
+            "Measured on a shared machine; the load average above is the honest context."]
+  lines.append(f"Run: `python benchmarks/bench_rules.py{' --quick' if args.quick else ''}`.")
   text = "\n".join(lines)
   print(text)
-  if not args.quick:
-    (pathlib.Path(__file__).parent / "bench_rules.md").write_text(text)
+  (pathlib.Path(__file__).parent / "bench_rules.md").write_text(text + "\n")
+  summary = {
+      "wbp_over_grad": cnn["wbp"] / cnn["grad"], "lrp_over_grad": cnn["lrp"] / cnn["grad"],
+      "deeplift_over_grad": cnn["deeplift"] / cnn["grad"],
+      "zennit_over_lrp": z_over["ratio"], "lrp_vit_over_grad": vit["lrp"] / vit["grad"],
+      **{f"{k.replace(' ', '_')}_over_grad": s / cnn["grad"] for k, s in cnn.items()
+         if k not in ("grad", "wbp", "lrp", "deeplift")},
+      "vit_wbp_over_grad": vit["wbp"] / vit["grad"],
+      "vit_deeplift_over_grad": vit["deeplift"] / vit["grad"],
+      "grad_ms": cnn["grad"] * 1e3, "vit_grad_ms": vit["grad"] * 1e3,
+      "jaxplain_epsilon_plus_ms": peer["jaxplain lrp epsilon_plus"]["median"] * 1e3,
+      "zennit_epsilon_plus_ms": peer["zennit EpsilonPlus"]["median"] * 1e3,
+      "zennit_map_max_rel_diff": float(per_ex.max()),
+      "zennit_map_median_rel_diff": float(np.median(per_ex)),
+      "load_average": _runner.load_average(), "repeats": repeats}
   print(json.dumps(summary))
 
 

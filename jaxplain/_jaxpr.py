@@ -5,32 +5,42 @@ variable a :class:`Val`:
 
 * ``p`` -- the primal value at the input ``x`` (ordinary JAX ops, so differentiable with
   respect to anything ``f`` closes over, e.g. the parameters);
-* ``r`` -- the primal value at the reference input (DeepLIFT only, else equal to ``p``);
-* ``t`` -- a *modified tangent*: a linear function of the input perturbation ``dx`` built
-  with the rule of the method instead of the true derivative, or ``None`` when the variable
-  does not depend on ``x`` through a differentiable path (constants, parameters, anything
-  under ``stop_gradient``, integer and boolean values).
-* ``dep`` -- whether the value depends on ``x`` at all (so the reference pass recomputes it).
+* ``r`` -- the primal value at the reference input (only when the rule ``needs_ref``:
+  DeepLIFT; else equal to ``p``);
+* ``t`` -- a *modified tangent*: a linear function of the input perturbation built by the
+  rule, or ``None`` when the variable does not reach the output through a differentiable
+  path (constants, parameters, anything under ``stop_gradient``, integers and booleans);
+* ``dep`` -- whether the value depends on ``x`` at all; ``fresh`` -- no layer yet between
+  ``x`` and it (first-layer rules).
 
-Equations are classified by the primitive:
+The interpreter knows primitives; the rule (a value, see ``jaxplain._rules``) knows the
+method. Passes before and during evaluation: ``unwrap_single_call``,
+``strip_output_normalisation``, ``dce``, ``canonize`` (a dense / conv / window-sum /
+reduce_sum head merged with the chain of elementwise affine maps by constants after it: a
+:class:`Layer`), ``rewrite_tangent_ops`` (the im2col of small-channel convolutions, a speed
+rewrite for XLA:CPU) and ``_tangent_live`` (what reaches the output past stop_gradient).
+Equations are then classified:
 
-* linear in their input-dependent operands (dot_general / conv with a constant other operand,
-  add/sub, mul/div by a constant, reshape, transpose, broadcast, slicing, concatenate, pad,
-  reduce_sum, ...) and piecewise-linear routing primitives (reduce_max, reduce_window_max,
-  select_n, max of two independent terms): the tangent is JAX's own JVP at the primal point,
-  so biases (constant operands of add) drop out and max-pooling routes to the arg-max;
-* an elementwise nonlinearity ``y = g(v)`` of ONE input-dependent operand (a primitive such
-  as tanh or max(v, 0), a ``jit`` / ``custom_jvp`` call whose body is elementwise -- e.g.
-  ``jax.nn.relu``, ``jax.nn.silu`` -- or an elementwise sub-graph such as the inlined
-  ``jax.nn.gelu``, found as the nearest common elementwise ancestor of a product of two
-  input-dependent factors): the tangent is ``m * t_v`` with the multiplier ``m`` of the rule;
-* call primitives that are not elementwise are inlined;
-* anything else that touches an input-dependent value raises :class:`UnsupportedPrimitiveError`
-  naming the primitive and the source line.
+* a canonized layer: ``rule.layer`` (None: the exact map);
+* structural and routing primitives (reshape, transpose, broadcast, slicing, concatenate,
+  pad, max-pooling, select_n, max of two terms, ...): the exact JVP;
+* sums of several input-dependent terms: ``rule.combine``; elementwise maps by constants not
+  merged into a layer: ``rule.unary``;
+* an elementwise nonlinearity ``y = g(v)`` of one input-dependent operand (a primitive, a
+  jitted / custom_jvp elementwise call such as ``jax.nn.relu``, or an elementwise sub-graph
+  such as the inlined ``jax.nn.gelu``): ``rule.activation``;
+* a product of two input-dependent operands (``mul``, ``dot_general``): ``rule.bilinear``,
+  unless one operand is a per-group statistic broadcast back (a LayerNorm / RMSNorm
+  divisor), which is then a constant scale; the inlined ``jax.nn.softmax``: ``rule.softmax``;
+* ``scan``: the body at every iteration (static length); call primitives that are not
+  elementwise: inlined;
+* anything else that touches an input-dependent value raises
+  :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
 
-Because the tangent is linear in ``dx``, ``jax.vjp`` of it gives the modified gradient at the
-cost of one backward pass, and since the multipliers are ordinary functions of the primal
-values, the result is differentiable (to any order) with respect to the parameters.
+Because the tangent is linear in the perturbation, ``jax.vjp`` of it gives the modified
+backward pass at the cost of about one backward pass, and since the rules are ordinary
+functions of the primal values, the result is differentiable (to any order) with respect
+to the parameters.
 """
 
 from __future__ import annotations
@@ -296,6 +306,8 @@ class Layer:
     return self.scale * self._h(x)
 
   def _signed(self, x, positive: bool):
+    if self._w is not None and self.scale.ndim == 0:  # no merged scale (s = 1): one map
+      return self._h(x, (jnp.maximum if positive else jnp.minimum)(self._w, 0))
     sp, sn = jnp.maximum(self.scale, 0), jnp.minimum(self.scale, 0)
     if self._w is None:  # unit weights: all positive
       return (sp if positive else sn) * self._h(x)
@@ -563,9 +575,14 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
     r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
   else:
     r = p
+  # a chain of additions of constants only (a bias) has the static scale 1
+  scaled = any(e.primitive.name in ("mul", "div", "neg") or (
+      e.primitive.name == "sub" and isinstance(e.invars[1], Var)
+      and e.invars[1] in (head.outvars[0], *[c.outvars[0] for c in chain])) for e in chain)
   if chain:
     shift = chain_eval(jnp.zeros_like(h), lambda v: v.p)
-    scale = (chain_eval(jnp.ones_like(h), lambda v: v.p) - shift).astype(p.dtype)
+    scale = ((chain_eval(jnp.ones_like(h), lambda v: v.p) - shift).astype(p.dtype) if scaled
+             else jnp.ones((), p.dtype))
     shift = jnp.broadcast_to(shift, p.shape).astype(p.dtype)
   else:
     shift, scale = jnp.zeros_like(p), jnp.ones((), p.dtype)

@@ -313,7 +313,8 @@ def test_independent_randomization_equals_loop():
   p, rp, f, ex = _two_layer()
   x = jax.random.normal(jax.random.key(5), (3, 6))
   t = jnp.array([0, 1, 2])
-  res = E.independent_randomization(ex, p, x, t, random_params=rp, chunk=2)
+  res = E.independent_randomization(ex, p, x, t, random_params=rp, layers=["l2", "l1"],
+                                    chunk=2)
   sim = np.asarray(res["similarity"])
   ref = np.asarray(ex(p, x, t))
   for row, layer in enumerate([None, "l2", "l1"]):

@@ -352,15 +352,18 @@ def test_cascade_leaves_integer_leaves_alone_and_runs_on_a_wrapped_model():
     g = jax.grad(lambda u: jnp.sum(jnp.take_along_axis(m.apply(p, u), t[:, None], 1)))(z)
     return g * (1.0 + count)
   # the noise fallback used to crash on the integer leaf
-  r = metrics.cascading_randomization(explain, m, x, 0, key=jax.random.key(2))
+  r = jax.jit(lambda k: metrics.cascading_randomization(explain, m, x, 0, key=k))(
+      jax.random.key(2))
   assert metrics.cascade_layers(m, x=x) == ["fc2", "fc1"]
   np.testing.assert_allclose(np.asarray(r["spearman"])[0], 1.0, atol=1e-6)
   # with re-initialised parameters whose counter differs: stage by stage by hand
   rnd = jax.tree_util.tree_map(
       lambda a: a + 7 if is_int(a) else (-2.0 * a + 0.3 if is_float(a) else a), m.params)
   assert any(is_int(a) for a in jax.tree_util.tree_leaves(m.params))
-  r = metrics.cascading_randomization(explain, m, x, 0, random_params=rnd)
+  r = jax.jit(lambda rp: metrics.cascading_randomization(explain, m, x, 0, random_params=rp))(
+      rnd)
   t = jnp.zeros(2, jnp.int32)
+  explain = jax.jit(explain)
   for s, swapped in enumerate([(), ("fc2",), ("fc2", "fc1")]):
     p = jax.tree_util.tree_map_with_path(
         lambda path, a, b: b if (str(path[0].key) in swapped and is_float(a)) else a,

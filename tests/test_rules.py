@@ -44,8 +44,9 @@ class _ReluBNCNN(nn.Module):
     x = nn.Conv(6, (3, 3), use_bias=False, name="conv2")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn2")(x))
     x = nn.max_pool(x, (2, 2), strides=(2, 2))        # flax: reduce_window_max
-    with jax.numpy_dtype_promotion("standard"):       # flax divides by an int32 count
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))      # reduce_window_sum
+    # average pooling as reduce_window_sum / 4 (nn.avg_pool divides by an int, which strict
+    # dtype promotion rejects)
+    x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(7, name="fc1")(x))
     return nn.Dense(5, name="fc2")(x)
@@ -277,7 +278,7 @@ def test_linen_nnx_and_plain_function_give_identical_maps():
   def f_plain(x):
     y = jax.lax.conv_general_dilated(x, v["conv"]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = jnp.maximum(y + v["conv"]["bias"].reshape(1, 1, 1, -1), 0.0)  # relu as a bare max
+    y = jnp.maximum(y + v["conv"]["bias"][None, None, None], 0.0)  # relu as a bare max
     y = jnp.max(y.reshape(2, 4, 2, 4, 2, 3), axis=(2, 4))  # max-pool as reduce_max
     y = y.reshape(2, -1)
     y = jax.nn.gelu(y @ v["fc1"]["kernel"] + v["fc1"]["bias"][None])
@@ -375,7 +376,7 @@ def test_lrp_relevance_conserved_through_resnet_skip_connections():
   with jax.enable_x64(True):
     model = _SkipNet()
     x = jax.random.normal(jax.random.key(22), (2, 8, 8, 2), jnp.float64)
-    variables = model.init(jax.random.key(23), x.astype(jnp.float32))
+    variables = model.init(jax.random.key(23), x.astype(jnp.float32))  # f64 params below
     # inference batch norm as a pure scale (zero mean, zero shift): no bias anywhere
     variables = jax.tree_util.tree_map_with_path(
         lambda p, a: (jnp.zeros_like(a) if p[-1].key in ("mean", "bias") else

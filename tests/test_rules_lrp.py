@@ -115,28 +115,43 @@ def _rand(key, shape, scale=1.0):
   return scale * jax.random.normal(jax.random.key(key), shape, jnp.float64)
 
 
-@pytest.mark.parametrize("name", list(RULES) + ["zbox"])
-def test_each_rule_on_a_dense_layer_matches_numpy(name):
+NAMES = list(RULES) + ["zbox"]
+
+
+def _all_rules(f, x, t, kind, low, high):
+  """One jit: the map of each rule at the first (dense) / conv layer, dense epsilon above."""
+  def maps(x):
+    out = []
+    for name in NAMES:
+      rule = rules.ZBox(low, high) if name == "zbox" else RULES[name]
+      comp = (rules.Composite(dense=rules.Epsilon(1e-3), first=rule) if kind == "dense" else
+              rules.Composite(dense=rules.Epsilon(1e-3), conv=rule))
+      out.append(rules.lrp(f, x, t, composite=comp))
+    return out
+  return dict(zip(NAMES, jax.jit(maps)(x)))
+
+
+def test_each_rule_on_a_dense_layer_matches_numpy():
   with jax.enable_x64(True):
     w1, b1 = _rand(0, (5, 6)), _rand(1, (6,), 0.5)
     w2, b2 = _rand(2, (6, 3)), _rand(3, (3,), 0.5)
     x = _rand(4, (3, 5))
-    f = lambda x: jax.nn.relu(x @ w1 + b1) @ w2 + b2
+    f = lambda x: jax.nn.relu(x @ w1 + b1[None]) @ w2 + b2[None]
     low, high = -2.0 * jnp.ones(5), 2.0 + jnp.arange(5.0)
-    rule = rules.ZBox(low, high) if name == "zbox" else RULES[name]
-    comp = rules.Composite(dense=rules.Epsilon(1e-3), first=rule)
     t = jnp.array([0, 2, 1])
-    r = J(rules.lrp, f, x, t, composite=comp)
-    np_layers = [(name, np.asarray(w1), np.asarray(b1), True),
-                 ("epsilon", np.asarray(w2), np.asarray(b2), False)]
-    for b in range(3):
-      want = _np_lrp(np_layers, np.asarray(x[b]), int(t[b]), np.asarray(low), np.asarray(high))
-      np.testing.assert_allclose(np.asarray(r[b]), want, rtol=1e-8, atol=1e-12)
-    assert float(jnp.abs(r).max()) > 1e-3
+    got = _all_rules(f, x, t, "dense", low, high)
+    for name in NAMES:
+      np_layers = [(name, np.asarray(w1), np.asarray(b1), True),
+                   ("epsilon", np.asarray(w2), np.asarray(b2), False)]
+      for b in range(3):
+        want = _np_lrp(np_layers, np.asarray(x[b]), int(t[b]), np.asarray(low),
+                       np.asarray(high))
+        np.testing.assert_allclose(np.asarray(got[name][b]), want, rtol=1e-8, atol=1e-12,
+                                   err_msg=name)
+      assert float(jnp.abs(got[name]).max()) > 1e-3
 
 
-@pytest.mark.parametrize("name", list(RULES) + ["zbox"])
-def test_each_rule_on_a_conv_layer_matches_numpy(name):
+def test_each_rule_on_a_conv_layer_matches_numpy():
   with jax.enable_x64(True):
     h = wd = 4
     w1, b1 = _rand(5, (3, 3, 2, 3)), _rand(6, (3,), 0.5)
@@ -145,21 +160,22 @@ def test_each_rule_on_a_conv_layer_matches_numpy(name):
 
     def f(x):
       y = jax.lax.conv_general_dilated(x, w1, (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b1
-      return jax.nn.relu(y).reshape(x.shape[0], -1) @ w2 + b2
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = y + b1[None, None, None]
+      return jax.nn.relu(y).reshape(x.shape[0], -1) @ w2 + b2[None]
 
     low, high = -3.0 * jnp.ones((h, wd, 2)), 3.0 * jnp.ones((h, wd, 2))
-    rule = rules.ZBox(low, high) if name == "zbox" else RULES[name]
-    comp = rules.Composite(dense=rules.Epsilon(1e-3), conv=rule)
     t = jnp.array([1, 0])
-    r = J(rules.lrp, f, x, t, composite=comp)
+    got = _all_rules(f, x, t, "conv", low, high)
     M = _conv_matrix(np.asarray(w1), h, wd)
-    np_layers = [(name, M, np.tile(np.asarray(b1), h * wd), True),
-                 ("epsilon", np.asarray(w2), np.asarray(b2), False)]
-    for b in range(2):
-      want = _np_lrp(np_layers, np.asarray(x[b]).ravel(), int(t[b]),
-                     np.asarray(low).ravel(), np.asarray(high).ravel())
-      np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-8, atol=1e-12)
+    for name in NAMES:
+      np_layers = [(name, M, np.tile(np.asarray(b1), h * wd), True),
+                   ("epsilon", np.asarray(w2), np.asarray(b2), False)]
+      for b in range(2):
+        want = _np_lrp(np_layers, np.asarray(x[b]).ravel(), int(t[b]),
+                       np.asarray(low).ravel(), np.asarray(high).ravel())
+        np.testing.assert_allclose(np.asarray(got[name][b]).ravel(), want, rtol=1e-8,
+                                   atol=1e-12, err_msg=name)
 
 
 def test_residual_block_does_not_double_relevance():
@@ -197,7 +213,8 @@ class _CNN(nn.Module):
   def __call__(self, x):
     x = nn.Conv(3, (3, 3), name="conv1")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn1")(x))
-    x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    # average pooling as a window sum over 4 (nn.avg_pool divides by an int: strict dtypes)
+    x = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
     x = nn.Conv(4, (3, 3), name="conv2")(x)
     x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn2")(x))
     x = x.reshape(x.shape[0], -1)
@@ -213,13 +230,11 @@ def _bn_merge(conv, bn, hw):
   return M, b
 
 
-@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_alpha2_beta1",
-                                       "epsilon_plus_flat", "epsilon_gamma_box"])
-def test_named_composites_match_a_hand_composed_cnn(composite):
+def test_named_composites_match_a_hand_composed_cnn():
   with jax.enable_x64(True):
     model = _CNN()
     x = jax.random.uniform(jax.random.key(14), (2, 4, 4, 2), jnp.float64)
-    v = model.init(jax.random.key(15), x)
+    v = model.init(jax.random.key(15), x.astype(jnp.float32))   # f64 params below
     v = jax.tree_util.tree_map_with_path(
         lambda p, a: (jax.random.uniform(jax.random.key(len(str(p))), a.shape, jnp.float64,
                                          0.5, 2) if p[-1].key in ("var", "scale") else
@@ -228,22 +243,27 @@ def test_named_composites_match_a_hand_composed_cnn(composite):
                       if p[-1].key in ("mean", "bias") else a.astype(jnp.float64)), v)
     f = lambda x: model.apply(v, x)
     t = jnp.array([2, 0])
-    r = J(rules.lrp, f, x, t, composite=composite, low=0.0, high=1.0)
+    names = {"epsilon_plus": ("zplus", "zplus"),
+             "epsilon_alpha2_beta1": ("alphabeta", "alphabeta"),
+             "epsilon_plus_flat": ("flat", "zplus"),
+             "epsilon_gamma_box": ("zbox", "gamma")}
+    got = jax.jit(lambda x: [rules.lrp(f, x, t, composite=c, low=0.0, high=1.0)
+                             for c in names])(x)
     P, S = v["params"], v["batch_stats"]
-    first, conv = {"epsilon_plus": ("zplus", "zplus"),
-                   "epsilon_alpha2_beta1": ("alphabeta", "alphabeta"),
-                   "epsilon_plus_flat": ("flat", "zplus"),
-                   "epsilon_gamma_box": ("zbox", "gamma")}[composite]
     M1, b1 = _bn_merge(P["conv1"], {**P["bn1"], **S["bn1"]}, 4)
     M2, b2 = _bn_merge(P["conv2"], {**P["bn2"], **S["bn2"]}, 2)
-    layers = [(first, M1, b1, True), ("norm", _pool_matrix(4, 4, 3), np.zeros(12), False),
-              (conv, M2, b2, True),
-              ("epsilon6", np.asarray(P["fc1"]["kernel"]), np.asarray(P["fc1"]["bias"]), True),
-              ("epsilon6", np.asarray(P["fc2"]["kernel"]), np.asarray(P["fc2"]["bias"]), False)]
-    for b in range(2):
-      want = _np_lrp_named(layers, np.asarray(x[b]).ravel(), int(t[b]))
-      np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-7, atol=1e-12)
-    assert float(jnp.abs(r).max()) > 1e-4
+    for (composite, (first, conv)), r in zip(names.items(), got):
+      layers = [(first, M1, b1, True), ("norm", _pool_matrix(4, 4, 3), np.zeros(12), False),
+                (conv, M2, b2, True),
+                ("epsilon6", np.asarray(P["fc1"]["kernel"]), np.asarray(P["fc1"]["bias"]),
+                 True),
+                ("epsilon6", np.asarray(P["fc2"]["kernel"]), np.asarray(P["fc2"]["bias"]),
+                 False)]
+      for b in range(2):
+        want = _np_lrp_named(layers, np.asarray(x[b]).ravel(), int(t[b]))
+        np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-7, atol=1e-12,
+                                   err_msg=composite)
+      assert float(jnp.abs(r).max()) > 1e-4
 
 
 def _np_lrp_named(layers, x, t):
@@ -268,7 +288,8 @@ def test_composite_by_layer_name_and_errors():
   with jax.enable_x64(True):
     model = _CNN()
     x = jax.random.uniform(jax.random.key(16), (1, 4, 4, 2), jnp.float64)
-    v = model.init(jax.random.key(17), x)
+    v = jax.tree.map(lambda a: a.astype(jnp.float64),
+                     model.init(jax.random.key(17), x.astype(jnp.float32)))
     f = lambda x: model.apply(v, x)
     named = rules.Composite(names=((r".*conv1", rules.ZPlus()), (r".*conv2", rules.ZPlus())))
     np.testing.assert_allclose(J(rules.lrp, f, x, 1, composite=named),
@@ -295,7 +316,7 @@ def _relu_with_backward(bwd_fn):
 
 
 @pytest.mark.parametrize("method,bwd", [
-    (rules.guided_backprop, lambda v, g: g * (v > 0) * (g > 0)),
+    (rules.guided_backprop, lambda v, g: jnp.where((v > 0) & (g > 0), g, 0.0)),
     (rules.deconvnet, lambda v, g: jnp.maximum(g, 0.0)),
 ], ids=["guided_backprop", "deconvnet"])
 def test_guided_backprop_and_deconvnet_match_custom_vjp_relu(method, bwd):
@@ -339,30 +360,31 @@ def _small_net():
 def test_target_all_and_per_example_lists_equal_a_loop(method):
   f = _small_net()
   x = jax.random.normal(jax.random.key(24), (3, 5))
-  allm = J(method, f, x, "all")
-  assert allm.shape == (3, 4, 5)
-  for k in range(4):
-    np.testing.assert_allclose(allm[:, k], J(method, f, x, k), rtol=1e-5, atol=1e-6)
   tt = jnp.array([[3, 0], [1, 1], [2, 0]])
-  some = J(method, f, x, tt, target_chunk=1)
+  allm, loop, some, chunked = jax.jit(lambda x: (
+      method(f, x, "all"), [method(f, x, k) for k in range(4)],
+      method(f, x, tt, target_chunk=1), method(f, x, "all", target_chunk=3)))(x)
+  assert allm.shape == (3, 4, 5) and some.shape == (3, 2, 5)
+  for k in range(4):
+    np.testing.assert_allclose(allm[:, k], loop[k], rtol=1e-5, atol=1e-6)
   for b in range(3):
     for j in range(2):
-      np.testing.assert_allclose(some[b, j], allm[b, int(tt[b, j])], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(J(method, f, x, "all", target_chunk=3), allm, rtol=1e-6,
-                             atol=1e-7)
+      np.testing.assert_allclose(some[b, j], loop[int(tt[b, j])][b], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(chunked, allm, rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match="target"):
     method(f, x, "every")
   with pytest.raises(ValueError, match=r"out of range \[0, 4\)"):
     method(f, x, jnp.array([[0, 4], [0, 0], [0, 0]]))
 
 
-@pytest.mark.parametrize("output", gradients.OUTPUTS)
-def test_output_argument_matches_gradient_x_input_on_relu_net(output):
+def test_output_argument_matches_gradient_x_input_on_relu_net():
   f = _small_net()
   x = jax.random.normal(jax.random.key(25), (3, 5))
   t = jnp.array([0, 3, 1])
-  want = jax.jit(lambda x: gradients.gradient_x_input(f, x, t, output=output))(x)
-  np.testing.assert_allclose(J(rules.wbp, f, x, t, output=output), want, rtol=1e-5,
-                             atol=1e-6)
+  got = jax.jit(lambda x: [rules.wbp(f, x, t, output=o) for o in gradients.OUTPUTS])(x)
+  want = jax.jit(lambda x: [gradients.gradient_x_input(f, x, t, output=o)
+                            for o in gradients.OUTPUTS])(x)
+  for o, a, b in zip(gradients.OUTPUTS, got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=o)
   with pytest.raises(ValueError, match="output"):
     rules.wbp(f, x, t, output="probability")

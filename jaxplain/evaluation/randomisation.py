@@ -63,7 +63,7 @@ def _similarity(name: str, a: Array, b: Array) -> Array:
 def independent_randomization(explain: Callable[[Any, Array, Array], Array], params: Any,
                               x: Array, target: Any, *, random_params: Any = None,
                               key: Array | None = None, layers: Sequence[str] | None = None,
-                              similarity: str = "spearman",
+                              model: Any = None, similarity: str = "spearman",
                               chunk: int | None = None) -> dict[str, Array]:
   """Independent model-parameter randomisation (Adebayo et al. 2018, section 3.1).
 
@@ -72,8 +72,9 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
   explained by ``vmap``.
 
   Args:
-    explain, params, x, target, random_params, key, layers: as in
-      :func:`jaxplain.cascading_randomization` (any input rank here).
+    explain, params, x, target, random_params, key, layers, model: as in
+      :func:`jaxplain.cascading_randomization` (any input rank here; without ``layers`` the
+      order comes from ``model``, see :func:`jaxplain.cascade_layers`).
     similarity: ``"spearman"`` (rank correlation over all elements), ``"pearson"`` or
       ``"ssim"`` (images; signed channel sums).
     chunk: models explained at a time.
@@ -86,7 +87,8 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
   >>> import jax, jax.numpy as jnp
   >>> p = {"w1": jnp.ones((4, 3)), "w2": jnp.ones((3, 2))}
   >>> ex = lambda p, x, t: jax.grad(lambda z: (jnp.tanh(z @ p["w1"]) @ p["w2"])[:, 0].sum())(x)
-  >>> r = independent_randomization(ex, p, jnp.ones((2, 4)), 0, key=jax.random.key(0))
+  >>> r = independent_randomization(ex, p, jnp.ones((2, 4)), 0, key=jax.random.key(0),
+  ...                               layers=["w2", "w1"])
   >>> r["similarity"].shape
   (3, 2)
   """
@@ -95,7 +97,7 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
   C.check_chunk(chunk)
   x = C.check_x(x)
   t = _validate.check_target(target, x.shape[0])
-  layers = cascade_layers(params, layers)
+  layers = cascade_layers(params, layers, model=model, x=x)
   treedef, paths, orig, rnd = _random_leaves(params, random_params, key)
   layer_of = []
   for p in paths:
