@@ -39,8 +39,8 @@ _LINEAR = {
     "add", "sub", "neg", "add_any", "dot_general", "conv_general_dilated", "reshape",
     "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "reduce_sum", "slice",
     "concatenate", "pad", "copy", "copy_p", "rev", "convert_element_type",
-    "reduce_precision", "select_n", "dynamic_slice", "gather", "cumsum", "sign",
-    "stop_gradient", "real", "sharding_constraint", "optimization_barrier",
+    "reduce_precision", "select_n", "dynamic_slice", "gather", "cumsum", "real",
+    "sharding_constraint", "optimization_barrier", "dynamic_update_slice", "scatter-add",
 }
 _CMP = {"ge", "gt", "le", "lt", "max", "min"}  # breakpoints where lhs - rhs changes sign
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
@@ -113,86 +113,96 @@ def _vbind(eqn, invals, isb):
   return out
 
 
-def _run(jaxpr, consts, args, isb_args, a: np.ndarray, search: bool, sep: float):
-  """Evaluate a jaxpr with batched (points-leading) values; raise _Found at the first
-  primitive with crossings inside a segment when ``search``."""
-  env, bat = {}, {}
+_PWCONST_OUT = {"ge", "gt", "le", "lt", "eq", "ne", "argmax", "argmin", "sign", "and", "or",
+                "not", "stop_gradient", "floor", "ceil", "round"}
+_CONST, _PW, _AFF = 0, 1, 2  # constant; piecewise constant along the path; affine on segments
+
+
+def _not_pl(name, eqn, why=""):
+  return NotPiecewiseLinearError(
+      "method='exact': f is not piecewise linear along the path: the first "
+      f"non-piecewise-linear primitive is '{name}'{why} ({eqn})")
+
+
+def _run(jaxpr, consts, args, lev_args, a: np.ndarray, search: bool, sep: float):
+  """Evaluate a jaxpr on values with a leading points axis; raise _Found at the first
+  primitive with crossings strictly inside a segment when ``search``. Each value has a level:
+  constant, piecewise constant (integer / boolean results, stop_gradient: constant between
+  breakpoints) or affine on every segment."""
+  env, lev = {}, {}
 
   def read(v):
     if isinstance(v, jex_core.Literal):
-      return v.val, False
-    return env[v], bat[v]
+      return v.val, _CONST
+    return env[v], lev[v]
 
   for v, c in zip(jaxpr.constvars, consts):
-    env[v], bat[v] = c, False
-  for v, x, b in zip(jaxpr.invars, args, isb_args):
-    env[v], bat[v] = x, b
+    env[v], lev[v] = c, _CONST
+  for v, x, b in zip(jaxpr.invars, args, lev_args):
+    env[v], lev[v] = x, b
   for eqn in jaxpr.eqns:
-    vals, isb = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
+    vals, levs = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
     name = eqn.primitive.name
-    if not any(isb):
+    top = max(levs, default=_CONST)
+    if top == _CONST:
       outs = eqn.primitive.bind(*vals, **eqn.params)
-      outb = False
+      outl = _CONST
     elif name in _CALLS:
       sub = eqn.params[_CALLS[name]]
       sub_jaxpr, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
-      outs, outb_list = _run(sub_jaxpr, sub_consts, vals, isb, a, search, sep)
-      for v, o, b in zip(eqn.outvars, outs, outb_list):
-        env[v], bat[v] = o, b
+      outs, out_levs = _run(sub_jaxpr, sub_consts, vals, levs, a, search, sep)
+      for v, o, b in zip(eqn.outvars, outs, out_levs):
+        env[v], lev[v] = o, b
       continue
     else:
-      if name in ("mul",) and all(isb):
-        raise NotPiecewiseLinearError(
-            "method='exact': f is not piecewise linear along the path: the first "
-            f"non-piecewise-linear primitive is 'mul' of two input-dependent operands "
-            f"({eqn})")
-      if name in ("div",) and isb[1]:
-        raise NotPiecewiseLinearError(
-            "method='exact': f is not piecewise linear along the path: the first "
-            f"non-piecewise-linear primitive is 'div' by an input-dependent value ({eqn})")
-      if search and name in _CMP | {"abs"}:
-        bshape = next(jnp.shape(v) for v, bb in zip(vals, isb) if bb)
-        d = np.asarray(vals[0], np.float64)
-        if name != "abs":
-          d = d - np.asarray(vals[1], np.float64)  # jaxpr operands: equal shapes or scalars
-        d = np.broadcast_to(d, bshape)
-        dn = np.asarray(d, np.float64).reshape(len(a), -1)
-        pts = _crossings(dn, a, sep)
-        if pts.size:
-          raise _Found(pts)
-      elif search and name == "reduce_window_max":
-        p = eqn.params
-        xn = np.asarray(vals[0], np.float64)
-        v = _window_patches(xn, p["window_dimensions"], p["window_strides"], p["padding"],
-                            -np.inf)
-        if any(d != 1 for d in p.get("base_dilation", ())) or any(
-            d != 1 for d in p.get("window_dilation", ())):
-          raise NotPiecewiseLinearError("method='exact': dilated max-pooling is not supported")
-        pts = _switches(v.reshape(v.shape[0], v.shape[1], -1), a, sep)
-        if pts.size:
-          raise _Found(pts)
-      elif search and name in ("reduce_max", "argmax"):
-        xn = np.asarray(vals[0], np.float64)
-        axes = eqn.params["axes"]
-        keep = [i for i in range(1, xn.ndim) if i - 1 not in axes]
-        red = [i + 1 for i in axes]
-        v = np.transpose(xn, [0] + red + keep).reshape(len(a), -1, int(np.prod(
-            [xn.shape[i] for i in keep])) if keep else 1)
-        pts = _switches(v, a, sep)
-        if pts.size:
-          raise _Found(pts)
+      isb = [lv > _CONST for lv in levs]
+      aff = [lv == _AFF for lv in levs]
+      if top == _PW:
+        outl = _PW  # any function of piecewise-constant values is piecewise constant
+      elif name in _PWCONST_OUT:
+        outl = _PW
+      elif name == "mul" and sum(aff) > 1:
+        raise _not_pl("mul", eqn, " of two input-dependent operands")
+      elif name == "div" and aff[1]:
+        raise _not_pl("div", eqn, " by an input-dependent value")
       elif name not in _LINEAR | _CMP | {"abs", "mul", "div", "reduce_window_max",
-                                           "reduce_max", "argmax"}:
-        raise NotPiecewiseLinearError(
-            "method='exact': f is not piecewise linear along the path: the first "
-            f"non-piecewise-linear primitive is '{name}' ({eqn})")
+                                           "reduce_max"}:
+        raise _not_pl(name, eqn)
+      else:
+        outl = _AFF
+      if search and top == _AFF:
+        pts = np.zeros(0)
+        if name in _CMP | {"abs", "sign"}:
+          bshape = next(jnp.shape(v) for v, bb in zip(vals, isb) if bb)
+          d = np.asarray(vals[0], np.float64)
+          if name not in ("abs", "sign"):
+            d = d - np.asarray(vals[1], np.float64)  # jaxpr operands: equal shapes or scalars
+          d = np.broadcast_to(d, bshape)
+          pts = _crossings(d.reshape(len(a), -1), a, sep)
+        elif name == "reduce_window_max":
+          p = eqn.params
+          if any(d != 1 for d in p.get("base_dilation", ())) or any(
+              d != 1 for d in p.get("window_dilation", ())):
+            raise NotPiecewiseLinearError("method='exact': dilated max-pooling is not supported")
+          v = _window_patches(np.asarray(vals[0], np.float64), p["window_dimensions"],
+                              p["window_strides"], p["padding"], -np.inf)
+          pts = _switches(v.reshape(v.shape[0], v.shape[1], -1), a, sep)
+        elif name in ("reduce_max", "argmax"):
+          xn = np.asarray(vals[0], np.float64)
+          axes = eqn.params["axes"]
+          keep = [i for i in range(1, xn.ndim) if i - 1 not in axes]
+          red = [i + 1 for i in axes]
+          u = int(np.prod([xn.shape[i] for i in keep])) if keep else 1
+          v = np.transpose(xn, [0] + red + keep).reshape(len(a), -1, u)
+          pts = _switches(v, a, sep)
+        if pts.size:
+          raise _Found(pts)
       outs = _vbind(eqn, vals, isb)
-      outb = True
     if eqn.primitive.multiple_results:
       for v, o in zip(eqn.outvars, outs):
-        env[v], bat[v] = o, outb
+        env[v], lev[v] = o, outl
     else:
-      env[eqn.outvars[0]], bat[eqn.outvars[0]] = outs, outb
+      env[eqn.outvars[0]], lev[eqn.outvars[0]] = outs, outl
   results = [read(v) for v in jaxpr.outvars]
   return [r[0] for r in results], [r[1] for r in results]
 
@@ -210,7 +220,7 @@ def breakpoints(f: Callable, x1: Array, b1: Array, max_passes: int = 10000) -> n
     ap = np.concatenate([a, np.ones(n - len(a))])
     pts = jnp.asarray(ap, x1.dtype).reshape((-1,) + (1,) * x1.ndim) * d1[None] + b1[None]
     try:
-      _run(closed.jaxpr, closed.consts, [pts], [True], ap, search=True, sep=sep)
+      _run(closed.jaxpr, closed.consts, [pts], [_AFF], ap, search=True, sep=sep)
     except _Found as e:
       new = np.unique(e.points)
       a = np.unique(np.concatenate([a, new]))

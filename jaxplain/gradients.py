@@ -2,7 +2,10 @@
 
 Every function takes a pure, batched ``f(x) -> logits`` ((B, ...) -> (B, K)), a batch ``x``
 and a target that is an int or a (B,) int array (one class per example), and returns an
-array shaped like ``x``. Nothing here calls ``jax.jit``: jit and vmap the functions yourself.
+array shaped like ``x``; ``target="all"`` (every class) or a (B, T) int array returns
+(B, T, ...) maps from one forward pass, the T output cotangents vmapped through one
+linearisation (``target_chunk`` of them at a time). Nothing here calls ``jax.jit``: jit and
+vmap the functions yourself.
 
 The per-example gradients come from ONE reverse pass over the batch: with ``y = f(x)`` and
 the cotangent ``v[b] = d out_b / d y_b`` (a one-hot row for the logit form), ``vjp(v)`` gives

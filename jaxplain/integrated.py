@@ -23,6 +23,11 @@ memory about 0.22 GB whatever m (it grows with ``chunk``). The loop body of
 ``lax.scan``/``lax.map`` ran 2-3.5x slower there (inside the while loop XLA:CPU does not
 route the backward convolutions to its fast YNNPACK kernels). On a GPU prefer a large chunk
 or ``chunk=None`` (one vmap over all steps).
+
+Two more modes (SPEC.md section 10): ``tol=`` refines every example by nested trapezoid levels
+until its completeness gap is below ``tol * |out(x)[t] - out(x')[t]|`` (jaxplain/_adaptive_ig.py),
+and ``method="exact"`` integrates piecewise-linear networks exactly between the breakpoints of
+the path (jaxplain/_exact_ig.py; ExactLine, Sotoudeh & Thakur 2019).
 """
 
 from __future__ import annotations
