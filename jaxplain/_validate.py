@@ -73,6 +73,22 @@ def check_finite(x: Any, name: str) -> None:
       raise ValueError(f"{name}: contains {bad} non-finite value(s) (NaN or inf)")
 
 
+def broadcast_to_x(value: Any, x: jax.Array, name: str) -> jax.Array:
+  """``value`` (a scalar, one input (1, ...) or one per example (B, ...)) broadcast to
+  ``x.shape`` in ``x``'s dtype; raises ``ValueError`` naming ``name`` if it does not
+  broadcast or holds NaN / inf."""
+  val = jnp.asarray(value, x.dtype)
+  try:
+    ok = jnp.broadcast_shapes(val.shape, x.shape) == x.shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(f"{name}: shape {val.shape} does not broadcast to x.shape {x.shape}; "
+                     "pass a scalar, one input (1, ...) or one per example (B, ...)")
+  check_finite(val, name)
+  return jnp.broadcast_to(val, x.shape)
+
+
 def check_target(target: Any, batch: int, num_classes: int | None = None,
                  name: str = "target") -> jax.Array:
   """Normalise ``target`` (an int or a (B,) int array) to a (B,) int32 array.

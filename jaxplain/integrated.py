@@ -157,16 +157,7 @@ def make_baseline(x: Array, baseline: Any = "black", *, key: Array | None = None
     if sigma <= 0:
       raise ValueError(f"blur_sigma: expected > 0, got {blur_sigma}")
     return _gaussian_blur(x, sigma)
-  b = jnp.asarray(baseline, dtype=x.dtype)
-  try:
-    shape = jnp.broadcast_shapes(b.shape, x.shape)
-  except ValueError:
-    shape = None
-  if shape != x.shape:
-    raise ValueError(f"baseline: shape {b.shape} does not broadcast to x.shape {x.shape}; "
-                     "pass a scalar, one input (1, ...) or one per example (B, ...)")
-  _validate.check_finite(b, "baseline")
-  return jnp.broadcast_to(b, x.shape)
+  return _validate.broadcast_to_x(baseline, x, "baseline")
 
 
 def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black",

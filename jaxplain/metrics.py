@@ -622,6 +622,34 @@ def cascade_layers(params: Any, layers: Sequence[str] | None = None, *, model: A
   return keep[::-1]
 
 
+def random_leaves(params: Any, random_params: Any, key: Any):
+  """The leaves of ``params`` and their randomised values, for the randomisation checks.
+
+  Returns ``(treedef, paths, orig, rnd, floating)``: ``rnd`` is ``random_params``' leaves (same
+  structure and shapes, checked) or, without them, ``N(0, std(leaf)^2)`` draws from
+  ``fold_in(key, i)``; non-float leaves (step counters, RNG counts) are never randomised.
+  """
+  leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [_path_str(p) for p, _ in leaves_p]
+  orig = [v for _, v in leaves_p]
+  floating = [jnp.issubdtype(jnp.result_type(v), jnp.floating) for v in orig]
+  if random_params is None:
+    if key is None:
+      raise ValueError("key: required when random_params is None")
+    rnd = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v), jnp.result_type(v))
+           * jnp.std(v) if fl else v for i, (v, fl) in enumerate(zip(orig, floating))]
+  else:
+    rleaves, rdef = jax.tree_util.tree_flatten(random_params)
+    if rdef != treedef:
+      raise ValueError("random_params: expected the same tree structure as params")
+    rnd = rleaves
+    for p, a, r in zip(paths, orig, rnd):
+      if jnp.shape(a) != jnp.shape(r):
+        raise ValueError(f"random_params: leaf {p!r} has shape {jnp.shape(r)}, params has "
+                         f"{jnp.shape(a)}")
+  return treedef, paths, orig, rnd, floating
+
+
 def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.Array],
                             params: Any, x: jax.Array, target: Any, *,
                             random_params: Any = None, key: jax.Array | None = None,
@@ -690,24 +718,7 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
       random_params = random_params.params
   else:
     _check_not_variables(params)
-  leaves_p, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [_path_str(p) for p, _ in leaves_p]
-  orig = [v for _, v in leaves_p]
-  floating = [jnp.issubdtype(jnp.result_type(v), jnp.floating) for v in orig]
-  if random_params is None:
-    if key is None:
-      raise ValueError("key: required when random_params is None")
-    rnd = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v), jnp.result_type(v))
-           * jnp.std(v) if fl else v for i, (v, fl) in enumerate(zip(orig, floating))]
-  else:
-    rleaves, rdef = jax.tree_util.tree_flatten(random_params)
-    if rdef != treedef:
-      raise ValueError("random_params: expected the same tree structure as params")
-    rnd = rleaves
-    for p, a, r in zip(paths, orig, rnd):
-      if jnp.shape(a) != jnp.shape(r):
-        raise ValueError(f"random_params: leaf {p!r} has shape {jnp.shape(r)}, params has "
-                         f"{jnp.shape(a)}")
+  treedef, paths, orig, rnd, floating = random_leaves(params, random_params, key)
   layer_of = [len(layers) + 1] * len(paths)
   for j, l in enumerate(layers):
     idx = ([paths.index(q) for q in wrapped.layer_params(l)] if wrapped is not None

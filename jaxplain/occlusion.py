@@ -85,15 +85,7 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
   _validate.check_logits(logits, b, f=f, x=x)
   masks_np = window_masks(h, w, patch, stride)
   n = masks_np.shape[0]
-  val = jnp.asarray(value, x.dtype)
-  try:
-    ok = jnp.broadcast_shapes(val.shape, x.shape) == x.shape
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f"value: shape {val.shape} does not broadcast to x.shape {x.shape}")
-  _validate.check_finite(val, "value")
-  val = jnp.broadcast_to(val, x.shape)
+  val = _validate.broadcast_to_x(value, x, "value")
   masks = jnp.asarray(masks_np, x.dtype)
   mshape = (n, 1, h, w) + (1,) * (x.ndim - 3)
 

@@ -111,15 +111,7 @@ def _features(x: Array, feature_mask: Any, num_features: int | None) -> tuple[Ar
 
 
 def _baseline(x: Array, baseline: Any) -> Array:
-  val = jnp.asarray(baseline, x.dtype)
-  try:
-    ok = jnp.broadcast_shapes(val.shape, x.shape) == x.shape
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f"baseline: shape {val.shape} does not broadcast to x.shape {x.shape}")
-  _validate.check_finite(val, "baseline")
-  return jnp.broadcast_to(val, x.shape)
+  return _validate.broadcast_to_x(baseline, x, "baseline")
 
 
 def _check_chunk(chunk: Any) -> None:

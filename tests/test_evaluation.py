@@ -434,3 +434,18 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="target"):
     E.evaluate({"a": lambda x, t: x}, {"m": lambda c: c["x"][:, 0]}, (x, np.zeros(2)),
                f=f, key=jax.random.key(0), target="other")
+
+
+def test_independent_randomization_leaves_integer_leaves_alone():
+  # a step counter beside the weights: it must neither crash the draw nor change the result
+  w = jax.random.normal(jax.random.key(3), (4, 3))
+  ex = lambda p, x, t: jax.grad(lambda z: jnp.tanh(z @ p["w"])[:, 0].sum())(x)
+  x = jax.random.normal(jax.random.key(4), (2, 4))
+  key = jax.random.key(5)
+  plain = E.independent_randomization(ex, {"w": w}, x, 0, key=key,
+                                                        layers=["w"])
+  counted = E.independent_randomization(
+      ex, {"w": w, "zstep": jnp.array(7, jnp.int32)}, x, 0, key=key, layers=["w"])
+  np.testing.assert_allclose(counted["similarity"], plain["similarity"], rtol=1e-6)
+  np.testing.assert_allclose(counted["maps"], plain["maps"], rtol=1e-6)
+  assert not np.allclose(plain["maps"][1], plain["maps"][0])  # w really was randomised

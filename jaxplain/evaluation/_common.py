@@ -68,16 +68,7 @@ def to_x(m: Array, map_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> Arra
 
 
 def baseline(x: Array, value: Any, name: str = "value") -> Array:
-  val = jnp.asarray(value, x.dtype)
-  try:
-    ok = jnp.broadcast_shapes(val.shape, x.shape) == x.shape
-  except ValueError:
-    ok = False
-  if not ok:
-    raise ValueError(f"{name}: expected a scalar or an array broadcasting to x {x.shape}; got "
-                     f"shape {val.shape}")
-  _validate.check_finite(val, name)
-  return jnp.broadcast_to(val, x.shape)
+  return _validate.broadcast_to_x(value, x, name)
 
 
 def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxplain import _validate
 from jaxplain.evaluation import _common as C
-from jaxplain.metrics import cascade_layers, cascading_randomization, ssim
+from jaxplain.metrics import cascade_layers, cascading_randomization, random_leaves, ssim
 
 Array = jax.Array
 
@@ -25,23 +25,7 @@ mprt = cascading_randomization
 
 
 def _random_leaves(params, random_params, key):
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  orig = [v for _, v in leaves]
-  if random_params is None:
-    if key is None:
-      raise ValueError("key: required when random_params is None")
-    rnd = [jax.random.normal(jax.random.fold_in(key, i), jnp.shape(v), jnp.result_type(v))
-           * jnp.std(v) for i, v in enumerate(orig)]
-  else:
-    rleaves, rdef = jax.tree_util.tree_flatten(random_params)
-    if rdef != treedef:
-      raise ValueError("random_params: expected the same tree structure as params")
-    for (p, a), r in zip(leaves, rleaves):
-      if jnp.shape(a) != jnp.shape(r):
-        raise ValueError(f"random_params: leaf {jax.tree_util.keystr(p)} has shape "
-                         f"{jnp.shape(r)}, params has {jnp.shape(a)}")
-    rnd = rleaves
-  paths = ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p) for p, _ in leaves]
+  treedef, paths, orig, rnd, _ = random_leaves(params, random_params, key)
   return treedef, paths, orig, rnd
 
 
