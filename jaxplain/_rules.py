@@ -82,9 +82,11 @@ class ZPlus:
   stabilizer: float = 1e-6
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
-    den = layer.pos(ap) + layer.neg(an) + jnp.maximum(layer.bias, 0)
-    num = layer.pos(ap * layer.t) + layer.neg(an * layer.t)
+    ap, an = layer.split()
+    den = layer.pos(ap) + jnp.maximum(layer.bias, 0)
+    num = layer.pos(ap * layer.t)
+    if an is not None:  # None: the input is provably >= 0 (after a ReLU), no negative part
+      den, num = den + layer.neg(an), num + layer.neg(an * layer.t)
     return _div(num, _stab(den, self.stabilizer))
 
 
@@ -102,14 +104,16 @@ class AlphaBeta:
                        f"got alpha={self.alpha}, beta={self.beta}")
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
+    ap, an = layer.split()
     bp, bn = _split(layer.bias)
     t = layer.t
-    zp = layer.pos(ap) + layer.neg(an) + bp
-    zn = layer.neg(ap) + layer.pos(an) + bn
-    tp = _div(layer.pos(ap * t) + layer.neg(an * t), _stab(zp, self.stabilizer))
-    tn = _div(layer.neg(ap * t) + layer.pos(an * t), _stab(zn, self.stabilizer))
-    return self.alpha * tp - self.beta * tn
+    zp, zn = layer.pos(ap) + bp, layer.neg(ap) + bn
+    np_, nn_ = layer.pos(ap * t), layer.neg(ap * t)
+    if an is not None:
+      zp, zn = zp + layer.neg(an), zn + layer.pos(an)
+      np_, nn_ = np_ + layer.neg(an * t), nn_ + layer.pos(an * t)
+    return (self.alpha * _div(np_, _stab(zp, self.stabilizer))
+            - self.beta * _div(nn_, _stab(zn, self.stabilizer)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,16 +125,25 @@ class Gamma:
   stabilizer: float = 1e-6
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
+    # With P / N the maps of the positive / negative weights (full = P + N), the modified
+    # maps are m0 = (1 + g) P + N and m1 = P + (1 + g) N; written through P and N of each
+    # input part, each map is computed once: 2 maps forward and 2 transposed backward per
+    # part of the input (the negative part is skipped when the input is provably >= 0).
+    ap, an = layer.split()
     bp, bn = _split(layer.bias)
     g, t = self.gamma, layer.t
-    m0 = lambda x: layer.full(x) + g * layer.pos(x)   # w + gamma w+
-    m1 = lambda x: layer.full(x) + g * layer.neg(x)   # w + gamma w-
-    dp = m0(ap) + m1(an) + layer.bias + g * bp
-    dn = m1(ap) + m0(an) + layer.bias + g * bn
+    g1 = 1.0 + g
+    pa, na, pt, nt = layer.pos(ap), layer.neg(ap), layer.pos(ap * t), layer.neg(ap * t)
+    dp, dn = g1 * pa + na, pa + g1 * na
+    up, un = g1 * pt + nt, pt + g1 * nt
+    if an is not None:
+      pa, na, pt, nt = layer.pos(an), layer.neg(an), layer.pos(an * t), layer.neg(an * t)
+      dp, dn = dp + pa + g1 * na, dn + g1 * pa + na
+      up, un = up + pt + g1 * nt, un + g1 * pt + nt
+    dp, dn = dp + layer.bias + g * bp, dn + layer.bias + g * bn
     z = layer.z
-    tp = _div(m0(ap * t) + m1(an * t), _stab(dp, self.stabilizer))
-    tn = _div(m1(ap * t) + m0(an * t), _stab(dn, self.stabilizer))
+    tp = _div(up, _stab(dp, self.stabilizer))
+    tn = _div(un, _stab(dn, self.stabilizer))
     return (jnp.where(z > 0, tp, 0.0) + jnp.where(z < 0, tn, 0.0)).astype(z.dtype)
 
 
