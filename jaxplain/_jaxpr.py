@@ -304,6 +304,18 @@ class Layer:
     self._head, self._w, self.scale, self.bias = head, w, scale, shift
     self.nonneg = nonneg
 
+  def head_from_parts(self) -> Array:
+    """``head(a; W)`` as the sum of the head with the positive and with the negative weights
+    over the parts of ``a``: the value of the head (up to rounding) from the maps that the
+    sign-split rules (alpha-beta, gamma) compute anyway, so the layer needs no separate
+    forward map (XLA merges the identical computations)."""
+    ap, an = self.split()
+    wp, wn = jnp.maximum(self._w, 0), jnp.minimum(self._w, 0)
+    h = self._h(ap, wp) + self._h(ap, wn)
+    if an is not None:
+      h = h + self._h(an, wp) + self._h(an, wn)
+    return h
+
   def split(self):
     """``(max(a, 0), min(a, 0))``; the second is None when the input is provably >= 0."""
     if self.nonneg:
@@ -657,7 +669,13 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
       prev = e.outvars[0]
     return cur
 
-  h = bind(head, [i.p for i in ins])[0]
+  a = ins[k]
+  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, None, head_fn, w,
+                None, None, nonneg=head.invars[k] in nonneg)
+  if w is not None and rule.signed_forward(layer):
+    h = layer.head_from_parts()  # the maps the rule computes anyway: no separate forward
+  else:
+    h = bind(head, [i.p for i in ins])[0]
   p = chain_eval(h, lambda v: v.p)
   if rule.needs_ref:
     r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
@@ -674,9 +692,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
     shift = jnp.broadcast_to(shift, p.shape).astype(p.dtype)
   else:
     shift, scale = jnp.zeros_like(p), jnp.ones((), p.dtype)
-  a = ins[k]
-  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, p, head_fn, w,
-                scale, shift, nonneg=head.invars[k] in nonneg)
+  layer.z, layer.scale, layer.bias = p, scale, shift
   t = rule.layer(layer)
   if t is None:
     t = layer.full(a.t)

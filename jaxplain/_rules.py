@@ -97,6 +97,7 @@ class AlphaBeta:
   alpha: float = 2.0
   beta: float = 1.0
   stabilizer: float = 1e-6
+  signed = True  # computes the positive- and negative-weight maps of its input (not a field)
 
   def __post_init__(self):
     if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
@@ -123,6 +124,7 @@ class Gamma:
   their output; where z < 0 the mirrored pair; z = 0 gets nothing."""
   gamma: float = 0.25
   stabilizer: float = 1e-6
+  signed = True  # computes the positive- and negative-weight maps of its input (not a field)
 
   def __call__(self, layer: Layer) -> Array:
     # With P / N the maps of the positive / negative weights (full = P + N), the modified
@@ -258,6 +260,11 @@ class _GradientSpace:
     del layer
     return None
 
+  def signed_forward(self, layer):
+    """Whether the layer's forward value is summed from its sign-split maps (see LRP)."""
+    del layer
+    return False
+
   def combine(self, z, inputs, tangents, jvp):
     del z, inputs, tangents, jvp
     return None
@@ -388,6 +395,11 @@ class LRP:
 
   def layer(self, layer: Layer):
     return self.composite.rule_for(layer)(layer)
+
+  def signed_forward(self, layer: Layer) -> bool:
+    """True for layer rules that compute the maps of the positive and negative weights of
+    the input anyway (alpha-beta, gamma): the forward value is their sum (one map fewer)."""
+    return bool(getattr(self.composite.rule_for(layer), "signed", False))
 
   def _norm(self):
     rule = self.composite.sum
