@@ -419,8 +419,16 @@ class LRP:
     return 0.5 * _div(num, _stab(z, self._norm()))
 
   def softmax(self, a, s, axes):
-    """AttnLRP (Achtibat et al. 2024, Prop. 3.1): R_in = a * (R - s * sum(R)); the tangent
-    is its transpose, a * t - sum(s * a * t)."""
+    """AttnLRP (Achtibat et al. 2024, Prop. 3.1; as lxt's ``softmax_fn``):
+    R_in = a * (R - s * sum(R)) with ``a`` the softmax input, ``s`` its output; the tangent
+    is its transpose, a * t - sum(s * a * t).
+
+    A first-order Taylor decomposition at ``a`` with a bias term, so NOT conservative: per
+    softmax row sum(R_in) = sum_j R_j (a_j - sum_i s_i a_i), which is sum(R) minus the bias
+    share sum_j R_j (1 - a_j + sum_i s_i a_i). In gradient terms (R = s * g), the relevance
+    it passes is a * (exact softmax gradient of g): on a bias-free network at epsilon = 0,
+    LRP with it equals x * grad of the network with LayerNorm divisors detached, products
+    halved and activation gradients g(v) / v (tests/test_rules_transformer.py)."""
     at = a.p * a.t
     return at - jnp.sum(s * at, axis=axes, keepdims=True)
 
