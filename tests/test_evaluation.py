@@ -449,3 +449,15 @@ def test_independent_randomization_leaves_integer_leaves_alone():
   np.testing.assert_allclose(counted["similarity"], plain["similarity"], rtol=1e-6)
   np.testing.assert_allclose(counted["maps"], plain["maps"], rtol=1e-6)
   assert not np.allclose(plain["maps"][1], plain["maps"][0])  # w really was randomised
+
+
+def test_every_submodule_is_reachable_and_no_function_shadows_one():
+  # `jaxplain.evaluation.complexity` is the function; its module is `_complexity`
+  import importlib
+  import pkgutil
+  import types
+  assert isinstance(E.complexity, types.FunctionType)
+  for m in pkgutil.iter_modules(E.__path__):
+    mod = importlib.import_module(f"jaxplain.evaluation.{m.name}")
+    assert getattr(E, m.name) is mod, m.name
+  assert importlib.import_module("jaxplain.evaluation._complexity").complexity is E.complexity
