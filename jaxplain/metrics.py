@@ -742,7 +742,9 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
       :func:`cascade_layers`).
     reduce: channel aggregation of the maps.
     ssim_window: SSIM window.
-    chunk: run this many stages at a time (``jax.lax.map``) to bound memory; ``None`` = all.
+    chunk: explain this many stages at a time, the chunks one after another, to bound memory
+      (on CPU ``chunk=1`` is also the fastest: XLA lowers a convolution vmapped over its
+      weights to a grouped convolution); ``None`` = all stages in one ``vmap``.
 
   Returns:
     ``{"spearman"``: ``(L + 1, B)`` rank correlation of the ``reduce`` maps with the original,
@@ -799,8 +801,12 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
 
   if chunk is None:
     maps, signed = jax.vmap(stage_maps)(stacked)
-  else:
-    maps, signed = jax.lax.map(stage_maps, stacked, batch_size=int(chunk))
+  else:                  # the few stages run chunk by chunk, one after another (not a loop
+    parts = []           # primitive: a backward pass inside XLA's CPU while loop runs slower)
+    for lo in range(0, n_stages, int(chunk)):
+      part = jax.tree_util.tree_map(lambda v, lo=lo: v[lo:lo + int(chunk)], stacked)
+      parts.append(jax.vmap(stage_maps)(part))
+    maps, signed = (jnp.concatenate(v) for v in zip(*parts))
   if maps.shape[1:] != x.shape[:3]:
     raise ValueError(f"explain: expected maps shaped like x {x.shape} or {x.shape[:3]}, got "
                      f"{maps.shape[1:]}")
