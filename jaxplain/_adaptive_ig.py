@@ -17,6 +17,17 @@ and reports its steps (nodes evaluated, 2^L + 1) and final gap. Two drivers:
   examples stop costing. It calls ``jax.jit`` itself (it is a driver) and cannot run under
   ``jit``.
 
+Which is faster here (benchmarks/bench_ig_accuracy.md, 2-core CPU under load ~10, batch 8,
+separate processes): on the trained LeNet the host driver, 2.5x at tol = 1 % (0.25 vs
+0.63 s) and 3.2x at 0.1 % (1.15 vs 3.64 s); on the SmallCNN at 1 % about even (while 17.5 s,
+host 19.1 s, one partial round). Two reasons: the while driver's levels run inside
+``lax.while_loop`` / ``lax.switch``, where XLA:CPU does not send convolutions to its fast
+kernels (the same 2-3.5x as ``loop="scan"`` in integrated.py), and it evaluates every example
+until the slowest has converged, while the host driver's levels are top-level jitted calls on
+the unconverged examples only. The host driver pays a device-host round trip per level and
+one compile per (level, power-of-two batch), so it gains least when all examples converge at
+the same level. Use ``driver="host"`` outside ``jit``; ``"while"`` where IG must be traced.
+
 SPEC.md section 10.
 """
 

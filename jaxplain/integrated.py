@@ -230,7 +230,10 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     driver: with ``tol``, ``"while"`` (a bounded ``lax.while_loop`` over levels; usable
       under ``jit``; every level computes the whole batch until all examples converged) or
       ``"host"`` (a Python loop over jitted levels that evaluates only the examples not yet
-      converged; not under ``jit``). See benchmarks/bench_ig_accuracy.md for which is faster.
+      converged; not under ``jit``). Measured on a 2-core CPU (benchmarks/
+      bench_ig_accuracy.md): ``"host"`` 2.5-3.2x faster on a trained LeNet, about even on
+      the SmallCNN (the while loop's body misses XLA:CPU's fast convolutions, and it runs
+      every example until the slowest converges); see jaxplain/_adaptive_ig.py.
     return_info: also return ``info``, a dict of (B,) arrays: ``"steps"`` (nodes evaluated
       per example), ``"gap"`` (final completeness gap) and ``"converged"``.
 
