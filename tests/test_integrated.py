@@ -505,6 +505,28 @@ def test_exact_ig_on_a_relu_maxpool_cnn():
     assert int(info["steps"][b]) == len(bp) + 1
 
 
+def test_exact_ig_batches_of_examples_equal_one_at_a_time():
+  # the search runs 8 examples together (each segment knows its example): 10 examples span
+  # two groups; each example's breakpoints and map must equal a call on it alone
+  p = pl_params(jnp.float32)
+  f = functools.partial(pl_net, p)
+  r = np.random.default_rng(6)
+  x = jnp.asarray(r.normal(size=(10, 4, 4, 1)), jnp.float32)
+  base = jnp.asarray(r.normal(size=(10, 4, 4, 1)) * 0.5, jnp.float32)
+  t = jnp.arange(10) % 3
+  ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
+                                           return_info=True)
+  for b in (0, 7, 8, 9):
+    ig1, info1 = jaxplain.integrated_gradients(f, x[b:b + 1], t[b:b + 1], method="exact",
+                                               baseline=base[b:b + 1], return_info=True)
+    np.testing.assert_allclose(info["breakpoints"][b], info1["breakpoints"][0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ig[b]), np.asarray(ig1[0]), rtol=1e-4, atol=1e-5)
+  y, y0 = np.asarray(f(x), np.float64), np.asarray(f(base), np.float64)
+  delta = y[np.arange(10), np.asarray(t)] - y0[np.arange(10), np.asarray(t)]
+  gap = np.asarray(ig, np.float64).sum(axis=(1, 2, 3)) - delta
+  assert np.all(np.abs(gap) <= 1e-5 * np.abs(delta) + 1e-6), gap
+
+
 def test_exact_ig_float64_completeness_and_errors():
   with jax.enable_x64(True):
     p = pl_params(jnp.float64)
