@@ -478,7 +478,7 @@ def rewrite_tangent_ops(eqns) -> dict:
 _NN_FIRST = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
              "dynamic_slice", "rev", "convert_element_type", "copy", "copy_p", "reduce_max",
              "reduce_min", "reduce_sum", "reduce_window_sum", "cumsum", "cummax", "cummin",
-             "stop_gradient", "reduce_precision", "sharding_constraint", "real"}
+             "stop_gradient", "reduce_precision", "sharding_constraint"}
 _NN_ALWAYS = {"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"}
 _NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "pad", "dot_general",
            "conv_general_dilated"}
@@ -512,7 +512,7 @@ def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
         continue
       inner = nonneg_vars(body.eqns, body.invars, ins)
       nn.update(o for o, bo in zip(e.outvars, body.outvars)
-                if (isinstance(bo, Literal) and _literal_nonneg(bo)) or bo in inner)
+                if (_literal_nonneg(bo) if isinstance(bo, Literal) else bo in inner))
       continue
     if name in _NN_FIRST:
       ok = bool(ins) and ins[0]
@@ -538,6 +538,8 @@ def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
       ok = False
     for o in e.outvars:
       dt = o.aval.dtype
+      if jnp.issubdtype(dt, jnp.complexfloating):
+        continue
       if ok or dt == jnp.bool_ or jnp.issubdtype(dt, jnp.unsignedinteger):
         nn.add(o)
   return nn
