@@ -303,6 +303,11 @@ def test_named_composites_match_a_hand_composed_cnn():
         np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-7, atol=1e-12,
                                    err_msg=composite)
       assert float(jnp.abs(r).max()) > 1e-4
+    # DeepLIFT on the same network (affine layers, batch norm, ReLU, average pooling): the
+    # default zero reference runs its pass on one row; the attributions sum to f(x) - f(0)
+    a, fx, f0 = jax.jit(lambda x: (rules.deeplift(f, x, t), f(x), f(jnp.zeros_like(x))))(x)
+    delta = np.take_along_axis(np.asarray(fx - f0), np.asarray(t)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(a).sum(axis=(1, 2, 3)), delta, rtol=1e-9)
 
 
 def _np_lrp_named(layers, x, t):
