@@ -92,12 +92,12 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   x, target = args[-2:]
   if layer is None and m.framework == "split":
     layer = "features"
-  if not isinstance(layer, str):
-    raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
-                     f"layers: {list(m.layer_names())}")
   x = jnp.asarray(x)
   if x.ndim < 2:
     raise ValueError(f"x: expected a batch (B, ...); got shape {x.shape}")
+  if not isinstance(layer, str):
+    raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
+                     f"layers: {list(m.layer_names(x))}")
   if jnp.issubdtype(x.dtype, jnp.inexact):
     _validate.check_finite(x, "x")
   b = x.shape[0]

@@ -502,14 +502,30 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
     return lambda variables, f, x, y: fn(f, x, y)
   from jaxplain import cam  # pylint: disable=import-outside-toplevel
 
-  from jaxplain.model import linen_parts, wrap  # pylint: disable=import-outside-toplevel
-  module, _ = linen_parts(model, "model")
+  from jaxplain.model import as_wrapped, train_parts  # pylint: disable=import-outside-toplevel
+  module, _ = train_parts(model, "model")   # linen module or NNX / Equinox trainee
 
   def grad_cam(variables, f, x, y):
     del f
-    layer = config.grad_cam_layer or _last_conv_layer(variables["params"])
-    return cam.grad_cam(wrap(module, variables), x, y, layer=layer)
+    m = as_wrapped(module, variables)       # the model interface (any framework)
+    layer = config.grad_cam_layer
+    if layer is None:
+      layer = (_last_conv_layer(variables["params"]) if m.framework == "linen"
+               else _last_conv_in_order(m, x))
+    return cam.grad_cam(m, x, y, layer=layer)
   return grad_cam
+
+
+def _last_conv_in_order(m: Any, x: jax.Array) -> str:
+  """The last convolution in execution order of a wrapped (non-linen) model."""
+  for name in reversed(m.layer_names(x)):
+    try:
+      if m.linear(name).kind == "conv":
+        return name
+    except (TypeError, ValueError):
+      continue
+  raise ValueError("saliency='grad_cam': the model has no convolution layer; set "
+                   "PPIConfig.grad_cam_layer")
 
 
 # -- training-driver loss and the jitted step -----------------------------------------------
@@ -521,7 +537,11 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   Args:
     model: a Flax linen module returning (B, K) logits (or ``jaxplain.wrap(module,
       variables)``); models with batch norm take ``train: bool`` and have
-      ``model_state = {"batch_stats": ...}``.
+      ``model_state = {"batch_stats": ...}``. A Flax NNX module (bare or wrapped) works the
+      same way with the variables of :func:`jaxplain.train.init_state` (nested dicts;
+      ``nnx.BatchNorm`` statistics are the ``"batch_stats"``); ``saliency="grad_cam"`` then
+      hooks the NNX layer named by ``PPIConfig.grad_cam_layer`` (attribute path, default the
+      last ``nnx.Conv`` in execution order).
     config: :class:`PPIConfig` (default ``PPIConfig()``).
     saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES``.
 
@@ -542,9 +562,11 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   >>> float(metrics["ppi_on"])
   1.0
   """
-  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
+  from jaxplain.model import train_parts  # pylint: disable=import-outside-toplevel
   config = PPIConfig() if config is None else config
-  model, _ = linen_parts(model, "model")   # a linen module or wrap(module, variables)
+  # a linen module (or wrap(module, variables)); an NNX / Equinox module becomes a trainee
+  # with linen's init / apply (see jaxplain.train)
+  model, _ = train_parts(model, "model")
   sal = _resolve_saliency(saliency, model, config)
 
   def loss_fn(params, model_state, batch, key, step):
