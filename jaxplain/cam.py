@@ -90,8 +90,7 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   kw = {} if apply_kwargs is None else {"apply_kwargs": apply_kwargs}
   m = wrap(model, args[0], **kw) if len(args) == 3 else wrap(model, **kw)
   x, target = args[-2:]
-  if layer is None and m.framework == "split":
-    layer = "features"
+  layer = m.default_layer if layer is None else layer
   x = jnp.asarray(x)
   if x.ndim < 2:
     raise ValueError(f"x: expected a batch (B, ...); got shape {x.shape}")

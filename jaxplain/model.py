@@ -597,6 +597,7 @@ class _Split:
   """``(features, head)``: two functions with ``head(features(x))`` the logits; one layer."""
   framework = "split"
   channels_first = False
+  default_layer = "features"
 
   def __init__(self, features, head):
     self.features, self.head = features, head
@@ -690,6 +691,12 @@ class Model:
   def framework(self) -> str:
     """``"linen"``, ``"nnx"``, ``"equinox"``, ``"keras"``, ``"split"`` or ``"function"``."""
     return self.adapter.framework
+
+  @property
+  def default_layer(self) -> str | None:
+    """The layer a method uses when none is named: ``"features"`` for a ``(features, head)``
+    pair (its only layer), else ``None`` (a layer must be named)."""
+    return getattr(self.adapter, "default_layer", None)
 
   @property
   def channels_first(self) -> bool:

@@ -62,13 +62,14 @@ checkpoints with exact resume).
 
 Saliency methods are pluggable: a callable ``(f, x, target) -> map`` or one of the names
 ``"wbp"`` (default, :func:`jaxplain.rules.wbp`), ``"gradient"``, ``"gradient_x_input"``,
-``"grad_cam"`` (on ``PPIConfig.grad_cam_layer``, default: the last convolution) and ``"lrp"``.
+``"grad_cam"`` (on ``PPIConfig.grad_cam_layer``, default: the last convolution in execution
+order) and ``"lrp"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ class PPIConfig:
     pairing: how ``j != i`` is chosen for ``x'``: ``"roll"``, ``"random_shift"`` or
       ``"same_label"`` (see :func:`partner_indices`).
     warmup_steps: plain classification for steps < ``warmup_steps``, PPI afterwards.
-    grad_cam_layer: layer for the ``"grad_cam"`` saliency (None: the last convolution).
+    grad_cam_layer: layer for the ``"grad_cam"`` saliency (None: the last convolution in
+      execution order).
     eps: added to the normaliser of the map.
 
   >>> PPIConfig(sigma=0.2).w2
@@ -468,23 +470,6 @@ def ppi_objective(f: Callable[[jax.Array], jax.Array], x: jax.Array, y: Any,
 
 # -- saliency resolution --------------------------------------------------------------------
 
-def _last_conv_layer(params: Mapping[str, Any]) -> str:
-  """Path ("a/b") of the last module holding a 4-D ``kernel`` (creation order)."""
-  found = []
-
-  def walk(tree, path):
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, path + (k,))
-      elif k == "kernel" and getattr(v, "ndim", 0) == 4:
-        found.append("/".join(path))
-  walk(params, ())
-  if not found:
-    raise ValueError("saliency='grad_cam': the model has no convolution (no 4-D 'kernel' in "
-                     "params); set PPIConfig.grad_cam_layer")
-  return found[-1]
-
-
 def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig):
   """Returns ``sal(variables, f, x, y) -> map``."""
   if callable(saliency):
@@ -508,16 +493,14 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
   def grad_cam(variables, f, x, y):
     del f
     m = as_wrapped(module, variables)       # the model interface (any framework)
-    layer = config.grad_cam_layer
-    if layer is None:
-      layer = (_last_conv_layer(variables["params"]) if m.framework == "linen"
-               else _last_conv_in_order(m, x))
+    layer = config.grad_cam_layer or _last_conv_in_order(m, x)
     return cam.grad_cam(m, x, y, layer=layer)
   return grad_cam
 
 
 def _last_conv_in_order(m: Any, x: jax.Array) -> str:
-  """The last convolution in execution order of a wrapped (non-linen) model."""
+  """The last convolution layer in execution order of a wrapped model (any framework; was:
+  the alphabetically last 4-D kernel of linen params, so "conv9" after "conv10")."""
   for name in reversed(m.layer_names(x)):
     try:
       if m.linear(name).kind == "conv":
@@ -540,8 +523,8 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
       ``model_state = {"batch_stats": ...}``. A Flax NNX module (bare or wrapped) works the
       same way with the variables of :func:`jaxplain.train.init_state` (nested dicts;
       ``nnx.BatchNorm`` statistics are the ``"batch_stats"``); ``saliency="grad_cam"`` then
-      hooks the NNX layer named by ``PPIConfig.grad_cam_layer`` (attribute path, default the
-      last ``nnx.Conv`` in execution order).
+      hooks the NNX layer named by ``PPIConfig.grad_cam_layer`` (attribute path; default, in
+      every framework, the last convolution in execution order).
     config: :class:`PPIConfig` (default ``PPIConfig()``).
     saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES``.
 

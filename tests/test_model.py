@@ -627,3 +627,25 @@ def test_a_layer_called_twice_is_an_error_in_nnx_equinox_and_keras():
       jaxplain.grad_cam(m, x, 0, layer="shared")
     with pytest.raises(ValueError, match=match):
       m.capture(x, "shared")
+
+
+def test_ppi_grad_cam_default_layer_is_the_last_convolution_in_execution_order():
+  """conv9 runs before conv10: the default is conv10 (sorted names would give conv9)."""
+  from jaxplain import ppi  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      z = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv9")(z))
+      z = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv10")(z))
+      return nn.Dense(3, name="fc")(z.reshape(z.shape[0], -1))
+
+  x = jax.random.uniform(jax.random.key(11), (2, 4, 4, 1))
+  params = Net().init(jax.random.key(12), x)["params"]
+  batch = {"image": x, "label": jnp.array([0, 2])}
+
+  def loss(layer):
+    fn = ppi.make_ppi_loss(Net(), ppi.PPIConfig(grad_cam_layer=layer), saliency="grad_cam")
+    return float(fn(params, {}, batch, jax.random.key(0), 10**6)[0])
+  default, c10, c9 = loss(None), loss("conv10"), loss("conv9")
+  assert default == c10 and c9 != c10
