@@ -16,7 +16,8 @@ cost-analysis FLOP count of the compiled PPI (WBP) step over the plain step's, a
 ``ppi_over_flop_floor = ppi_over_plain / ppi_flop_ratio`` says how far the PPI step's time is
 above what its extra arithmetic alone would cost (goal <= 1.15).
 
-``python benchmarks/bench_ppi.py [--quick]``; writes benchmarks/bench_ppi.md and ends with one
+``python benchmarks/bench_ppi.py [--quick]``; writes benchmarks/bench_ppi.md (its title says
+``--quick`` when the run was: WBP, plain and torch PPI only, 2 rounds) and ends with one
 JSON line (``ppi_over_plain``, ``ppi_flop_ratio``, ``ppi_over_flop_floor``, ``torch_over_ppi``
 and the medians).
 """
@@ -197,7 +198,7 @@ def main():
   import jax
   import torch
   lines = [
-      "# PPI step time (benchmarks/bench_ppi.py)", "",
+      "# PPI step time (benchmarks/bench_ppi.py" + (" --quick)" if args.quick else ")"), "",
       f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), "
       f"JAX {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}. "
       f"LeNet 28x28x1, batch {b}, Adam; each contender in its own process, alternating "
@@ -217,8 +218,7 @@ def main():
   ]
   text = "\n".join(lines)
   print(text)
-  if not args.quick:
-    (HERE / "bench_ppi.md").write_text(text + "\n")
+  (HERE / "bench_ppi.md").write_text(text + "\n")
   out = {"ppi_over_plain": round(ppi_over_plain["ratio"], 3),
          "ppi_flop_ratio": round(flop_ratio, 3), "ppi_over_flop_floor": round(floor, 3),
          "torch_over_ppi": round(torch_over_ppi["ratio"], 3),

@@ -32,12 +32,14 @@ by ``(construction, split)``):
 - **Sigma sweep** (``--full``): PPI (WBP) at sigma in {0.1, 0.2, 0.3, 0.5} on 25 % of the
   clean training digits, accuracy on the clean *validation* split: the sigma with the best mean
   is used for every PPI arm of the run (the fast default uses ``PPIConfig().sigma``).
-- **Ablations** (background confounder, WBP): w1 = 0, w3 = 0, the other sigmas, and
-  ``pairing="same_label"``.
+- **Ablations** (WBP): on the background confounder w1 = 0, w3 = 0, the other sigmas and
+  ``pairing="same_label"`` (``ablations``); on the cross-domain runs trained on site D and on
+  the Table 2 analogue's 100 % w1 = 0 and w3 = 0 (``xablations``), as paired PPI - baseline.
 
-Runs are cached in ``out/ppi_claims/runs-<settings>.jsonl`` (one line per finished run), so an
-interrupted ``--full`` resumes where it stopped and the report states how many seeds each cell
-holds.
+Runs are cached in ``out/ppi_claims/runs-steps=<steps>-warmup=<warmup>.jsonl`` (one line per
+finished run, keyed by claim, arm, seed and sigma), so an interrupted ``--full`` resumes where it
+stopped, a run with more seeds / fractions / methods / sites reuses the cells it shares with an
+earlier one, and the report states how many seeds each cell holds.
 """
 
 from __future__ import annotations
@@ -84,13 +86,16 @@ class SmallCNN(nn.Module):
 def _settings(full: bool, smoke: bool) -> dict:
   if smoke:
     return {"name": "smoke", "seeds": 1, "steps": 20, "warmup": 8, "fractions": (0.25,),
-            "methods": ("wbp",), "train_sites": ("D",), "ablations": (), "sweep": ()}
+            "methods": ("wbp",), "train_sites": ("D",), "ablations": (), "sweep": (),
+            "xablations": ()}
   if full:
     return {"name": "full", "seeds": 5, "steps": 400, "warmup": 160,
             "fractions": (0.1, 0.25, 1.0), "methods": METHODS, "train_sites": SITES,
-            "ablations": ("w1=0", "w3=0", "sigma", "same_label"), "sweep": SIGMAS}
+            "ablations": ("w1=0", "w3=0", "sigma", "same_label"), "sweep": SIGMAS,
+            "xablations": ("w1=0", "w3=0")}
   return {"name": "fast", "seeds": 2, "steps": 200, "warmup": 80, "fractions": (0.25,),
-          "methods": ("wbp",), "train_sites": ("D",), "ablations": (), "sweep": ()}
+          "methods": ("wbp",), "train_sites": ("D",), "ablations": (), "sweep": (),
+          "xablations": ()}
 
 
 # -- data constructions ---------------------------------------------------------------------
@@ -282,7 +287,10 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   claims = S.get("claims", CLAIMS)
   fig_dir = out_dir / "ppi_claims"
   fig_dir.mkdir(parents=True, exist_ok=True)
-  cache = _Cache(fig_dir / f"runs-{S['name']}.jsonl", cache_only=S.get("cache_only", False))
+  # The keys hold claim, arm, seed and sigma; steps and warmup are the other settings a run
+  # depends on, so runs with equal steps / warmup share one file whatever the other settings.
+  cache = _Cache(fig_dir / f"runs-steps={S['steps']}-warmup={S['warmup']}.jsonl",
+                 cache_only=S.get("cache_only", False))
   keep = lambda lst, v: lst.append(v) if v is not None else None
   digits = {s: jdata.load("digits", s, image_size=SIZE) for s in ("train", "validation",
                                                                   "test")}
@@ -338,6 +346,19 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
       log(f"cross-domain train {src} {arm}: " + ", ".join(
           f"{t} {np.mean([r[t] for r in xd[(src, arm)]]):.3f}" for t in SITES))
 
+  # ablations of the other two claims (WBP): cross-domain trained on D, Table 2 on 100 %
+  xab_arms = [f"ppi:wbp:{a}" for a in S.get("xablations", ())]
+  xab = {}
+  for arm in xab_arms if "cross_domain" in claims and "D" in S["train_sites"] else ():
+    for s in seeds:
+      def go(arm=arm, s=s):
+        v = train_run(site_train["D"], arm, s, S, sigma)
+        return {**{t: _acc(v, site_test[t]) for t in SITES},
+                "D_nomarker": _acc(v, d_nomarker)}
+      keep(xab.setdefault(("cross", arm), []), cache.get(["cross", "D", arm, s, sigma], go))
+    log(f"cross-domain train D {arm}: " + ", ".join(
+        f"{t} {np.mean([r[t] for r in xab[('cross', arm)]]):.3f}" for t in SITES))
+
   # -- Table 2 analogue -----------------------------------------------------------------------
   t2_arms = ["baseline"] + [f"ppi:{m}" for m in S["methods"]]
   t2 = {}
@@ -349,6 +370,16 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
           return {"test": _acc(v, digits["test"])}
         keep(t2.setdefault((fr, arm), []), cache.get(["table2", fr, arm, s, sigma], go))
       log(f"table2 {fr} {arm}: {_ms([r['test'] for r in t2[(fr, arm)]])}")
+  for arm in xab_arms if "table2" in claims and 1.0 in S["fractions"] else ():
+    for s in seeds:
+      def go(arm=arm, s=s):
+        v = train_run(subset(digits["train"], 1.0, s), arm, s, S, sigma)
+        return {"test": _acc(v, digits["test"])}
+      keep(xab.setdefault(("table2", arm), []), cache.get(["table2", 1.0, arm, s, sigma], go))
+    log(f"table2 1.0 {arm}: {_ms([r['test'] for r in xab[('table2', arm)]])}")
+  xab = {k: v for k, v in xab.items() if v}
+  xab_base = {"cross": xd.get(("D", "baseline"), []), "table2": t2.get((1.0, "baseline"), [])}
+  xab_ppi = {"cross": xd.get(("D", "ppi:wbp"), []), "table2": t2.get((1.0, "ppi:wbp"), [])}
 
   # only cells with runs (a --cache-only report of an unfinished run)
   conf_arms = [a for a in conf_arms if conf_res.get(a)]
@@ -359,7 +390,7 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   t2_arms = [a for a in t2_arms if any(k[1] == a for k in t2)]
   t2 = {k: v for k, v in t2.items() if all((k[0], a) in t2 for a in t2_arms)}
   return _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_dir,
-                 t_start)
+                 t_start, (xab, xab_base, xab_ppi))
 
 
 def _arm_label(arm: str) -> str:
@@ -369,7 +400,8 @@ def _arm_label(arm: str) -> str:
   return "PPI " + LABELS[parts[1]] + "".join(f", {p}" for p in parts[2:])
 
 
-def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_dir, t_start):
+def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_dir, t_start,
+            ablations=({}, {}, {})):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -396,6 +428,8 @@ def _report(S, seeds, sigma, sweep, conf_arms, conf_res, xd, t2, t2_arms, fig_di
     _cross_section(xd, lines, metrics, figures, fig_dir, plt)
   if t2:
     _table2_section(t2, t2_arms, lines, metrics, figures, fig_dir, plt)
+  if ablations[0]:
+    _ablation_section(*ablations, lines, metrics)
   lines += ["", f"Wall time {time.time() - t_start:.0f} s."]
   metrics["seconds"] = time.time() - t_start
   (fig_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
@@ -517,6 +551,29 @@ def _table2_section(t2, t2_arms, lines, metrics, figures, fig_dir, plt):
   lines += ["![table2](ppi_claims/table2.png)"]
 
 
+def _ablation_section(xab, base, full_ppi, lines, metrics):
+  """PPI - baseline (paired) of the w1 = 0 / w3 = 0 arms next to full PPI, per claim."""
+  metrics["ablations"] = {}
+  cols = {"cross": list(SITES) + ["D_nomarker"], "table2": ["test"]}
+  heads = {"cross": "Cross-domain, trained on site D: PPI - baseline (paired) on each test "
+                    "site", "table2": "Table 2 analogue, 100 % of the digits: PPI - baseline "
+                                      "(paired), clean test accuracy"}
+  for claim in ("cross", "table2"):
+    arms = [a for (c, a) in xab if c == claim]
+    if not arms or not base[claim]:
+      continue
+    rows = ["| arm | " + " | ".join(c.replace("_", " ") for c in cols[claim]) + " |",
+            "|---|" + "---|" * len(cols[claim])]
+    for arm, runs in [("ppi:wbp", full_ppi[claim])] + [(a, xab[(claim, a)]) for a in arms]:
+      if not runs:
+        continue
+      prs = [paired([b[c] for b in base[claim]], [x[c] for x in runs]) for c in cols[claim]]
+      rows.append(f"| {_arm_label(arm)} | " + " | ".join(_fmt_pair(p) for p in prs) + " |")
+      metrics["ablations"][f"{claim}/{arm}"] = {"runs": runs, "diff": dict(zip(cols[claim],
+                                                                               prs))}
+    lines += ["", f"### Ablations: {heads[claim]}", "", *rows]
+
+
 def main(argv=None) -> dict:
   """``[--full | --smoke] [--out DIR] [--seed N]`` plus overrides of the settings, e.g.
   ``--seeds 5 --steps 200 --fractions 0.1,1.0 --methods wbp --train-sites A,D --sigma 0.3``."""
@@ -532,14 +589,16 @@ def main(argv=None) -> dict:
   ap.add_argument("--sigma", type=float)
   ap.add_argument("--cache-only", action="store_true",
                   help="report the runs already in the cache, train nothing")
-  for name in ("fractions", "methods", "train-sites", "ablations", "sweep", "claims"):
+  for name in ("fractions", "methods", "train-sites", "ablations", "xablations", "sweep",
+               "claims"):
     ap.add_argument(f"--{name}", help="comma-separated ('' for none)")
   a = ap.parse_args(argv)
   ov = {k: getattr(a, k) for k in ("seeds", "steps", "warmup", "sigma")
         if getattr(a, k) is not None}
   if a.cache_only:
     ov["cache_only"] = True
-  for name in ("fractions", "methods", "train_sites", "ablations", "sweep", "claims"):
+  for name in ("fractions", "methods", "train_sites", "ablations", "xablations", "sweep",
+               "claims"):
     v = getattr(a, name)
     if v is not None:
       items = [t for t in v.split(",") if t]

@@ -289,15 +289,38 @@ class Layer:
   whether no layer lies between ``f``'s input and this one.
 
   The maps below are linear in their argument (so ``map(a * t)`` is a valid tangent):
-  ``full`` (the layer without its shift), ``pos`` / ``neg`` (only the positive / negative
-  effective weights ``s * W``; weightless heads count as positive), ``ones`` (all weights 1,
-  no scale) and ``square`` (weights ``(s * W)**2``).
+  ``full`` (the layer without its shift, ``full = pos + neg``), ``pos`` / ``neg`` (only the
+  positive / negative effective weights ``s * W``; weightless heads count as positive),
+  ``ones`` (all weights 1, no scale) and ``square`` (weights ``(s * W)**2``).
+
+  ``nonneg``: the input is provably ``>= 0`` from the jaxpr (after a ReLU, a max-pool of one,
+  ...), so that :meth:`split` returns no negative part and rules skip the maps of it (a
+  convolution forward and one backward each): the same values at less cost.
   """
 
-  def __init__(self, kind, name, first, a, t, z, head, w, scale, shift):
+  def __init__(self, kind, name, first, a, t, z, head, w, scale, shift, nonneg=False):
     self.kind, self.name, self.first = kind, name, first
     self.a, self.t, self.z = a, t, z
     self._head, self._w, self.scale, self.bias = head, w, scale, shift
+    self.nonneg = nonneg
+
+  def head_from_parts(self) -> Array:
+    """``head(a; W)`` as the sum of the head with the positive and with the negative weights
+    over the parts of ``a``: the value of the head (up to rounding) from the maps that the
+    sign-split rules (alpha-beta, gamma) compute anyway, so the layer needs no separate
+    forward map (XLA merges the identical computations)."""
+    ap, an = self.split()
+    wp, wn = jnp.maximum(self._w, 0), jnp.minimum(self._w, 0)
+    h = self._h(ap, wp) + self._h(ap, wn)
+    if an is not None:
+      h = h + self._h(an, wp) + self._h(an, wn)
+    return h
+
+  def split(self):
+    """``(max(a, 0), min(a, 0))``; the second is None when the input is provably >= 0."""
+    if self.nonneg:
+      return self.a, None
+    return jnp.maximum(self.a, 0), jnp.minimum(self.a, 0)
 
   def _h(self, x, w=None):
     return self._head(x, self._w if w is None else w)
@@ -449,6 +472,78 @@ def rewrite_tangent_ops(eqns) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# non-negativity: which primal values are provably >= 0 (a cost fact for the LRP rules: the
+# negative part of such a layer input is zero, so its maps need not be computed)
+
+_NN_FIRST = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
+             "dynamic_slice", "rev", "convert_element_type", "copy", "copy_p", "reduce_max",
+             "reduce_min", "reduce_sum", "reduce_window_sum", "cumsum", "cummax", "cummin",
+             "stop_gradient", "reduce_precision", "sharding_constraint", "real"}
+_NN_ALWAYS = {"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"}
+_NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "pad", "dot_general",
+           "conv_general_dilated"}
+
+
+def _literal_nonneg(v) -> bool:
+  try:  # NumPy, not jnp (see _is_zero_literal)
+    return bool(np.all(np.asarray(v.val) >= 0))
+  except Exception:  # pragma: no cover - abstract literal
+    return False
+
+
+def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
+  """The variables of ``eqns`` whose values are provably ``>= 0`` (booleans and unsigned
+  integers; ReLU-like ``max(v, c >= 0)``; exp, sqrt, ...; sums, products, poolings,
+  reshapes of such values; calls through their body), given which ``invars`` are."""
+  nn = {v for v, f in zip(invars, flags) if f}
+
+  def is_nn(v):
+    if isinstance(v, Literal):
+      return _literal_nonneg(v)
+    return v in nn
+
+  for e in eqns:
+    name = e.primitive.name
+    ins = [is_nn(v) for v in e.invars]
+    if name in _CALLS:
+      try:
+        body, _ = _call_body(e)
+      except UnsupportedPrimitiveError:
+        continue
+      inner = nonneg_vars(body.eqns, body.invars, ins)
+      nn.update(o for o, bo in zip(e.outvars, body.outvars)
+                if (isinstance(bo, Literal) and _literal_nonneg(bo)) or bo in inner)
+      continue
+    if name in _NN_FIRST:
+      ok = bool(ins) and ins[0]
+    elif name == "reduce_window_max":
+      prm = e.params
+      ok = (bool(ins) and ins[0] and all(d == 1 for d in prm.get("base_dilation", ()))
+            and all(d == 1 for d in prm.get("window_dilation", ()))
+            and all(lo < w and hi < w for (lo, hi), w in zip(prm["padding"],
+                                                            prm["window_dimensions"])))
+    elif name in _NN_ALWAYS:
+      ok = True
+    elif name == "integer_pow":
+      ok = e.params["y"] % 2 == 0 or ins[0]
+    elif name == "max":
+      ok = any(ins)
+    elif name in _NN_ALL:
+      ok = all(ins)
+    elif name == "select_n":
+      ok = all(ins[1:])
+    elif name == "clamp":
+      ok = ins[0]
+    else:
+      ok = False
+    for o in e.outvars:
+      dt = o.aval.dtype
+      if ok or dt == jnp.bool_ or jnp.issubdtype(dt, jnp.unsignedinteger):
+        nn.add(o)
+  return nn
+
+
+# ------------------------------------------------------------------------------------------
 # the interpreter
 
 
@@ -459,6 +554,7 @@ class _Scope:
     self.anc: dict[Var, tuple] = {}  # var -> nearest-first elementwise ancestors
     self.ew_eqns: list = []  # elementwise equations on input-dependent values, in order
     self.prod = {o: e for e in eqns for o in e.outvars}  # var -> producing equation
+    self.nonneg: set = set()  # variables provably >= 0 (see nonneg_vars)
 
 
 _MAX_ANC = 64
@@ -476,8 +572,10 @@ def _tangent_live(eqns, outvars) -> set:
   return live
 
 
-def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule) -> list[Val]:
-  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments with ``rule``."""
+def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule,
+             nonneg_in: Sequence[bool] | None = None) -> list[Val]:
+  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments with ``rule``
+  (``nonneg_in``: which arguments are provably >= 0)."""
   env: dict[Var, Val] = {}
 
   def read(v) -> Val:
@@ -501,6 +599,7 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
   merged = {id(e) for chain in groups.values() for e in chain[:-1]}
   merged |= {k for k, chain in groups.items() if chain}
   scope = _Scope(eqns)
+  scope.nonneg = nonneg_vars(eqns, invars, nonneg_in or [False] * len(invars))
   for eqn in eqns:
     if id(eqn) in merged:
       continue
@@ -512,7 +611,8 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
       if last.outvars[0] not in live:
         ins = [i._replace(t=None) for i in ins]
       if any(i.t is not None for i in ins):
-        env[last.outvars[0]] = _layer(head, chain, ins, rule, impl.get(id(head)), read)
+        env[last.outvars[0]] = _layer(head, chain, ins, rule, impl.get(id(head)), read,
+                                      scope.nonneg)
         continue
       for e in [head] + chain:  # no tangent: evaluate the equations as usual
         outs = _eval_eqn(e, [read(v) for v in e.invars], rule, scope, env)
@@ -539,7 +639,7 @@ def _name(eqn) -> str:
     return ""
 
 
-def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
+def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) -> Val:
   """Evaluate a canonized layer (head + merged affine chain) and ask the rule for its
   tangent (None: the exact linear map)."""
   k = next(i for i, v in enumerate(ins) if v.t is not None)
@@ -569,7 +669,13 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
       prev = e.outvars[0]
     return cur
 
-  h = bind(head, [i.p for i in ins])[0]
+  a = ins[k]
+  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, None, head_fn, w,
+                None, None, nonneg=head.invars[k] in nonneg)
+  if w is not None and rule.signed_forward(layer):
+    h = layer.head_from_parts()  # the maps the rule computes anyway: no separate forward
+  else:
+    h = bind(head, [i.p for i in ins])[0]
   p = chain_eval(h, lambda v: v.p)
   if rule.needs_ref:
     r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
@@ -586,9 +692,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
     shift = jnp.broadcast_to(shift, p.shape).astype(p.dtype)
   else:
     shift, scale = jnp.zeros_like(p), jnp.ones((), p.dtype)
-  a = ins[k]
-  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, p, head_fn, w,
-                scale, shift)
+  layer.z, layer.scale, layer.bias = p, scale, shift
   t = rule.layer(layer)
   if t is None:
     t = layer.full(a.t)
@@ -630,7 +734,8 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
       outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule)
       _record_ew(scope, eqn, ins, active)
       return outs
-    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule)
+    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule,
+                    [isinstance(v, Var) and v in scope.nonneg for v in eqn.invars])
 
   if name in ("mul", "div") and n_act == 2:
     sm = _softmax_input(scope, eqn) if name == "div" else None
