@@ -16,7 +16,9 @@ gives the numbers compared with ours. Metrics and their settings:
 * ROAD: percentages 12.5, 25, ..., 87.5 of the 1024 pixels (counts that are exact on both
   sides), noise 0.01, accuracy. Same definition (Quantus: exact ``spsolve``; ours: conjugate
   gradients). Quantus 0.6's ROAD raises an IndexError on RGB images with a pixel map (it
-  ranks channel-pixels and indexes pixels with them), so its own imputation is called through
+  ranks channel-pixels and indexes pixels with them: re-checked this session, 2 images with a
+  ``(B, 1, 32, 32)`` map and percentages 10, 50 give ``IndexError: index 1062 is out of
+  bounds for axis 0 with size 1024``), so its own imputation is called through
   a wrapper on pixel indices (``_road_perturb``). The noise draws differ (NumPy's global RNG vs
   a JAX key), and Quantus returns only the mean accuracy per percentage: the two mean curves
   are compared.
