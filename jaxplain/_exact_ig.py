@@ -67,7 +67,15 @@ _MAX_ROWS = 4096  # gradient rows per call with chunk=None
 class NotPiecewiseLinearError(ValueError):
   """``method="exact"`` was given an ``f`` with a primitive that is not piecewise linear
   along the path (e.g. ``tanh``, ``exp``, a product of two input-dependent values); the
-  message names the first such primitive. A subclass of ``ValueError``."""
+  message names the first such primitive. A subclass of ``ValueError``.
+
+  >>> import jax.numpy as jnp, jaxplain
+  >>> try:
+  ...   jaxplain.integrated_gradients(jnp.tanh, jnp.ones((1, 2)), 0, method="exact")
+  ... except jaxplain.NotPiecewiseLinearError as e:
+  ...   print(str(e)[:90])
+  method='exact': f is not piecewise linear along the path: the first non-piecewise-linear p
+  """
 
 
 def _not_pl(name, eqn, why=""):
@@ -158,13 +166,15 @@ def _switches(v0: np.ndarray, v1: np.ndarray, lo, hi, sep: float):
   return k[keep], pts[keep]
 
 
-def _search(name, eqn, vals, levs, n_seg, lo, hi, sep):
-  """The breakpoints of one primitive inside the current segments (its affine inputs)."""
+def _search(name, eqn, vals, levs, n_seg, sp, lo, hi, sep):
+  """The breakpoints of one primitive inside the current n_seg segments (its affine inputs;
+  rows [left ends; right ends], each block padded to sp)."""
   def ends(v, lv):
-    v = np.asarray(v, np.float64)
+    v = np.asarray(v)
     if lv == _CONST:
+      v = v.astype(np.float64)
       return v, v
-    return v[:n_seg], v[n_seg:]
+    return v[:n_seg].astype(np.float64), v[sp:sp + n_seg].astype(np.float64)
 
   if name in _CMP | {"abs", "sign"}:
     l0, r0 = ends(vals[0], levs[0])
@@ -195,28 +205,11 @@ def _search(name, eqn, vals, levs, n_seg, lo, hi, sep):
   return np.zeros(0, np.int64), np.zeros(0)
 
 
-def _pad_rows(v, n: int):
-  """Pad the leading (row) axis to n by repeating row 0."""
-  v = np.asarray(v)
-  if v.shape[0] == n:
-    return v
-  return np.concatenate([v, np.broadcast_to(v[:1], (n - v.shape[0],) + v.shape[1:])])
+_SEARCH = _CMP | {"abs", "sign", "reduce_window_max", "reduce_max", "argmax"}
 
 
 def _bucket(n: int) -> int:
   return 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
-
-
-def _bind(eqn, vals, levs, n_rows):
-  """Bind eqn with the row axis of its non-constant operands vmapped (rows padded)."""
-  nb = _bucket(n_rows)
-  ins = [_pad_rows(v, nb) if lv != _CONST else v for v, lv in zip(vals, levs)]
-  axes = [0 if lv != _CONST else None for lv in levs]
-  prim, params = eqn.primitive, eqn.params
-  out = jax.vmap(lambda *xs: prim.bind(*xs, **params), in_axes=axes)(*ins)
-  if prim.multiple_results:
-    return [np.asarray(o)[:n_rows] for o in out]
-  return np.asarray(out)[:n_rows]
 
 
 def _split(lo, hi, ex, seg, pts):
@@ -226,8 +219,7 @@ def _split(lo, hi, ex, seg, pts):
   seg_all = np.concatenate([np.arange(len(lo)), seg])
   order = np.lexsort((pts_all, seg_all))
   new_lo, parent = pts_all[order], seg_all[order]
-  # drop duplicate points within a segment
-  dup = np.zeros(len(new_lo), bool)
+  dup = np.zeros(len(new_lo), bool)  # drop duplicate points within a segment
   dup[1:] = (parent[1:] == parent[:-1]) & (new_lo[1:] <= new_lo[:-1])
   new_lo, parent = new_lo[~dup], parent[~dup]
   new_hi = np.empty_like(new_lo)
@@ -242,11 +234,12 @@ def _split(lo, hi, ex, seg, pts):
   return new_lo, new_hi, ex[parent], parent, rl, rr
 
 
-def _interp(v, lv, n_seg, parent, rl, rr):
-  """A live value at the new segments' ends: affine values interpolated along the parent
-  segment ((1 - r) L + r R: exact at r = 0 and 1), piecewise-constant ones copied."""
+def _interp(v, lv, n_seg, sp, parent, rl, rr):
+  """A live value at the new segments' ends (``parent``, ``rl``, ``rr`` already padded):
+  affine values interpolated along the parent segment ((1 - r) L + r R: exact at r = 0 and
+  1), piecewise-constant ones copied."""
   v = np.asarray(v)
-  left, right = v[:n_seg][parent], v[n_seg:][parent]
+  left, right = v[:n_seg][parent], v[sp:sp + n_seg][parent]
   if lv == _PW:
     return np.concatenate([left, left])
   shape = (-1,) + (1,) * (v.ndim - 1)
@@ -255,40 +248,29 @@ def _interp(v, lv, n_seg, parent, rl, rr):
   return np.concatenate([(1 - a) * left + a * right, (1 - b) * left + b * right])
 
 
-def segments(f: Callable, x: Array, base: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The affine segments of f along base -> x for every example: (lo, hi, example) float64,
-  float64, int, sorted by example then position."""
-  closed = jax.make_jaxpr(f)(x[:1])
-  eqns, const_vals, counter = [], {}, [0]
-  counter[0] = 1  # id 1: the input
-  out_refs = _flatten(closed.jaxpr, closed.consts, [1], eqns, const_vals, counter)
-  last_use = {}
-  for i, (_, ins, _) in enumerate(eqns):
-    for r in ins:
-      if isinstance(r, int):
-        last_use[r] = i
-  for r in out_refs:
-    if isinstance(r, int):
-      last_use[r] = len(eqns)
-  b = x.shape[0]
-  sep = 16 * float(jnp.finfo(x.dtype).eps)
-  lo, hi, ex = np.zeros(b), np.ones(b), np.arange(b)
-  xb, bb = np.asarray(x), np.asarray(base)
-  env = {1: (np.concatenate([bb, xb])[:, None], _AFF)}  # rows: (2S, 1, ...)
-  for r, c in const_vals.items():
-    env[r] = (c, _CONST)
+class _Program:
+  """f's jaxpr (batch of one) with calls inlined: the level of every value, the constants
+  evaluated once, the primitives whose breakpoints are searched, and the stages between
+  them, each one jitted function of the live values over the rows (XLA fuses a stage's
+  elementwise work; row counts are powers of two, so few compiles)."""
 
-  def read(r):
-    return (r[1], _CONST) if isinstance(r, tuple) else env[r]
-
-  for i, (eqn, ins, outs) in enumerate(eqns):
-    name = eqn.primitive.name
-    vals, levs = zip(*[read(r) for r in ins]) if ins else ((), ())
-    top = max(levs, default=_CONST)
-    if top == _CONST:
-      res = eqn.primitive.bind(*vals, **eqn.params)
-      outl = _CONST
-    else:
+  def __init__(self, f: Callable, x1: Array):
+    closed = jax.make_jaxpr(f)(x1)
+    eqns, consts, counter = [], {}, [1]  # id 1: the input
+    outs_f = _flatten(closed.jaxpr, closed.consts, [1], eqns, consts, counter)
+    lev = {1: _AFF}
+    lev.update({r: _CONST for r in consts})
+    search, define = [], {1: -1}
+    for i, (eqn, ins, outs) in enumerate(eqns):
+      name = eqn.primitive.name
+      levs = [_CONST if isinstance(r, tuple) else lev[r] for r in ins]
+      top = max(levs, default=_CONST)
+      if top == _CONST:
+        vals = [r[1] if isinstance(r, tuple) else consts[r] for r in ins]
+        res = eqn.primitive.bind(*vals, **eqn.params)
+        for r, o in zip(outs, res if eqn.primitive.multiple_results else [res]):
+          consts[r], lev[r] = o, _CONST
+        continue
       aff = [lv == _AFF for lv in levs]
       if top == _PW or name in _PWCONST_OUT:
         outl = _PW  # any function of piecewise-constant values is piecewise constant
@@ -296,43 +278,115 @@ def segments(f: Callable, x: Array, base: Array) -> tuple[np.ndarray, np.ndarray
         raise _not_pl("mul", eqn, " of two input-dependent operands")
       elif name == "div" and aff[1]:
         raise _not_pl("div", eqn, " by an input-dependent value")
-      elif name not in _LINEAR | _CMP | {"abs", "mul", "div", "reduce_window_max",
-                                           "reduce_max"}:
+      elif name not in _LINEAR | _SEARCH | {"mul", "div"}:
         raise _not_pl(name, eqn)
       else:
         outl = _AFF
-      if top == _AFF:
-        while True:
-          seg, pts = _search(name, eqn, vals, levs, len(lo), lo, hi, sep)
-          if pts.size == 0:
-            break
-          n_old = len(lo)
-          lo, hi, ex, parent, rl, rr = _split(lo, hi, ex, seg, pts)
-          env = {r: ((_interp(v, lv, n_old, parent, rl, rr), lv) if lv != _CONST else (v, lv))
-                 for r, (v, lv) in env.items()}
-          vals, levs = zip(*[read(r) for r in ins])
-      n = len(lo)
-      if outl == _PW:  # evaluate at the midpoints, copy to both ends
-        mids = [v if lv == _CONST else
-                (0.5 * (np.asarray(v)[:n] + np.asarray(v)[n:]) if lv == _AFF
-                 else np.asarray(v)[:n]).astype(np.asarray(v).dtype)
-                for v, lv in zip(vals, levs)]
-        res = _bind(eqn, mids, levs, n)
-        res = ([np.concatenate([o, o]) for o in res] if eqn.primitive.multiple_results
-               else np.concatenate([res, res]))
-      else:
-        res = _bind(eqn, vals, levs, 2 * n)
-    for r, o in zip(outs, res if eqn.primitive.multiple_results else [res]):
-      env[r] = (o, outl)
-    for r in ins:
-      if isinstance(r, int) and last_use.get(r) == i:
-        del env[r]
+      if top == _AFF and name in _SEARCH:
+        search.append(i)
+      for r in outs:
+        lev[r], define[r] = outl, i
+    last = {}
+    for i, (_, ins, _) in enumerate(eqns):
+      for r in ins:
+        if isinstance(r, int) and lev[r] != _CONST:
+          last[r] = i
+    for r in outs_f:
+      if isinstance(r, int):
+        last[r] = len(eqns)
+    self.eqns, self.lev, self.consts, self.search = eqns, lev, consts, search
+    # the non-constant values defined before eqn i and used at or after it
+    self.live = {i: sorted(r for r, d in define.items() if d < i <= last.get(r, -2))
+                 for i in search}
+    self.live[0] = [1]
+    self._fns = {}
+
+  def read(self, env, r):
+    if isinstance(r, tuple):
+      return r[1], _CONST
+    if r in self.consts:
+      return self.consts[r], _CONST
+    return env[r], self.lev[r]
+
+  def stage(self, i0: int, i1: int):
+    """The jitted function: live values before eqn i0 -> live values before eqn i1."""
+    if (i0, i1) not in self._fns:
+      ins_ids, out_ids = self.live[i0], self.live[i1]
+
+      def fn(*vals):
+        env = dict(zip(ins_ids, vals))
+        sp = vals[0].shape[0] // 2
+        for eqn, ins, outs in self.eqns[i0:i1]:
+          if outs[0] in self.consts:
+            continue
+          v, lv = zip(*[self.read(env, r) for r in ins])
+          axes = [None if l == _CONST else 0 for l in lv]
+          prim, params = eqn.primitive, eqn.params
+          bind = jax.vmap(lambda *xs, prim=prim, params=params: prim.bind(*xs, **params),
+                          in_axes=axes)
+          if self.lev[outs[0]] == _PW:  # at the midpoints, copied to both ends
+            mids = [a if l == _CONST else (0.5 * (a[:sp] + a[sp:]) if l == _AFF else a[:sp])
+                    for a, l in zip(v, lv)]
+            res = bind(*mids)
+            res = ([jnp.concatenate([o, o]) for o in res] if prim.multiple_results
+                   else jnp.concatenate([res, res]))
+          else:
+            res = bind(*v)
+          for r, o in zip(outs, res if prim.multiple_results else [res]):
+            env[r] = o
+        return tuple(env[r] for r in out_ids)
+
+      self._fns[(i0, i1)] = jax.jit(fn) if i1 > i0 else (lambda *v: v)
+    return self._fns[(i0, i1)]
+
+
+_PROGRAMS: dict = {}  # the last few programs (their compiled stages), by f and input type
+
+
+def _program(f: Callable, x1: Array) -> _Program:
+  key = (f, x1.shape, str(x1.dtype))
+  try:
+    hash(key)
+  except TypeError:
+    return _Program(f, x1)
+  if key not in _PROGRAMS:
+    if len(_PROGRAMS) >= 4:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[key] = _Program(f, x1)
+  return _PROGRAMS[key]
+
+
+def segments(prog: _Program, x: Array, base: Array, sep: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The affine segments of f along base -> x for every example: (lo, hi, example) float64,
+  float64, int, sorted by example then position."""
+  b = x.shape[0]
+  lo, hi, ex = np.zeros(b), np.ones(b), np.arange(b)
+  sp = _bucket(b)
+  src = np.concatenate([np.arange(b), np.zeros(sp - b, int)])
+  env = {1: np.concatenate([np.asarray(base)[src], np.asarray(x)[src]])[:, None]}
+  prev = 0
+  for i in prog.search:
+    env = dict(zip(prog.live[i], prog.stage(prev, i)(*[env[r] for r in prog.live[prev]])))
+    eqn, ins, _ = prog.eqns[i]
+    while True:
+      vals, levs = zip(*[prog.read(env, r) for r in ins])
+      seg, pts = _search(eqn.primitive.name, eqn, vals, levs, len(lo), sp, lo, hi, sep)
+      if pts.size == 0:
+        break
+      n_old, sp_old = len(lo), sp
+      lo, hi, ex, parent, rl, rr = _split(lo, hi, ex, seg, pts)
+      sp = _bucket(len(lo))
+      src = np.concatenate([np.arange(len(lo)), np.zeros(sp - len(lo), int)])
+      env = {r: _interp(v, prog.lev[r], n_old, sp_old, parent[src], rl[src], rr[src])
+             for r, v in env.items()}
+    prev = i
   return lo, hi, ex
 
 
 def breakpoints(f: Callable, x1: Array, b1: Array) -> np.ndarray:
   """The sorted breakpoints in (0, 1) of f along x1' -> x1 (one example, (1, ...))."""
-  lo, _, _ = segments(f, x1, b1)
+  lo, _, _ = segments(_Program(f, x1), x1, b1, 16 * float(jnp.finfo(x1.dtype).eps))
   return lo[1:]
 
 
@@ -356,14 +410,16 @@ def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None)
                      f"piecewise linear), got {output!r}")
   acc = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.dtype(jnp.float32)
   b = x.shape[0]
+  prog = _program(f, x[:1])
+  sep = 16 * float(jnp.finfo(x.dtype).eps)
   los, his, exs = [], [], []
   for s in range(0, b, _GROUP):
-    lo, hi, ex = segments(f, x[s:s + _GROUP], base[s:s + _GROUP])
+    lo, hi, ex = segments(prog, x[s:s + _GROUP], base[s:s + _GROUP], sep)
     los.append(lo)
     his.append(hi)
     exs.append(ex + s)
   lo, hi, ex = np.concatenate(los), np.concatenate(his), np.concatenate(exs)
-  rows = _MAX_ROWS if chunk is None else max(1, int(chunk)) * b
+  rows = _MAX_ROWS if chunk is None else max(1, int(chunk)) * max(b, 64)
   rows = min(rows, _bucket(len(lo)))
   pad = -len(lo) % rows  # zero-length rows: a fixed call shape, weight 0
   mid = np.concatenate([0.5 * (lo + hi), np.zeros(pad)])

@@ -315,6 +315,8 @@ class DeepLIFT(_GradientSpace):
   """Rescale rule: m = (g(v) - g(v_ref)) / (v - v_ref), limit g'(v)."""
   name = "deeplift"
   needs_ref = True
+  pairs = None  # set per call when the reference pass runs on one row (rules.py)
+  ref_consts = None
 
   def activation(self, act: Activation):
     v, vr = act.v.p, act.v.r
