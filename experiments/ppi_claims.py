@@ -34,7 +34,7 @@ by ``(construction, split)``):
   is used for every PPI arm of the run (the fast default uses ``PPIConfig().sigma``).
 - **Ablations** (WBP): on the background confounder w1 = 0, w3 = 0, the other sigmas and
   ``pairing="same_label"`` (``ablations``); on the cross-domain runs trained on site D and on
-  the Table 2 analogue's 100 % w1 = 0 and w3 = 0 (``xablations``), as paired PPI - baseline.
+  the Table 2 analogue's 100 % the same four (``xablations``), as paired PPI - baseline.
 
 Runs are cached in ``out/ppi_claims/runs-steps=<steps>-warmup=<warmup>.jsonl`` (one line per
 finished run, keyed by claim, arm, seed and sigma), so an interrupted ``--full`` resumes where it
@@ -92,7 +92,7 @@ def _settings(full: bool, smoke: bool) -> dict:
     return {"name": "full", "seeds": 5, "steps": 400, "warmup": 160,
             "fractions": (0.1, 0.25, 1.0), "methods": METHODS, "train_sites": SITES,
             "ablations": ("w1=0", "w3=0", "sigma", "same_label"), "sweep": SIGMAS,
-            "xablations": ("w1=0", "w3=0")}
+            "xablations": ("w1=0", "w3=0", "sigma", "same_label")}
   return {"name": "fast", "seeds": 2, "steps": 200, "warmup": 80, "fractions": (0.25,),
           "methods": ("wbp",), "train_sites": ("D",), "ablations": (), "sweep": (),
           "xablations": ()}
@@ -272,6 +272,17 @@ def run(out_dir: pathlib.Path, *, full: bool = False, smoke: bool = False, seed:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
 
 
+def _ablation_arms(ablations, sigma: float) -> list[str]:
+  """WBP arm names of ablations ``"w1=0"``, ``"same_label"``, ...; ``"sigma"`` = 0.2 and 0.5."""
+  arms = []
+  for ab in ablations:
+    if ab == "sigma":
+      arms += [f"ppi:wbp:sigma={sg}" for sg in (0.2, 0.5) if sg != sigma]
+    else:
+      arms.append(f"ppi:wbp:{ab}")
+  return arms
+
+
 def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
          overrides: dict | None = None) -> dict:
   t_start = time.time()
@@ -312,12 +323,7 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
 
   # -- background confounder ------------------------------------------------------------------
   conf = {s: confounded(digits[s], s) for s in ("train", "validation", "test")}
-  conf_arms = ["baseline", "ppi:wbp"]
-  for ab in S["ablations"]:
-    if ab == "sigma":
-      conf_arms += [f"ppi:wbp:sigma={sg}" for sg in (0.2, 0.5) if sg != sigma]
-    else:
-      conf_arms.append(f"ppi:wbp:{ab}")
+  conf_arms = ["baseline", "ppi:wbp"] + _ablation_arms(S["ablations"], sigma)
   conf_res = {}
   for arm in conf_arms if "confounder" in claims else ():
     for s in seeds:
@@ -344,10 +350,10 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
                   "D_nomarker": _acc(v, d_nomarker)}
         keep(xd.setdefault((src, arm), []), cache.get(["cross", src, arm, s, sigma], go))
       log(f"cross-domain train {src} {arm}: " + ", ".join(
-          f"{t} {np.mean([r[t] for r in xd[(src, arm)]]):.3f}" for t in SITES))
+          f"{t} {_ms([r[t] for r in xd[(src, arm)]])}" for t in SITES))
 
   # ablations of the other two claims (WBP): cross-domain trained on D, Table 2 on 100 %
-  xab_arms = [f"ppi:wbp:{a}" for a in S.get("xablations", ())]
+  xab_arms = _ablation_arms(S.get("xablations", ()), sigma)
   xab = {}
   for arm in xab_arms if "cross_domain" in claims and "D" in S["train_sites"] else ():
     for s in seeds:
@@ -357,7 +363,7 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
                 "D_nomarker": _acc(v, d_nomarker)}
       keep(xab.setdefault(("cross", arm), []), cache.get(["cross", "D", arm, s, sigma], go))
     log(f"cross-domain train D {arm}: " + ", ".join(
-        f"{t} {np.mean([r[t] for r in xab[('cross', arm)]]):.3f}" for t in SITES))
+        f"{t} {_ms([r[t] for r in xab[('cross', arm)]])}" for t in SITES))
 
   # -- Table 2 analogue -----------------------------------------------------------------------
   t2_arms = ["baseline"] + [f"ppi:{m}" for m in S["methods"]]
@@ -552,7 +558,7 @@ def _table2_section(t2, t2_arms, lines, metrics, figures, fig_dir, plt):
 
 
 def _ablation_section(xab, base, full_ppi, lines, metrics):
-  """PPI - baseline (paired) of the w1 = 0 / w3 = 0 arms next to full PPI, per claim."""
+  """PPI - baseline (paired) of the ablation arms next to full PPI, per claim."""
   metrics["ablations"] = {}
   cols = {"cross": list(SITES) + ["D_nomarker"], "table2": ["test"]}
   heads = {"cross": "Cross-domain, trained on site D: PPI - baseline (paired) on each test "
@@ -562,7 +568,8 @@ def _ablation_section(xab, base, full_ppi, lines, metrics):
     arms = [a for (c, a) in xab if c == claim]
     if not arms or not base[claim]:
       continue
-    rows = ["| arm | " + " | ".join(c.replace("_", " ") for c in cols[claim]) + " |",
+    rows = ["| arm | " + " | ".join(c.replace("D_nomarker", "D without marker")
+                                    for c in cols[claim]) + " |",
             "|---|" + "---|" * len(cols[claim])]
     for arm, runs in [("ppi:wbp", full_ppi[claim])] + [(a, xab[(claim, a)]) for a in arms]:
       if not runs:

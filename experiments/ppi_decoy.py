@@ -12,9 +12,11 @@ Model: LeNet. Arms, for each seed:
 - *+PPI <method>* for method in gradient, LRP, Grad-CAM (conv2), WBP: the same plain warm-up
   (the first ``warmup`` epochs are shared with the baseline: PPI switched on after N steps),
   then ``epochs`` epochs of PPI (:func:`jaxplain.ppi.make_ppi_loss`, paper weights
-  w1 = 1, w2 = 0.1, w3 = 1) inside :func:`jaxplain.train.fit`.
+  w1 = 1, w2 = 0.1, w3 = 1, default ``PPIConfig``) inside :func:`jaxplain.train.fit`;
+- *+PPI WBP, same_label* (not in ``--smoke``): the WBP arm with ``pairing="same_label"``.
 
-Measured per arm (mean and SD over seeds): ID and OOD accuracy; the share of saliency mass on
+Measured per arm (mean and SD over seeds): ID and OOD accuracy, the decoy-free accuracy (the
+same test digits from ``"digits"``, no patch); the share of saliency mass on
 the decoy patch (sum of |s| over the patch pixels / sum over the image, validation images; the
 patch is 6x6 = 4.6 % of the 28x28 image) for every saliency method; deletion curves (SPEC section 6:
 probability of the true class after removing the top-k salient pixels, replaced by 0) and
@@ -27,6 +29,7 @@ step for every seed, ``run`` turns on JAX's persistent compilation cache under
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -54,12 +57,12 @@ FRACTIONS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 def _settings(full: bool, smoke: bool) -> dict:
   if smoke:
     return {"seeds": 1, "warmup": 1, "epochs": 1, "train_n": 256, "eval_n": 64,
-            "methods": ("gradient", "wbp"), "lr": 3e-3, "batch": 64}
+            "methods": ("gradient", "wbp"), "lr": 3e-3, "batch": 64, "same_label": False}
   if full:
     return {"seeds": 5, "warmup": 10, "epochs": 10, "train_n": None, "eval_n": None,
-            "methods": METHODS, "lr": 2e-3, "batch": 64}
+            "methods": METHODS, "lr": 2e-3, "batch": 64, "same_label": True}
   return {"seeds": 3, "warmup": 4, "epochs": 3, "train_n": None, "eval_n": 135,
-          "methods": METHODS, "lr": 3e-3, "batch": 64}
+          "methods": METHODS, "lr": 3e-3, "batch": 64, "same_label": True}
 
 
 def _saliency_fns(model):
@@ -135,12 +138,18 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   train = _subset(data["train"], cfg_run["train_n"])
   val = _subset(data["validation"], cfg_run["eval_n"])
   test = data["test"]
+  # The same test digits without any decoy (the decoy-free accuracy).
+  free = jdata.load("digits", "test", image_size=28)
+  if not np.array_equal(free["label"], test["label"]):
+    raise RuntimeError("digits and decoy_digits test splits are not the same examples")
   model = LeNet(num_classes=10)
   ppi_cfg = ppi.PPIConfig(grad_cam_layer=CAM_LAYER)
   sal_fns, del_fn = _saliency_fns(model), _deletion_fn(model)
   xv, yv = jnp.asarray(val["image"]), jnp.asarray(val["label"])
-  arms = ["classification"] + [f"ppi_{m}" for m in methods]
-  res: dict = {a: {"id_acc": [], "ood_acc": [], "share": {m: [] for m in methods},
+  same_label = cfg_run["same_label"] and "wbp" in methods
+  arms = ["classification"] + [f"ppi_{m}" for m in methods] + (
+      ["ppi_wbp_same_label"] if same_label else [])
+  res: dict = {a: {"id_acc": [], "ood_acc": [], "free_acc": [], "share": {m: [] for m in methods},
                    "deletion": {m: [] for m in methods}} for a in arms}
   examples = {}
   for k in range(cfg_run["seeds"]):
@@ -156,10 +165,17 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
       trained[f"ppi_{m}"] = jtrain.fit(
           model, train, epochs=cfg_run["epochs"], batch_size=cfg_run["batch"], optimizer=opt,
           seed=s + 1000, init_variables=warm, loss_fn=loss_fn, progress=progress).variables
+    if same_label:
+      loss_fn = ppi.make_ppi_loss(
+          model, dataclasses.replace(ppi_cfg, pairing="same_label"), saliency="wbp")
+      trained["ppi_wbp_same_label"] = jtrain.fit(
+          model, train, epochs=cfg_run["epochs"], batch_size=cfg_run["batch"], optimizer=opt,
+          seed=s + 1000, init_variables=warm, loss_fn=loss_fn, progress=progress).variables
     for arm, variables in trained.items():
       r = res[arm]
       r["id_acc"].append(jtrain.evaluate(model, variables, val)["accuracy"])
       r["ood_acc"].append(jtrain.evaluate(model, variables, test)["accuracy"])
+      r["free_acc"].append(jtrain.evaluate(model, variables, free)["accuracy"])
       for m in methods:
         smap = sal_fns[m](variables, xv, yv)
         r["share"][m].append(float(decoy_share(np.asarray(smap), val["decoy_mask"]).mean()))
@@ -177,17 +193,24 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
     drop = c[:, :1] - c
     return [float(np.trapezoid(d, fr) / (fr[-1] - fr[0])) for d in drop]
 
-  rows = ["| Model | ID acc | OOD acc | decoy share (own saliency) | deletion drop AUC "
-          "(own saliency) |", "|---|---|---|---|---|"]
+  rows = ["| Model | ID acc | OOD acc | decoy-free acc | decoy share (own saliency) | "
+          "deletion drop AUC (own saliency) |", "|---|---|---|---|---|---|"]
   base = res["classification"]
   rows.append(f"| Classification | {_fmt(base['id_acc'])} | {_fmt(base['ood_acc'])} | "
+              f"{_fmt(base['free_acc'])} | "
               f"{_fmt(base['share'].get('wbp', base['share'][methods[-1]]))} (WBP) | "
               f"{_fmt(auc_drop(base['deletion'].get('wbp', base['deletion'][methods[-1]])))} "
               "(WBP) |")
   for m in methods:
     r = res[f"ppi_{m}"]
     rows.append(f"| +PPI {LABELS[m]} | {_fmt(r['id_acc'])} | {_fmt(r['ood_acc'])} | "
+                f"{_fmt(r['free_acc'])} | "
                 f"{_fmt(r['share'][m])} | {_fmt(auc_drop(r['deletion'][m]))} |")
+  if same_label:
+    r = res["ppi_wbp_same_label"]
+    rows.append(f"| +PPI WBP, same_label | {_fmt(r['id_acc'])} | {_fmt(r['ood_acc'])} | "
+                f"{_fmt(r['free_acc'])} | "
+                f"{_fmt(r['share']['wbp'])} | {_fmt(auc_drop(r['deletion']['wbp']))} |")
   rows2 = ["| saliency | decoy share: baseline | decoy share: +PPI (same method) | deletion "
            "drop AUC: baseline | deletion drop AUC: +PPI |", "|---|---|---|---|---|"]
   for m in methods:
@@ -243,13 +266,17 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   def delta(metric):
     return {m: float(np.mean(res[f"ppi_{m}"][metric]) - np.mean(base[metric])) for m in methods}
 
-  d_ood, d_id = delta("ood_acc"), delta("id_acc")
+  d_ood, d_id, d_free = delta("ood_acc"), delta("id_acc"), delta("free_acc")
   share_ratio = {m: float(np.mean(res[f"ppi_{m}"]["share"][m]) /
                           max(np.mean(base["share"][m]), 1e-12)) for m in methods}
   area = float(val["decoy_mask"].mean())
   del_better = all(np.mean(auc_drop(res[f"ppi_{m}"]["deletion"][m]))
                    > np.mean(auc_drop(base["deletion"][m])) for m in methods)
   ood_worse = all(d < 0 for d in d_ood.values())
+  if same_label:
+    sl = res["ppi_wbp_same_label"]
+    d_sl = np.asarray(sl["ood_acc"]) - np.asarray(base["ood_acc"])
+    d_sl_free = np.asarray(sl["free_acc"]) - np.asarray(base["free_acc"])
   findings = [
       f"- Decoy patch area: {100 * area:.1f} % of the image. The baseline's ID - OOD accuracy "
       f"gap is {np.mean(base['id_acc']) - np.mean(base['ood_acc']):+.3f}: "
@@ -257,8 +284,14 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
          "reliance for PPI to remove."
          if abs(np.mean(base["id_acc"]) - np.mean(base["ood_acc"])) < 0.03 else
          "the baseline relies on the decoy."),
-      "- PPI - baseline accuracy (ID / OOD): " + ", ".join(
-          f"{LABELS[m]} {d_id[m]:+.3f} / {d_ood[m]:+.3f}" for m in methods) + ".",
+      "- PPI - baseline accuracy (ID / OOD / decoy-free): " + ", ".join(
+          f"{LABELS[m]} {d_id[m]:+.3f} / {d_ood[m]:+.3f} / {d_free[m]:+.3f}" for m in methods)
+      + ".",
+      *([] if not same_label else [
+          "- `pairing=\"same_label\"` (WBP; x' takes the map of another example with the same "
+          "label, whose decoy is at the same position): OOD "
+          f"{d_sl.mean():+.3f} ({int((d_sl > 0).sum())}/{d_sl.size} seeds better), decoy-free "
+          f"{d_sl_free.mean():+.3f} vs the baseline (paired per seed)."]),
       "- Decoy share of saliency, PPI / baseline (same method): " + ", ".join(
           f"{LABELS[m]} {share_ratio[m]:.2f}" for m in methods) + ".",
       "- Deletion drop AUC, baseline -> PPI (same method): " + ", ".join(
@@ -300,11 +333,13 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   out_metrics = {
       "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg_run.items()},
       "fractions": list(FRACTIONS),
-      "arms": {a: {"id_acc": r["id_acc"], "ood_acc": r["ood_acc"], "decoy_share": r["share"],
+      "arms": {a: {"id_acc": r["id_acc"], "ood_acc": r["ood_acc"], "free_acc": r["free_acc"],
+                   "decoy_share": r["share"],
                    "deletion_curve": r["deletion"],
                    "deletion_drop_auc": {m: auc_drop(r["deletion"][m]) for m in methods}}
                for a, r in res.items()},
       "ppi_minus_baseline_ood_acc": d_ood, "ppi_minus_baseline_id_acc": d_id,
+      "ppi_minus_baseline_free_acc": d_free,
       "decoy_share_ratio_ppi_over_baseline": share_ratio,
       "decoy_area": area, "seconds": time.time() - t_start,
   }

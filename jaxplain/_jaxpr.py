@@ -6,7 +6,9 @@ variable a :class:`Val`:
 * ``p`` -- the primal value at the input ``x`` (ordinary JAX ops, so differentiable with
   respect to anything ``f`` closes over, e.g. the parameters);
 * ``r`` -- the primal value at the reference input (only when the rule ``needs_ref``:
-  DeepLIFT; else equal to ``p``);
+  DeepLIFT; else equal to ``p``). A reference equal for every example is evaluated on one
+  row: each equation is bound on it through its partner in a batch-1 trace of ``f``
+  (:func:`pair_eqns`, :func:`bind_ref`), and the leading 1 broadcasts against ``p``;
 * ``t`` -- a *modified tangent*: a linear function of the input perturbation built by the
   rule, or ``None`` when the variable does not reach the output through a differentiable
   path (constants, parameters, anything under ``stop_gradient``, integers and booleans);
@@ -18,7 +20,9 @@ method. Passes before and during evaluation: ``unwrap_single_call``,
 ``strip_output_normalisation``, ``dce``, ``canonize`` (a dense / conv / window-sum /
 reduce_sum head merged with the chain of elementwise affine maps by constants after it: a
 :class:`Layer`), ``rewrite_tangent_ops`` (the im2col of small-channel convolutions, a speed
-rewrite for XLA:CPU) and ``_tangent_live`` (what reaches the output past stop_gradient).
+rewrite for XLA:CPU), ``_tangent_live`` (what reaches the output past stop_gradient) and
+``nonneg_vars`` (values provably >= 0, so that sign-splitting rules skip the zero negative
+part of a layer input: a cost fact, not semantics).
 Equations are then classified:
 
 * a canonized layer: ``rule.layer`` (None: the exact map);
@@ -130,6 +134,44 @@ def bind(eqn, vals: Sequence[Array]) -> list[Array]:
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*vals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def bind_ref(rule, eqn, vals: Sequence[Array]) -> list[Array]:
+  """Bind ``eqn`` on reference values: its batch-1 partner when the reference pass runs on
+  one row (``rule.pairs``, see :func:`pair_eqns`), else ``eqn`` itself."""
+  pairs = getattr(rule, "pairs", None)
+  return bind(pairs[id(eqn)] if pairs is not None else eqn, vals)
+
+
+_BODY_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
+  """Zip two traces of one function (at batch B and at batch 1) equation by equation,
+  through call and scan bodies: ``pairs[id(eqn)]`` is the batch-1 partner of ``eqn`` and
+  ``consts[constvar]`` the batch-1 constant of a body. False where the traces differ in
+  structure (then the reference pass runs at batch B)."""
+  if len(eqns) != len(eqns1):
+    return False
+  for e, e1 in zip(eqns, eqns1):
+    if (e.primitive is not e1.primitive or len(e.invars) != len(e1.invars)
+        or len(e.outvars) != len(e1.outvars)):
+      return False
+    pairs[id(e)] = e1
+    for key in _BODY_KEYS:
+      if key not in e.params:
+        continue
+      b, b1 = e.params[key], e1.params.get(key)
+      if b1 is None or hasattr(b, "jaxpr") != hasattr(b1, "jaxpr"):
+        return False
+      if hasattr(b, "jaxpr"):  # ClosedJaxpr
+        if len(b.consts) != len(b1.consts):
+          return False
+        consts.update(zip(b.jaxpr.constvars, b1.consts))
+        b, b1 = b.jaxpr, b1.jaxpr
+      if not pair_eqns(b.eqns, b1.eqns, pairs, consts):
+        return False
+  return True
 
 
 def _call_body(eqn):
@@ -478,7 +520,7 @@ def rewrite_tangent_ops(eqns) -> dict:
 _NN_FIRST = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
              "dynamic_slice", "rev", "convert_element_type", "copy", "copy_p", "reduce_max",
              "reduce_min", "reduce_sum", "reduce_window_sum", "cumsum", "cummax", "cummin",
-             "stop_gradient", "reduce_precision", "sharding_constraint", "real"}
+             "stop_gradient", "reduce_precision", "sharding_constraint"}
 _NN_ALWAYS = {"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"}
 _NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "pad", "dot_general",
            "conv_general_dilated"}
@@ -512,7 +554,7 @@ def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
         continue
       inner = nonneg_vars(body.eqns, body.invars, ins)
       nn.update(o for o, bo in zip(e.outvars, body.outvars)
-                if (isinstance(bo, Literal) and _literal_nonneg(bo)) or bo in inner)
+                if (_literal_nonneg(bo) if isinstance(bo, Literal) else bo in inner))
       continue
     if name in _NN_FIRST:
       ok = bool(ins) and ins[0]
@@ -538,6 +580,8 @@ def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
       ok = False
     for o in e.outvars:
       dt = o.aval.dtype
+      if jnp.issubdtype(dt, jnp.complexfloating):
+        continue
       if ok or dt == jnp.bool_ or jnp.issubdtype(dt, jnp.unsignedinteger):
         nn.add(o)
   return nn
@@ -583,8 +627,9 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
       return Val(v.val, v.val, None, False)
     return env[v]
 
+  ref_consts = getattr(rule, "ref_consts", None) or {}
   for v, c in zip(constvars, consts):
-    env[v] = Val(c, c, None, False)
+    env[v] = Val(c, ref_consts.get(v, c), None, False)
   for v, a in zip(invars, args):
     env[v] = a
   dep_vars = {v for v, a in zip(invars, args) if a.dep}
@@ -656,7 +701,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
       vals[w_idx] = wv
     return bind(head, vals)[0]
 
-  def chain_eval(hv, which):
+  def chain_eval(hv, which, binder=bind):
     prev, cur = head.outvars[0], hv
     for e in chain:
       vals = []
@@ -665,7 +710,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
           vals.append(cur)
         else:
           vals.append(which(read(v)))
-      cur = bind(e, vals)[0]
+      cur = binder(e, vals)[0]
       prev = e.outvars[0]
     return cur
 
@@ -678,7 +723,8 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
     h = bind(head, [i.p for i in ins])[0]
   p = chain_eval(h, lambda v: v.p)
   if rule.needs_ref:
-    r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
+    r = chain_eval(bind_ref(rule, head, [i.r for i in ins])[0], lambda v: v.r,
+                   lambda e, vals: bind_ref(rule, e, vals))
   else:
     r = p
   # a chain of additions of constants only (a bias) has the static scale 1
@@ -702,14 +748,17 @@ def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) ->
 def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
   name = eqn.primitive.name
   dep = any(i.dep for i in ins)
-  if not dep:
-    ps = bind(eqn, [i.p for i in ins])
-    return _inactive_outs(ps, ps, False)
-  active = [i.t is not None for i in ins]
   with_ref = rule.needs_ref
 
   def ref_outs():
-    return bind(eqn, [i.r for i in ins]) if with_ref else None
+    return bind_ref(rule, eqn, [i.r for i in ins]) if with_ref else None
+
+  if not dep:
+    ps = bind(eqn, [i.p for i in ins])
+    # a reference pass on one row needs its own (batch-1) constants too
+    paired = with_ref and getattr(rule, "pairs", None) is not None
+    return _inactive_outs(ps, ref_outs() if paired else ps, False)
+  active = [i.t is not None for i in ins]
 
   int_out = not any(jnp.issubdtype(o.aval.dtype, jnp.inexact) for o in eqn.outvars)
   if not any(active) or name == "stop_gradient" or int_out:
@@ -743,7 +792,7 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
       a_var, axes = sm
       av = env[a_var]
       (p,) = bind(eqn, [i.p for i in ins])
-      r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
+      r = ref_outs()[0] if with_ref else p
       t = rule.softmax(av, p, axes) if av.t is not None else None
       _record_ew(scope, eqn, ins, active)
       return [Val(p, r, None if t is None else t.astype(p.dtype), True, False)]
@@ -829,7 +878,7 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
 def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:
   """A product of two input-dependent operands (attention's QK^T and AV, gating)."""
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   a, b = ins
   t = rule.bilinear(lambda u, v: bind(eqn, [u, v])[0], a, b, p)
   return [Val(p, r, t.astype(p.dtype), True, False)]
@@ -912,7 +961,7 @@ def _linear(eqn, ins: list[Val], active: list[bool], rule, combine: bool = False
     return bind(eqn, vals)
 
   ps = bind(eqn, base)
-  rs = bind(eqn, [i.r for i in ins]) if rule.needs_ref else ps
+  rs = bind_ref(rule, eqn, [i.r for i in ins]) if rule.needs_ref else ps
 
   def jvp(ts):
     return jax.jvp(fn, [ins[k].p for k in idx], list(ts))[1]
@@ -935,7 +984,7 @@ def _linear(eqn, ins: list[Val], active: list[bool], rule, combine: bool = False
 
 def _nonlinearity(eqn, ins: list[Val], k: int, g: Callable, rule) -> list[Val]:
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   hom = positively_homogeneous(eqn, [i == k for i in range(len(ins))])
   t = rule.activation(Activation(g, ins[k], p, r, hom))
   return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
@@ -989,7 +1038,7 @@ def _region(eqn, ins: list[Val], root, scope: _Scope, env, rule) -> list[Val]:
     return local[eqn.outvars[0]]
 
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   t = rule.activation(Activation(g, env[root], p, r, False))
   return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
 

@@ -151,6 +151,8 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
   out, norm = _jaxpr.strip_output_normalisation(eqns, outvars[0])
   eqns = _jaxpr.dce(eqns, [out])
   ref = reference if reference is not None else x
+  if rule.needs_ref and ref.shape[0] == 1 and x.shape[0] > 1:
+    ref = _one_row_reference(f, x, ref, rule, (invars, constvars, consts, eqns, out, norm))
 
   def tangent(dx):
     (val,) = _jaxpr.evaluate(eqns, invars, constvars, [out], consts,
@@ -182,6 +184,30 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
     return _validate.select_valid(one(t[:, 0]), t[:, 0], logits.shape[1])
   maps = jax.lax.map(one, t.T, batch_size=target_chunk or t.shape[1])  # (T, B, ...)
   return jnp.moveaxis(maps, 0, 1)
+
+
+def _one_row_reference(f, x, ref, rule, traced):
+  """A reference equal for every example runs its pass on one row: ``f`` is traced at batch
+  1 too and zipped with the batch-B trace equation by equation (``rule.pairs``), so the
+  reference values have a leading 1 and broadcast against the input's. Costs no forward at
+  batch B (DeepLIFT at the zero reference: about one gradient). Where the two traces differ
+  in structure, the reference is broadcast to the batch instead."""
+  invars, constvars, consts, eqns, out, norm = traced
+  try:
+    closed1 = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+    j1 = closed1.jaxpr
+    _, cv1, c1, eq1, ov1 = _jaxpr.unwrap_single_call(j1.invars, j1.constvars, closed1.consts,
+                                                     j1.eqns, j1.outvars)
+    out1, norm1 = _jaxpr.strip_output_normalisation(eq1, ov1[0])
+    eq1 = _jaxpr.dce(eq1, [out1])
+  except Exception:  # pylint: disable=broad-except  (any failure: the batch-B reference)
+    return jnp.broadcast_to(ref, x.shape)
+  pairs, ref_consts = {}, dict(zip(constvars, c1))
+  if (norm1 != norm or len(cv1) != len(constvars)
+      or not _jaxpr.pair_eqns(eqns, eq1, pairs, ref_consts)):
+    return jnp.broadcast_to(ref, x.shape)
+  rule.pairs, rule.ref_consts = pairs, ref_consts
+  return ref
 
 
 @_doc
@@ -225,7 +251,10 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
 
   Args:
     <f, x, target, output>
-    reference: reference input broadcastable to ``x`` (default zeros).
+    reference: reference input broadcastable to ``x`` (default zeros). One equal for
+      every example (the default, no batch axis or a leading 1) has its pass run on one
+      row (``f`` traced at batch 1 too), so DeepLIFT costs about one gradient; ``f`` must
+      treat the examples of a batch independently, as every method here assumes.
     <target_chunk>
 
   Returns:
@@ -239,11 +268,17 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   (1.7256, 1.7256)
   """
   x = check_batched(x, "x")
+  # One row when the reference is the same for every example (the default zeros, or a
+  # reference without a batch axis / with a leading 1): its pass then runs at batch 1.
   # The barrier keeps XLA from constant-folding the whole reference pass at compile time.
-  ref = (jax.lax.optimization_barrier(jnp.zeros_like(x)) if reference is None
+  row = (1,) + x.shape[1:]
+  ref = (jax.lax.optimization_barrier(jnp.zeros(row, x.dtype)) if reference is None
          else jnp.asarray(reference, x.dtype))
   try:
-    ref = jnp.broadcast_to(ref, x.shape)
+    jnp.broadcast_shapes(jnp.shape(ref), x.shape)
+    if jnp.ndim(ref) < x.ndim or jnp.shape(ref)[0] == 1:
+      ref = jnp.broadcast_to(ref, row)
+    ref = jnp.broadcast_to(ref, row if ref.shape[0] == 1 else x.shape)
   except ValueError as e:
     raise ValueError(f"reference: expected an array broadcastable to x.shape={x.shape}, "
                      f"got shape {jnp.shape(reference)}") from e

@@ -541,7 +541,8 @@ def test_exact_ig_float64_completeness_and_errors():
     assert abs(float(np.asarray(ig).sum()) - delta) <= 1e-10 * abs(delta)
     assert abs(float(gap[0])) <= 1e-10 * abs(delta)
   smooth = lambda z: jnp.tanh(z.reshape(z.shape[0], -1)[:, :3])
-  with pytest.raises(ValueError, match="first non-piecewise-linear primitive is 'tanh'"):
+  with pytest.raises(jaxplain.NotPiecewiseLinearError,
+                     match="first non-piecewise-linear primitive is 'tanh'"):
     jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact")
   with pytest.raises(ValueError, match="output: method='exact' needs output='logit'"):
     jaxplain.integrated_gradients(smooth, jnp.ones((1, 4)), 0, method="exact",
