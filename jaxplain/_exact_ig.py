@@ -126,10 +126,11 @@ def _crossings(d0: np.ndarray, d1: np.ndarray, lo, hi, sep: float):
   """Zeros strictly inside segments of affine differences with ends d0, d1 (S, U): returns
   (segment index, point), dropping those within ``sep`` of the segment's ends (a value at an
   inserted crossing is zero only up to rounding; a crossing that close is the same one)."""
-  k, u = np.nonzero((d0 * d1) < 0)
+  k, u = np.nonzero(((d0 < 0) & (d1 > 0)) | ((d0 > 0) & (d1 < 0)))
   if k.size == 0:
     return k, np.zeros(0)
-  r = d0[k, u] / (d0[k, u] - d1[k, u])
+  a0, a1 = d0[k, u].astype(np.float64), d1[k, u].astype(np.float64)
+  r = a0 / (a0 - a1)
   pts = lo[k] + (hi[k] - lo[k]) * r
   keep = (pts > lo[k] + sep) & (pts < hi[k] - sep)
   return k[keep], pts[keep]
@@ -156,8 +157,9 @@ def _switches(v0: np.ndarray, v1: np.ndarray, lo, hi, sep: float):
   if k.size == 0:
     return k, np.zeros(0)
   i, j = il[k, u], ir[k, u]
-  di0 = v0[k, i, u] - v0[k, j, u]  # >= 0 at the left end
-  di1 = v1[k, i, u] - v1[k, j, u]  # <= 0 at the right end
+  f64 = np.float64
+  di0 = v0[k, i, u].astype(f64) - v0[k, j, u].astype(f64)  # >= 0 at the left end
+  di1 = v1[k, i, u].astype(f64) - v1[k, j, u].astype(f64)  # <= 0 at the right end
   den = di0 - di1
   ok = den > 0
   k = k[ok]
@@ -169,12 +171,11 @@ def _switches(v0: np.ndarray, v1: np.ndarray, lo, hi, sep: float):
 def _search(name, eqn, vals, levs, n_seg, sp, lo, hi, sep):
   """The breakpoints of one primitive inside the current n_seg segments (its affine inputs;
   rows [left ends; right ends], each block padded to sp)."""
-  def ends(v, lv):
+  def ends(v, lv):  # in the values' own dtype; the crossings are computed in float64
     v = np.asarray(v)
     if lv == _CONST:
-      v = v.astype(np.float64)
       return v, v
-    return v[:n_seg].astype(np.float64), v[sp:sp + n_seg].astype(np.float64)
+    return v[:n_seg], v[sp:sp + n_seg]
 
   if name in _CMP | {"abs", "sign"}:
     l0, r0 = ends(vals[0], levs[0])
