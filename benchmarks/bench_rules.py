@@ -13,6 +13,15 @@ same weights.
   Zennit process puts a stub ``torchvision.models.resnet`` in ``sys.modules`` first (Zennit
   only uses it for its ResNet canonizer, unused here).
 
+Cost floors (convolution maps per conv layer; jax.grad w.r.t. the input: 1 forward + 1
+transposed): WBP / LRP-epsilon / guided backprop 2 (x 1.0); z+ 3 (forward z, the
+positive-weight forward for the denominator, one transposed; the negative input part is
+skipped when the input is provably >= 0, e.g. after a ReLU) -> x 1.5 on conv-dominated
+nets; alpha-beta and gamma 4 (positive- and negative-weight forwards, whose sum is z, and
+their two transposes) -> x 2.0; DeepLIFT 3 (the extra forward at the reference) -> x 1.5.
+Tried and not kept: the two forwards of a z+ layer as one convolution stacked on the output
+channels (batch 32, 32x32x32 -> 64: 50.2 ms stacked vs 44.5 ms as two convolutions).
+
   python benchmarks/bench_rules.py [--quick]
 
 Prints a table with the load average, writes benchmarks/bench_rules.md (saying which mode
@@ -111,6 +120,17 @@ def _interleaved(fns, x, repeats):
   return {k: statistics.median(v) for k, v in times.items()}, compile_s
 
 
+def _flops(fns, x):
+  """XLA's cost-analysis flop count of each compiled function (load-independent; the
+  executables are cached by the timed calls, so this compiles nothing)."""
+  out = {}
+  for k, fn in fns.items():
+    ca = fn.lower(x).compile().cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    out[k] = float(ca.get("flops", float("nan")))
+  return out
+
+
 # ------------------------------------------------------------------------------------------
 # contenders of the peer comparison (each runs in its own process)
 
@@ -201,10 +221,14 @@ def main():
   repeats = 3 if args.quick else 10
 
   f, _, x, t = _cnn(64)
-  cnn, cnn_c = _interleaved(_jax_fns(f, t), x, repeats)
+  cnn_fns = _jax_fns(f, t)
+  cnn, cnn_c = _interleaved(cnn_fns, x, repeats)
+  cnn_f = _flops(cnn_fns, x)
   fv, xv, tv = _vit()
-  vit, vit_c = _interleaved({k: fn for k, fn in _jax_fns(fv, tv).items()
-                             if k in ("grad", "wbp", "lrp", "deeplift")}, xv, repeats)
+  vit_fns = {k: fn for k, fn in _jax_fns(fv, tv).items() if k in ("grad", "wbp", "lrp",
+                                                                    "deeplift")}
+  vit, vit_c = _interleaved(vit_fns, xv, repeats)
+  vit_f = _flops(vit_fns, xv)
 
   peer = _runner.compare({
       "jaxplain lrp epsilon_plus": _runner.Contender("benchmarks.bench_rules:setup_jaxplain"),
@@ -219,13 +243,18 @@ def main():
   lines = [f"# bench_rules (load average {_runner.load_average()}, {os.cpu_count()} cores, "
            f"jax {jax.__version__}, {jax.devices()[0].device_kind})", "",
            f"SmallCNN, batch 64, median of {repeats} interleaved repeats (jitted; compile "
-           "separate):", "", "| method | median ms | compile s | x jax.grad |", "|---|---:|---:|---:|"]
+           "separate; XLA flops: the compiled program's cost analysis, load-independent):", "",
+           "| method | median ms | compile s | x jax.grad | XLA flops x jax.grad |",
+           "|---|---:|---:|---:|---:|"]
   for k, s in cnn.items():
-    lines.append(f"| {k} | {s * 1e3:.1f} | {cnn_c[k]:.1f} | {s / cnn['grad']:.2f} |")
+    lines.append(f"| {k} | {s * 1e3:.1f} | {cnn_c[k]:.1f} | {s / cnn['grad']:.2f} | "
+                 f"{cnn_f[k] / cnn_f['grad']:.2f} |")
   lines += ["", "Flax linen ViT (2 blocks, 64 tokens, dim 64), batch 16:", "",
-            "| method | median ms | compile s | x jax.grad |", "|---|---:|---:|---:|"]
+            "| method | median ms | compile s | x jax.grad | XLA flops x jax.grad |",
+            "|---|---:|---:|---:|---:|"]
   for k, s in vit.items():
-    lines.append(f"| {k} | {s * 1e3:.1f} | {vit_c[k]:.1f} | {s / vit['grad']:.2f} |")
+    lines.append(f"| {k} | {s * 1e3:.1f} | {vit_c[k]:.1f} | {s / vit['grad']:.2f} | "
+                 f"{vit_f[k] / vit_f['grad']:.2f} |")
   lines += ["", _runner.table(peer, "jaxplain vs Zennit 0.5.1, SmallCNN batch 64, separate "
                               "processes A B A B"), "",
             f"Zennit / jaxplain time: {z_over['ratio']:.2f} (per round "
@@ -244,6 +273,9 @@ def main():
       "zennit_over_lrp": z_over["ratio"], "lrp_vit_over_grad": vit["lrp"] / vit["grad"],
       **{f"{k.replace(' ', '_')}_over_grad": s / cnn["grad"] for k, s in cnn.items()
          if k not in ("grad", "wbp", "lrp", "deeplift")},
+      **{f"{k.replace(' ', '_')}_flops_over_grad": v / cnn_f["grad"] for k, v in cnn_f.items()
+         if k != "grad"},
+      **{f"vit_{k}_flops_over_grad": v / vit_f["grad"] for k, v in vit_f.items() if k != "grad"},
       "vit_wbp_over_grad": vit["wbp"] / vit["grad"],
       "vit_deeplift_over_grad": vit["deeplift"] / vit["grad"],
       "grad_ms": cnn["grad"] * 1e3, "vit_grad_ms": vit["grad"] * 1e3,

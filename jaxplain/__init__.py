@@ -22,6 +22,7 @@ from jaxplain.integrated import completeness_gap as completeness_gap
 from jaxplain.integrated import integrated_gradients as integrated_gradients
 from jaxplain.integrated import make_baseline as make_baseline
 from jaxplain.integrated import quadrature_rule as quadrature_rule
+from jaxplain.integrated import NotPiecewiseLinearError as NotPiecewiseLinearError
 from jaxplain.cam import grad_cam as grad_cam
 from jaxplain.occlusion import occlusion as occlusion
 from jaxplain import plot as plot

@@ -10,17 +10,26 @@ gradient is constant, so
 
 exactly, and completeness holds to float rounding (SPEC.md section 10).
 
-How the breakpoints are found: f's jaxpr (traced with a batch of one) is evaluated at every
-current point a_k at once (each primitive vmapped over the points). The first piecewise-linear
-primitive whose input changes sign (or arg-max) strictly inside a segment is the only one
-whose input is known to be affine on the segments, so its crossings are computed exactly (by
-linear interpolation between the segment's ends), inserted, and the pass restarts; when a
-pass finds none, every primitive is affine on every segment. Runs on the host, one example
-at a time; not under ``jit``.
+How the breakpoints are found, in ONE pass over f's jaxpr (traced with a batch of one, calls
+inlined): every value that depends on the input is held at both ends of every current
+segment (rows ``[left ends; right ends]``, each primitive vmapped over the rows), for several
+examples at once (each segment knows its example). Before a piecewise-linear primitive, its
+input is affine on every current segment (all earlier primitives' breakpoints are already
+segment ends), so its crossings (sign changes of a compared difference, arg-max switches of a
+window) are computed exactly by linear interpolation; the segments are split there and every
+live value is interpolated to the new ends (exact: it is affine on the old segment), as
+ExactLine does, instead of re-running the network from its input. Arg-max switches repeat
+until the arg-max agrees at both ends of every segment (a max of affine functions is convex,
+so then it is constant on the segment). Piecewise-constant values (comparison results,
+arg-max, ``stop_gradient``) are evaluated at each segment's midpoint and copied to both ends,
+so a tie at a breakpoint never picks the wrong piece. Row counts are padded to powers of two
+(few compiles). The gradients at all segments' midpoints of all examples then run through
+one jitted call per ``rows`` chunk. Runs on the host; not under ``jit``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any, Callable
 
@@ -47,34 +56,83 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
           "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
           "remat": "jaxpr", "checkpoint": "jaxpr"}
+_PWCONST_OUT = {"ge", "gt", "le", "lt", "eq", "ne", "argmax", "argmin", "sign", "and", "or",
+                "not", "stop_gradient", "floor", "ceil", "round"}
+_CONST, _PW, _AFF = 0, 1, 2  # constant; piecewise constant along the path; affine on segments
+
+_GROUP = 8  # examples whose breakpoints are searched together (memory ~ their segments)
+_MAX_ROWS = 4096  # gradient rows per call with chunk=None
 
 
 class NotPiecewiseLinearError(ValueError):
-  """f holds a primitive that is not piecewise linear along the path."""
+  """``method="exact"`` was given an ``f`` with a primitive that is not piecewise linear
+  along the path (e.g. ``tanh``, ``exp``, a product of two input-dependent values); the
+  message names the first such primitive. A subclass of ``ValueError``.
+
+  >>> import jax.numpy as jnp, jaxplain
+  >>> try:
+  ...   jaxplain.integrated_gradients(jnp.tanh, jnp.ones((1, 2)), 0, method="exact")
+  ... except jaxplain.NotPiecewiseLinearError as e:
+  ...   print(str(e)[:90])
+  method='exact': f is not piecewise linear along the path: the first non-piecewise-linear p
+  """
 
 
-class _Found(Exception):
-  """Raised inside a pass with the new breakpoints of the first primitive that has some."""
-
-  def __init__(self, points):
-    super().__init__()
-    self.points = points
+def _not_pl(name, eqn, why=""):
+  return NotPiecewiseLinearError(
+      "method='exact': f is not piecewise linear along the path: the first "
+      f"non-piecewise-linear primitive is '{name}'{why} ({eqn})")
 
 
-def _crossings(d0: np.ndarray, a: np.ndarray, sep: float) -> np.ndarray:
-  """Zeros strictly inside each segment of the affine differences: d (P, U) at points a,
-  farther than ``sep`` from the segment's ends (a value evaluated at an inserted crossing
-  is zero only up to rounding; a crossing that close is the same breakpoint)."""
-  s0, s1 = d0[:-1], d0[1:]
-  cross = (s0 * s1) < 0
-  if not cross.any():
-    return np.zeros(0)
-  k, u = np.nonzero(cross)
-  lo, hi = a[k], a[k + 1]
-  r = s0[k, u] / (s0[k, u] - s1[k, u])
-  pts = lo + (hi - lo) * r
-  keep = (pts > lo + sep) & (pts < hi - sep)
-  return pts[keep]
+# -- the jaxpr, calls inlined --------------------------------------------------------------
+
+def _flatten(jaxpr, consts, in_refs, eqns, const_vals, counter):
+  """Append jaxpr's equations to ``eqns`` as (eqn, in_refs, out_ids), inlining calls; a ref
+  is an int id or ``("lit", value)``. Returns the refs of the outputs."""
+  env = {}
+
+  def ref(v):
+    return ("lit", v.val) if isinstance(v, jex_core.Literal) else env[v]
+
+  def new():
+    counter[0] += 1
+    return counter[0]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = new()
+    const_vals[env[v]] = c
+  for v, r in zip(jaxpr.invars, in_refs):
+    env[v] = r
+  for eqn in jaxpr.eqns:
+    ins = [ref(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in _CALLS and _CALLS[name] in eqn.params:
+      sub = eqn.params[_CALLS[name]]
+      sub_jaxpr, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
+      outs = _flatten(sub_jaxpr, sub_consts, ins, eqns, const_vals, counter)
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+      continue
+    outs = [new() for _ in eqn.outvars]
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+    eqns.append((eqn, ins, outs))
+  return [ref(v) for v in jaxpr.outvars]
+
+
+# -- breakpoints within segments -----------------------------------------------------------
+
+def _crossings(d0: np.ndarray, d1: np.ndarray, lo, hi, sep: float):
+  """Zeros strictly inside segments of affine differences with ends d0, d1 (S, U): returns
+  (segment index, point), dropping those within ``sep`` of the segment's ends (a value at an
+  inserted crossing is zero only up to rounding; a crossing that close is the same one)."""
+  k, u = np.nonzero((d0 * d1) < 0)
+  if k.size == 0:
+    return k, np.zeros(0)
+  r = d0[k, u] / (d0[k, u] - d1[k, u])
+  pts = lo[k] + (hi[k] - lo[k]) * r
+  keep = (pts > lo[k] + sep) & (pts < hi[k] - sep)
+  return k[keep], pts[keep]
 
 
 def _window_patches(x: np.ndarray, dims, strides, padding, init) -> np.ndarray:
@@ -89,144 +147,257 @@ def _window_patches(x: np.ndarray, dims, strides, padding, init) -> np.ndarray:
   return np.stack(out, axis=1)
 
 
-def _switches(v: np.ndarray, a: np.ndarray, sep: float) -> np.ndarray:
-  """Arg-max switches strictly inside segments of windows v (P, K, U) affine in a."""
-  il, ir = np.argmax(v[:-1], axis=1), np.argmax(v[1:], axis=1)  # (P-1, U)
+def _switches(v0: np.ndarray, v1: np.ndarray, lo, hi, sep: float):
+  """Arg-max switches inside segments of windows with ends v0, v1 (S, K, U), affine on each
+  segment: where the left end's arg-max i meets the right end's j (exact when no third
+  element takes over in between; otherwise the caller repeats on the halves)."""
+  il, ir = np.argmax(v0, axis=1), np.argmax(v1, axis=1)  # (S, U)
   k, u = np.nonzero(il != ir)
   if k.size == 0:
-    return np.zeros(0)
+    return k, np.zeros(0)
   i, j = il[k, u], ir[k, u]
-  di0 = v[k, i, u] - v[k, j, u]  # >= 0 at the left end
-  di1 = v[k + 1, i, u] - v[k + 1, j, u]  # <= 0 at the right end
+  di0 = v0[k, i, u] - v0[k, j, u]  # >= 0 at the left end
+  di1 = v1[k, i, u] - v1[k, j, u]  # <= 0 at the right end
   den = di0 - di1
   ok = den > 0
-  lo, hi = a[k[ok]], a[k[ok] + 1]
-  pts = lo + (hi - lo) * di0[ok] / den[ok]
-  keep = (pts > lo + sep) & (pts < hi - sep)
-  return pts[keep]
+  k = k[ok]
+  pts = lo[k] + (hi[k] - lo[k]) * di0[ok] / den[ok]
+  keep = (pts > lo[k] + sep) & (pts < hi[k] - sep)
+  return k[keep], pts[keep]
 
 
-def _vbind(eqn, invals, isb):
-  prim, params = eqn.primitive, eqn.params
-  axes = [0 if b else None for b in isb]
-  out = jax.vmap(lambda *xs: prim.bind(*xs, **params), in_axes=axes)(*invals)
-  return out
+def _search(name, eqn, vals, levs, n_seg, sp, lo, hi, sep):
+  """The breakpoints of one primitive inside the current n_seg segments (its affine inputs;
+  rows [left ends; right ends], each block padded to sp)."""
+  def ends(v, lv):
+    v = np.asarray(v)
+    if lv == _CONST:
+      v = v.astype(np.float64)
+      return v, v
+    return v[:n_seg].astype(np.float64), v[sp:sp + n_seg].astype(np.float64)
+
+  if name in _CMP | {"abs", "sign"}:
+    l0, r0 = ends(vals[0], levs[0])
+    if name not in ("abs", "sign"):
+      l1, r1 = ends(vals[1], levs[1])
+      l0, r0 = l0 - l1, r0 - r1  # jaxpr operands: equal shapes or scalars
+    shape = (n_seg,) + next(np.shape(v)[1:] for v, lv in zip(vals, levs) if lv != _CONST)
+    l0, r0 = np.broadcast_to(l0, shape), np.broadcast_to(r0, shape)
+    return _crossings(l0.reshape(n_seg, -1), r0.reshape(n_seg, -1), lo, hi, sep)
+  if name == "reduce_window_max":
+    p = eqn.params
+    if any(d != 1 for d in p.get("base_dilation", ())) or any(
+        d != 1 for d in p.get("window_dilation", ())):
+      raise NotPiecewiseLinearError("method='exact': dilated max-pooling is not supported")
+    l0, r0 = ends(vals[0], levs[0])
+    w = [_window_patches(e, p["window_dimensions"], p["window_strides"], p["padding"],
+                         -np.inf) for e in (l0, r0)]
+    return _switches(*[e.reshape(n_seg, e.shape[1], -1) for e in w], lo, hi, sep)
+  if name in ("reduce_max", "argmax"):
+    axes = eqn.params["axes"]
+    out = []
+    for e in ends(vals[0], levs[0]):
+      keep = [i for i in range(1, e.ndim) if i - 1 not in axes]
+      red = [i + 1 for i in axes]
+      u = int(np.prod([e.shape[i] for i in keep])) if keep else 1
+      out.append(np.transpose(e, [0] + red + keep).reshape(n_seg, -1, u))
+    return _switches(*out, lo, hi, sep)
+  return np.zeros(0, np.int64), np.zeros(0)
 
 
-_PWCONST_OUT = {"ge", "gt", "le", "lt", "eq", "ne", "argmax", "argmin", "sign", "and", "or",
-                "not", "stop_gradient", "floor", "ceil", "round"}
-_CONST, _PW, _AFF = 0, 1, 2  # constant; piecewise constant along the path; affine on segments
+_SEARCH = _CMP | {"abs", "sign", "reduce_window_max", "reduce_max", "argmax"}
 
 
-def _not_pl(name, eqn, why=""):
-  return NotPiecewiseLinearError(
-      "method='exact': f is not piecewise linear along the path: the first "
-      f"non-piecewise-linear primitive is '{name}'{why} ({eqn})")
+def _bucket(n: int) -> int:
+  return 1 << max(0, int(np.ceil(np.log2(max(n, 1)))))
 
 
-def _run(jaxpr, consts, args, lev_args, a: np.ndarray, search: bool, sep: float):
-  """Evaluate a jaxpr on values with a leading points axis; raise _Found at the first
-  primitive with crossings strictly inside a segment when ``search``. Each value has a level:
-  constant, piecewise constant (integer / boolean results, stop_gradient: constant between
-  breakpoints) or affine on every segment."""
-  env, lev = {}, {}
+def _split(lo, hi, ex, seg, pts):
+  """Split segments at the new points: (new lo, hi, ex, parent index, fraction of the new
+  left and right ends along the parent)."""
+  pts_all = np.concatenate([lo, pts])
+  seg_all = np.concatenate([np.arange(len(lo)), seg])
+  order = np.lexsort((pts_all, seg_all))
+  new_lo, parent = pts_all[order], seg_all[order]
+  dup = np.zeros(len(new_lo), bool)  # drop duplicate points within a segment
+  dup[1:] = (parent[1:] == parent[:-1]) & (new_lo[1:] <= new_lo[:-1])
+  new_lo, parent = new_lo[~dup], parent[~dup]
+  new_hi = np.empty_like(new_lo)
+  new_hi[:-1] = new_lo[1:]
+  last = np.ones(len(new_lo), bool)
+  last[:-1] = parent[1:] != parent[:-1]
+  new_hi[last] = hi[parent[last]]
+  length = hi[parent] - lo[parent]
+  rl = (new_lo - lo[parent]) / length
+  rr = (new_hi - lo[parent]) / length
+  rr[last] = 1.0
+  return new_lo, new_hi, ex[parent], parent, rl, rr
 
-  def read(v):
-    if isinstance(v, jex_core.Literal):
-      return v.val, _CONST
-    return env[v], lev[v]
 
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v], lev[v] = c, _CONST
-  for v, x, b in zip(jaxpr.invars, args, lev_args):
-    env[v], lev[v] = x, b
-  for eqn in jaxpr.eqns:
-    vals, levs = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
-    name = eqn.primitive.name
-    top = max(levs, default=_CONST)
-    if top == _CONST:
-      outs = eqn.primitive.bind(*vals, **eqn.params)
-      outl = _CONST
-    elif name in _CALLS:
-      sub = eqn.params[_CALLS[name]]
-      sub_jaxpr, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
-      outs, out_levs = _run(sub_jaxpr, sub_consts, vals, levs, a, search, sep)
-      for v, o, b in zip(eqn.outvars, outs, out_levs):
-        env[v], lev[v] = o, b
-      continue
-    else:
-      isb = [lv > _CONST for lv in levs]
+def _interp(v, lv, n_seg, sp, parent, rl, rr):
+  """A live value at the new segments' ends (``parent``, ``rl``, ``rr`` already padded):
+  affine values interpolated along the parent segment ((1 - r) L + r R: exact at r = 0 and
+  1), piecewise-constant ones copied."""
+  v = np.asarray(v)
+  left, right = v[:n_seg][parent], v[sp:sp + n_seg][parent]
+  if lv == _PW:
+    return np.concatenate([left, left])
+  shape = (-1,) + (1,) * (v.ndim - 1)
+  a = rl.astype(v.dtype).reshape(shape)
+  b = rr.astype(v.dtype).reshape(shape)
+  return np.concatenate([(1 - a) * left + a * right, (1 - b) * left + b * right])
+
+
+class _Program:
+  """f's jaxpr (batch of one) with calls inlined: the level of every value, the constants
+  evaluated once, the primitives whose breakpoints are searched, and the stages between
+  them, each one jitted function of the live values over the rows (XLA fuses a stage's
+  elementwise work; row counts are powers of two, so few compiles)."""
+
+  def __init__(self, f: Callable, x1: Array):
+    closed = jax.make_jaxpr(f)(x1)
+    eqns, consts, counter = [], {}, [1]  # id 1: the input
+    outs_f = _flatten(closed.jaxpr, closed.consts, [1], eqns, consts, counter)
+    lev = {1: _AFF}
+    lev.update({r: _CONST for r in consts})
+    search, define = [], {1: -1}
+    for i, (eqn, ins, outs) in enumerate(eqns):
+      name = eqn.primitive.name
+      levs = [_CONST if isinstance(r, tuple) else lev[r] for r in ins]
+      top = max(levs, default=_CONST)
+      if top == _CONST:
+        vals = [r[1] if isinstance(r, tuple) else consts[r] for r in ins]
+        res = eqn.primitive.bind(*vals, **eqn.params)
+        for r, o in zip(outs, res if eqn.primitive.multiple_results else [res]):
+          consts[r], lev[r] = o, _CONST
+        continue
       aff = [lv == _AFF for lv in levs]
-      if top == _PW:
+      if top == _PW or name in _PWCONST_OUT:
         outl = _PW  # any function of piecewise-constant values is piecewise constant
-      elif name in _PWCONST_OUT:
-        outl = _PW
       elif name == "mul" and sum(aff) > 1:
         raise _not_pl("mul", eqn, " of two input-dependent operands")
       elif name == "div" and aff[1]:
         raise _not_pl("div", eqn, " by an input-dependent value")
-      elif name not in _LINEAR | _CMP | {"abs", "mul", "div", "reduce_window_max",
-                                           "reduce_max"}:
+      elif name not in _LINEAR | _SEARCH | {"mul", "div"}:
         raise _not_pl(name, eqn)
       else:
         outl = _AFF
-      if search and top == _AFF:
-        pts = np.zeros(0)
-        if name in _CMP | {"abs", "sign"}:
-          bshape = next(jnp.shape(v) for v, bb in zip(vals, isb) if bb)
-          d = np.asarray(vals[0], np.float64)
-          if name not in ("abs", "sign"):
-            d = d - np.asarray(vals[1], np.float64)  # jaxpr operands: equal shapes or scalars
-          d = np.broadcast_to(d, bshape)
-          pts = _crossings(d.reshape(len(a), -1), a, sep)
-        elif name == "reduce_window_max":
-          p = eqn.params
-          if any(d != 1 for d in p.get("base_dilation", ())) or any(
-              d != 1 for d in p.get("window_dilation", ())):
-            raise NotPiecewiseLinearError("method='exact': dilated max-pooling is not supported")
-          v = _window_patches(np.asarray(vals[0], np.float64), p["window_dimensions"],
-                              p["window_strides"], p["padding"], -np.inf)
-          pts = _switches(v.reshape(v.shape[0], v.shape[1], -1), a, sep)
-        elif name in ("reduce_max", "argmax"):
-          xn = np.asarray(vals[0], np.float64)
-          axes = eqn.params["axes"]
-          keep = [i for i in range(1, xn.ndim) if i - 1 not in axes]
-          red = [i + 1 for i in axes]
-          u = int(np.prod([xn.shape[i] for i in keep])) if keep else 1
-          v = np.transpose(xn, [0] + red + keep).reshape(len(a), -1, u)
-          pts = _switches(v, a, sep)
-        if pts.size:
-          raise _Found(pts)
-      outs = _vbind(eqn, vals, isb)
-    if eqn.primitive.multiple_results:
-      for v, o in zip(eqn.outvars, outs):
-        env[v], lev[v] = o, outl
-    else:
-      env[eqn.outvars[0]], lev[eqn.outvars[0]] = outs, outl
-  results = [read(v) for v in jaxpr.outvars]
-  return [r[0] for r in results], [r[1] for r in results]
+      if top == _AFF and name in _SEARCH:
+        search.append(i)
+      for r in outs:
+        lev[r], define[r] = outl, i
+    last = {}
+    for i, (_, ins, _) in enumerate(eqns):
+      for r in ins:
+        if isinstance(r, int) and lev[r] != _CONST:
+          last[r] = i
+    for r in outs_f:
+      if isinstance(r, int):
+        last[r] = len(eqns)
+    self.eqns, self.lev, self.consts, self.search = eqns, lev, consts, search
+    # the non-constant values defined before eqn i and used at or after it
+    self.live = {i: sorted(r for r, d in define.items() if d < i <= last.get(r, -2))
+                 for i in search}
+    self.live[0] = [1]
+    self._fns = {}
+
+  def read(self, env, r):
+    if isinstance(r, tuple):
+      return r[1], _CONST
+    if r in self.consts:
+      return self.consts[r], _CONST
+    return env[r], self.lev[r]
+
+  def stage(self, i0: int, i1: int):
+    """The jitted function: live values before eqn i0 -> live values before eqn i1."""
+    if (i0, i1) not in self._fns:
+      ins_ids, out_ids = self.live[i0], self.live[i1]
+
+      def fn(*vals):
+        env = dict(zip(ins_ids, vals))
+        sp = vals[0].shape[0] // 2
+        for eqn, ins, outs in self.eqns[i0:i1]:
+          if outs[0] in self.consts:
+            continue
+          v, lv = zip(*[self.read(env, r) for r in ins])
+          axes = [None if l == _CONST else 0 for l in lv]
+          prim, params = eqn.primitive, eqn.params
+          bind = jax.vmap(lambda *xs, prim=prim, params=params: prim.bind(*xs, **params),
+                          in_axes=axes)
+          if self.lev[outs[0]] == _PW:  # at the midpoints, copied to both ends
+            mids = [a if l == _CONST else (0.5 * (a[:sp] + a[sp:]) if l == _AFF else a[:sp])
+                    for a, l in zip(v, lv)]
+            res = bind(*mids)
+            res = ([jnp.concatenate([o, o]) for o in res] if prim.multiple_results
+                   else jnp.concatenate([res, res]))
+          else:
+            res = bind(*v)
+          for r, o in zip(outs, res if prim.multiple_results else [res]):
+            env[r] = o
+        return tuple(env[r] for r in out_ids)
+
+      self._fns[(i0, i1)] = jax.jit(fn) if i1 > i0 else (lambda *v: v)
+    return self._fns[(i0, i1)]
 
 
-def breakpoints(f: Callable, x1: Array, b1: Array, max_passes: int = 10000) -> np.ndarray:
+_PROGRAMS: dict = {}  # the last few programs (their compiled stages), by f and input type
+
+
+def _program(f: Callable, x1: Array) -> _Program:
+  key = (f, x1.shape, str(x1.dtype))
+  try:
+    hash(key)
+  except TypeError:
+    return _Program(f, x1)
+  if key not in _PROGRAMS:
+    if len(_PROGRAMS) >= 4:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+    _PROGRAMS[key] = _Program(f, x1)
+  return _PROGRAMS[key]
+
+
+def segments(prog: _Program, x: Array, base: Array, sep: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The affine segments of f along base -> x for every example: (lo, hi, example) float64,
+  float64, int, sorted by example then position."""
+  b = x.shape[0]
+  lo, hi, ex = np.zeros(b), np.ones(b), np.arange(b)
+  sp = _bucket(b)
+  src = np.concatenate([np.arange(b), np.zeros(sp - b, int)])
+  env = {1: np.concatenate([np.asarray(base)[src], np.asarray(x)[src]])[:, None]}
+  prev = 0
+  for i in prog.search:
+    env = dict(zip(prog.live[i], prog.stage(prev, i)(*[env[r] for r in prog.live[prev]])))
+    eqn, ins, _ = prog.eqns[i]
+    while True:
+      vals, levs = zip(*[prog.read(env, r) for r in ins])
+      seg, pts = _search(eqn.primitive.name, eqn, vals, levs, len(lo), sp, lo, hi, sep)
+      if pts.size == 0:
+        break
+      n_old, sp_old = len(lo), sp
+      lo, hi, ex, parent, rl, rr = _split(lo, hi, ex, seg, pts)
+      sp = _bucket(len(lo))
+      src = np.concatenate([np.arange(len(lo)), np.zeros(sp - len(lo), int)])
+      env = {r: _interp(v, prog.lev[r], n_old, sp_old, parent[src], rl[src], rr[src])
+             for r, v in env.items()}
+    prev = i
+  return lo, hi, ex
+
+
+def breakpoints(f: Callable, x1: Array, b1: Array) -> np.ndarray:
   """The sorted breakpoints in (0, 1) of f along x1' -> x1 (one example, (1, ...))."""
-  closed = jax.make_jaxpr(f)(x1)
-  a = np.array([0.0, 1.0])
-  d1 = x1 - b1
-  sep = 16 * float(jnp.finfo(x1.dtype).eps)
-  for _ in range(max_passes):
-    # pad the points to a power of two (repeating a = 1: empty segments, no crossings) so
-    # the eagerly run primitives see few distinct shapes and compile few times
-    n = 1 << int(np.ceil(np.log2(len(a))))
-    ap = np.concatenate([a, np.ones(n - len(a))])
-    pts = jnp.asarray(ap, x1.dtype).reshape((-1,) + (1,) * x1.ndim) * d1[None] + b1[None]
-    try:
-      _run(closed.jaxpr, closed.consts, [pts], [_AFF], ap, search=True, sep=sep)
-    except _Found as e:
-      new = np.unique(e.points)
-      a = np.unique(np.concatenate([a, new]))
-      continue
-    return a[1:-1]
-  raise RuntimeError(f"method='exact': more than {max_passes} passes to find the breakpoints")
+  lo, _, _ = segments(_Program(f, x1), x1, b1, 16 * float(jnp.finfo(x1.dtype).eps))
+  return lo[1:]
+
+
+@functools.partial(jax.jit, static_argnames=("f", "output", "dtype", "nb"))
+def _segment_grads(base, diff, t, ex, mid, length, *, f, output, dtype, nb):
+  """sum over rows of length * grad out[t](x'_ex + mid (x_ex - x'_ex)) per example (nb, ...)."""
+  shape = (-1,) + (1,) * (base.ndim - 1)
+  pts = (base[ex] + mid.reshape(shape) * diff[ex]).astype(dtype)
+  _, g = _grad_rows(f, pts, t[ex], output)
+  return jax.ops.segment_sum(g.astype(base.dtype) * length.reshape(shape), ex,
+                             num_segments=nb)
 
 
 def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None):
@@ -239,32 +410,35 @@ def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None)
                      f"piecewise linear), got {output!r}")
   acc = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.dtype(jnp.float32)
   b = x.shape[0]
-  attrs, bps, steps = [], [], []
-  for i in range(b):
-    x1, b1 = x[i:i + 1], base[i:i + 1]
-    bp = breakpoints(f, x1, b1)
-    edges = np.concatenate([[0.0], bp, [1.0]])
-    mids = 0.5 * (edges[:-1] + edges[1:])
-    lens = np.diff(edges)
-    d = (x1.astype(acc) - b1.astype(acc))[0]
-    total = jnp.zeros(x.shape[1:], acc)
-    step = 1 << int(np.ceil(np.log2(len(mids))))
-    if chunk is not None:
-      step = min(step, max(1, int(chunk)) * 16)
-    pad = -len(mids) % step  # zero-length segments: a fixed call shape, weight 0
-    mids = np.concatenate([mids, np.ones(pad)])
-    lens = np.concatenate([lens, np.zeros(pad)])
-    for s in range(0, len(mids), step):
-      m = jnp.asarray(mids[s:s + step], acc)
-      pts = (b1.astype(acc) + m.reshape((-1,) + (1,) * (x.ndim - 1)) * d[None]).astype(x.dtype)
-      _, g = _grad_rows(f, pts, jnp.full((len(m),), t[i]), output)
-      total = total + jnp.tensordot(jnp.asarray(lens[s:s + step], acc), g.astype(acc), axes=1)
-    attrs.append(d * total)
-    bps.append(bp)
-    steps.append(len(bp) + 1)
-  attr = jnp.stack(attrs)
+  prog = _program(f, x[:1])
+  sep = 16 * float(jnp.finfo(x.dtype).eps)
+  los, his, exs = [], [], []
+  for s in range(0, b, _GROUP):
+    lo, hi, ex = segments(prog, x[s:s + _GROUP], base[s:s + _GROUP], sep)
+    los.append(lo)
+    his.append(hi)
+    exs.append(ex + s)
+  lo, hi, ex = np.concatenate(los), np.concatenate(his), np.concatenate(exs)
+  rows = _MAX_ROWS if chunk is None else max(1, int(chunk)) * max(b, 64)
+  rows = min(rows, _bucket(len(lo)))
+  pad = -len(lo) % rows  # zero-length rows: a fixed call shape, weight 0
+  mid = np.concatenate([0.5 * (lo + hi), np.zeros(pad)])
+  length = np.concatenate([hi - lo, np.zeros(pad)])
+  exp = np.concatenate([ex, np.zeros(pad, ex.dtype)]).astype(np.int32)
+  base_acc = base.astype(acc)
+  diff = x.astype(acc) - base_acc
+  total = jnp.zeros(x.shape, acc)
+  for s in range(0, len(mid), rows):
+    total = total + _segment_grads(base_acc, diff, t, jnp.asarray(exp[s:s + rows]),
+                                   jnp.asarray(mid[s:s + rows], acc),
+                                   jnp.asarray(length[s:s + rows], acc),
+                                   f=f, output=output, dtype=x.dtype, nb=b)
+  attr = diff * total
   logits = f(jnp.concatenate([x, base], axis=0))
   out = _validate.select_target(logits, jnp.concatenate([t, t])).astype(acc)
   gap = jnp.sum(attr.reshape(b, -1), axis=1) - (out[:b] - out[b:])
-  return attr, {"steps": jnp.asarray(steps, jnp.int32), "gap": gap,
-                "converged": jnp.ones((b,), bool), "breakpoints": tuple(bps)}
+  counts = np.bincount(ex, minlength=b)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  bps = tuple(lo[st + 1:st + c] for st, c in zip(starts, counts))
+  return attr, {"steps": jnp.asarray(counts, jnp.int32), "gap": gap,
+                "converged": jnp.ones((b,), bool), "breakpoints": bps}

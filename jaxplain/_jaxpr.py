@@ -6,7 +6,9 @@ variable a :class:`Val`:
 * ``p`` -- the primal value at the input ``x`` (ordinary JAX ops, so differentiable with
   respect to anything ``f`` closes over, e.g. the parameters);
 * ``r`` -- the primal value at the reference input (only when the rule ``needs_ref``:
-  DeepLIFT; else equal to ``p``);
+  DeepLIFT; else equal to ``p``). A reference equal for every example is evaluated on one
+  row: each equation is bound on it through its partner in a batch-1 trace of ``f``
+  (:func:`pair_eqns`, :func:`bind_ref`), and the leading 1 broadcasts against ``p``;
 * ``t`` -- a *modified tangent*: a linear function of the input perturbation built by the
   rule, or ``None`` when the variable does not reach the output through a differentiable
   path (constants, parameters, anything under ``stop_gradient``, integers and booleans);
@@ -18,7 +20,9 @@ method. Passes before and during evaluation: ``unwrap_single_call``,
 ``strip_output_normalisation``, ``dce``, ``canonize`` (a dense / conv / window-sum /
 reduce_sum head merged with the chain of elementwise affine maps by constants after it: a
 :class:`Layer`), ``rewrite_tangent_ops`` (the im2col of small-channel convolutions, a speed
-rewrite for XLA:CPU) and ``_tangent_live`` (what reaches the output past stop_gradient).
+rewrite for XLA:CPU), ``_tangent_live`` (what reaches the output past stop_gradient) and
+``nonneg_vars`` (values provably >= 0, so that sign-splitting rules skip the zero negative
+part of a layer input: a cost fact, not semantics).
 Equations are then classified:
 
 * a canonized layer: ``rule.layer`` (None: the exact map);
@@ -130,6 +134,44 @@ def bind(eqn, vals: Sequence[Array]) -> list[Array]:
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*vals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def bind_ref(rule, eqn, vals: Sequence[Array]) -> list[Array]:
+  """Bind ``eqn`` on reference values: its batch-1 partner when the reference pass runs on
+  one row (``rule.pairs``, see :func:`pair_eqns`), else ``eqn`` itself."""
+  pairs = getattr(rule, "pairs", None)
+  return bind(pairs[id(eqn)] if pairs is not None else eqn, vals)
+
+
+_BODY_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
+  """Zip two traces of one function (at batch B and at batch 1) equation by equation,
+  through call and scan bodies: ``pairs[id(eqn)]`` is the batch-1 partner of ``eqn`` and
+  ``consts[constvar]`` the batch-1 constant of a body. False where the traces differ in
+  structure (then the reference pass runs at batch B)."""
+  if len(eqns) != len(eqns1):
+    return False
+  for e, e1 in zip(eqns, eqns1):
+    if (e.primitive is not e1.primitive or len(e.invars) != len(e1.invars)
+        or len(e.outvars) != len(e1.outvars)):
+      return False
+    pairs[id(e)] = e1
+    for key in _BODY_KEYS:
+      if key not in e.params:
+        continue
+      b, b1 = e.params[key], e1.params.get(key)
+      if b1 is None or hasattr(b, "jaxpr") != hasattr(b1, "jaxpr"):
+        return False
+      if hasattr(b, "jaxpr"):  # ClosedJaxpr
+        if len(b.consts) != len(b1.consts):
+          return False
+        consts.update(zip(b.jaxpr.constvars, b1.consts))
+        b, b1 = b.jaxpr, b1.jaxpr
+      if not pair_eqns(b.eqns, b1.eqns, pairs, consts):
+        return False
+  return True
 
 
 def _call_body(eqn):
@@ -289,15 +331,38 @@ class Layer:
   whether no layer lies between ``f``'s input and this one.
 
   The maps below are linear in their argument (so ``map(a * t)`` is a valid tangent):
-  ``full`` (the layer without its shift), ``pos`` / ``neg`` (only the positive / negative
-  effective weights ``s * W``; weightless heads count as positive), ``ones`` (all weights 1,
-  no scale) and ``square`` (weights ``(s * W)**2``).
+  ``full`` (the layer without its shift, ``full = pos + neg``), ``pos`` / ``neg`` (only the
+  positive / negative effective weights ``s * W``; weightless heads count as positive),
+  ``ones`` (all weights 1, no scale) and ``square`` (weights ``(s * W)**2``).
+
+  ``nonneg``: the input is provably ``>= 0`` from the jaxpr (after a ReLU, a max-pool of one,
+  ...), so that :meth:`split` returns no negative part and rules skip the maps of it (a
+  convolution forward and one backward each): the same values at less cost.
   """
 
-  def __init__(self, kind, name, first, a, t, z, head, w, scale, shift):
+  def __init__(self, kind, name, first, a, t, z, head, w, scale, shift, nonneg=False):
     self.kind, self.name, self.first = kind, name, first
     self.a, self.t, self.z = a, t, z
     self._head, self._w, self.scale, self.bias = head, w, scale, shift
+    self.nonneg = nonneg
+
+  def head_from_parts(self) -> Array:
+    """``head(a; W)`` as the sum of the head with the positive and with the negative weights
+    over the parts of ``a``: the value of the head (up to rounding) from the maps that the
+    sign-split rules (alpha-beta, gamma) compute anyway, so the layer needs no separate
+    forward map (XLA merges the identical computations)."""
+    ap, an = self.split()
+    wp, wn = jnp.maximum(self._w, 0), jnp.minimum(self._w, 0)
+    h = self._h(ap, wp) + self._h(ap, wn)
+    if an is not None:
+      h = h + self._h(an, wp) + self._h(an, wn)
+    return h
+
+  def split(self):
+    """``(max(a, 0), min(a, 0))``; the second is None when the input is provably >= 0."""
+    if self.nonneg:
+      return self.a, None
+    return jnp.maximum(self.a, 0), jnp.minimum(self.a, 0)
 
   def _h(self, x, w=None):
     return self._head(x, self._w if w is None else w)
@@ -449,6 +514,80 @@ def rewrite_tangent_ops(eqns) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# non-negativity: which primal values are provably >= 0 (a cost fact for the LRP rules: the
+# negative part of such a layer input is zero, so its maps need not be computed)
+
+_NN_FIRST = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
+             "dynamic_slice", "rev", "convert_element_type", "copy", "copy_p", "reduce_max",
+             "reduce_min", "reduce_sum", "reduce_window_sum", "cumsum", "cummax", "cummin",
+             "stop_gradient", "reduce_precision", "sharding_constraint"}
+_NN_ALWAYS = {"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"}
+_NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "pad", "dot_general",
+           "conv_general_dilated"}
+
+
+def _literal_nonneg(v) -> bool:
+  try:  # NumPy, not jnp (see _is_zero_literal)
+    return bool(np.all(np.asarray(v.val) >= 0))
+  except Exception:  # pragma: no cover - abstract literal
+    return False
+
+
+def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
+  """The variables of ``eqns`` whose values are provably ``>= 0`` (booleans and unsigned
+  integers; ReLU-like ``max(v, c >= 0)``; exp, sqrt, ...; sums, products, poolings,
+  reshapes of such values; calls through their body), given which ``invars`` are."""
+  nn = {v for v, f in zip(invars, flags) if f}
+
+  def is_nn(v):
+    if isinstance(v, Literal):
+      return _literal_nonneg(v)
+    return v in nn
+
+  for e in eqns:
+    name = e.primitive.name
+    ins = [is_nn(v) for v in e.invars]
+    if name in _CALLS:
+      try:
+        body, _ = _call_body(e)
+      except UnsupportedPrimitiveError:
+        continue
+      inner = nonneg_vars(body.eqns, body.invars, ins)
+      nn.update(o for o, bo in zip(e.outvars, body.outvars)
+                if (_literal_nonneg(bo) if isinstance(bo, Literal) else bo in inner))
+      continue
+    if name in _NN_FIRST:
+      ok = bool(ins) and ins[0]
+    elif name == "reduce_window_max":
+      prm = e.params
+      ok = (bool(ins) and ins[0] and all(d == 1 for d in prm.get("base_dilation", ()))
+            and all(d == 1 for d in prm.get("window_dilation", ()))
+            and all(lo < w and hi < w for (lo, hi), w in zip(prm["padding"],
+                                                            prm["window_dimensions"])))
+    elif name in _NN_ALWAYS:
+      ok = True
+    elif name == "integer_pow":
+      ok = e.params["y"] % 2 == 0 or ins[0]
+    elif name == "max":
+      ok = any(ins)
+    elif name in _NN_ALL:
+      ok = all(ins)
+    elif name == "select_n":
+      ok = all(ins[1:])
+    elif name == "clamp":
+      ok = ins[0]
+    else:
+      ok = False
+    for o in e.outvars:
+      dt = o.aval.dtype
+      if jnp.issubdtype(dt, jnp.complexfloating):
+        continue
+      if ok or dt == jnp.bool_ or jnp.issubdtype(dt, jnp.unsignedinteger):
+        nn.add(o)
+  return nn
+
+
+# ------------------------------------------------------------------------------------------
 # the interpreter
 
 
@@ -459,6 +598,7 @@ class _Scope:
     self.anc: dict[Var, tuple] = {}  # var -> nearest-first elementwise ancestors
     self.ew_eqns: list = []  # elementwise equations on input-dependent values, in order
     self.prod = {o: e for e in eqns for o in e.outvars}  # var -> producing equation
+    self.nonneg: set = set()  # variables provably >= 0 (see nonneg_vars)
 
 
 _MAX_ANC = 64
@@ -476,8 +616,10 @@ def _tangent_live(eqns, outvars) -> set:
   return live
 
 
-def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule) -> list[Val]:
-  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments with ``rule``."""
+def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule,
+             nonneg_in: Sequence[bool] | None = None) -> list[Val]:
+  """Evaluate a jaxpr (given by its parts) on :class:`Val` arguments with ``rule``
+  (``nonneg_in``: which arguments are provably >= 0)."""
   env: dict[Var, Val] = {}
 
   def read(v) -> Val:
@@ -485,8 +627,9 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
       return Val(v.val, v.val, None, False)
     return env[v]
 
+  ref_consts = getattr(rule, "ref_consts", None) or {}
   for v, c in zip(constvars, consts):
-    env[v] = Val(c, c, None, False)
+    env[v] = Val(c, ref_consts.get(v, c), None, False)
   for v, a in zip(invars, args):
     env[v] = a
   dep_vars = {v for v, a in zip(invars, args) if a.dep}
@@ -501,6 +644,7 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
   merged = {id(e) for chain in groups.values() for e in chain[:-1]}
   merged |= {k for k, chain in groups.items() if chain}
   scope = _Scope(eqns)
+  scope.nonneg = nonneg_vars(eqns, invars, nonneg_in or [False] * len(invars))
   for eqn in eqns:
     if id(eqn) in merged:
       continue
@@ -512,7 +656,8 @@ def evaluate(eqns, invars, constvars, outvars, consts, args: Sequence[Val], rule
       if last.outvars[0] not in live:
         ins = [i._replace(t=None) for i in ins]
       if any(i.t is not None for i in ins):
-        env[last.outvars[0]] = _layer(head, chain, ins, rule, impl.get(id(head)), read)
+        env[last.outvars[0]] = _layer(head, chain, ins, rule, impl.get(id(head)), read,
+                                      scope.nonneg)
         continue
       for e in [head] + chain:  # no tangent: evaluate the equations as usual
         outs = _eval_eqn(e, [read(v) for v in e.invars], rule, scope, env)
@@ -539,7 +684,7 @@ def _name(eqn) -> str:
     return ""
 
 
-def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
+def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) -> Val:
   """Evaluate a canonized layer (head + merged affine chain) and ask the rule for its
   tangent (None: the exact linear map)."""
   k = next(i for i, v in enumerate(ins) if v.t is not None)
@@ -556,7 +701,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
       vals[w_idx] = wv
     return bind(head, vals)[0]
 
-  def chain_eval(hv, which):
+  def chain_eval(hv, which, binder=bind):
     prev, cur = head.outvars[0], hv
     for e in chain:
       vals = []
@@ -565,14 +710,21 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
           vals.append(cur)
         else:
           vals.append(which(read(v)))
-      cur = bind(e, vals)[0]
+      cur = binder(e, vals)[0]
       prev = e.outvars[0]
     return cur
 
-  h = bind(head, [i.p for i in ins])[0]
+  a = ins[k]
+  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, None, head_fn, w,
+                None, None, nonneg=head.invars[k] in nonneg)
+  if w is not None and rule.signed_forward(layer):
+    h = layer.head_from_parts()  # the maps the rule computes anyway: no separate forward
+  else:
+    h = bind(head, [i.p for i in ins])[0]
   p = chain_eval(h, lambda v: v.p)
   if rule.needs_ref:
-    r = chain_eval(bind(head, [i.r for i in ins])[0], lambda v: v.r)
+    r = chain_eval(bind_ref(rule, head, [i.r for i in ins])[0], lambda v: v.r,
+                   lambda e, vals: bind_ref(rule, e, vals))
   else:
     r = p
   # a chain of additions of constants only (a bias) has the static scale 1
@@ -586,9 +738,7 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
     shift = jnp.broadcast_to(shift, p.shape).astype(p.dtype)
   else:
     shift, scale = jnp.zeros_like(p), jnp.ones((), p.dtype)
-  a = ins[k]
-  layer = Layer(_HEADS[head.primitive.name], _name(head), a.fresh, a.p, a.t, p, head_fn, w,
-                scale, shift)
+  layer.z, layer.scale, layer.bias = p, scale, shift
   t = rule.layer(layer)
   if t is None:
     t = layer.full(a.t)
@@ -598,14 +748,17 @@ def _layer(head, chain, ins: list[Val], rule, impl, read) -> Val:
 def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
   name = eqn.primitive.name
   dep = any(i.dep for i in ins)
-  if not dep:
-    ps = bind(eqn, [i.p for i in ins])
-    return _inactive_outs(ps, ps, False)
-  active = [i.t is not None for i in ins]
   with_ref = rule.needs_ref
 
   def ref_outs():
-    return bind(eqn, [i.r for i in ins]) if with_ref else None
+    return bind_ref(rule, eqn, [i.r for i in ins]) if with_ref else None
+
+  if not dep:
+    ps = bind(eqn, [i.p for i in ins])
+    # a reference pass on one row needs its own (batch-1) constants too
+    paired = with_ref and getattr(rule, "pairs", None) is not None
+    return _inactive_outs(ps, ref_outs() if paired else ps, False)
+  active = [i.t is not None for i in ins]
 
   int_out = not any(jnp.issubdtype(o.aval.dtype, jnp.inexact) for o in eqn.outvars)
   if not any(active) or name == "stop_gradient" or int_out:
@@ -630,7 +783,8 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
       outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule)
       _record_ew(scope, eqn, ins, active)
       return outs
-    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule)
+    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule,
+                    [isinstance(v, Var) and v in scope.nonneg for v in eqn.invars])
 
   if name in ("mul", "div") and n_act == 2:
     sm = _softmax_input(scope, eqn) if name == "div" else None
@@ -638,7 +792,7 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
       a_var, axes = sm
       av = env[a_var]
       (p,) = bind(eqn, [i.p for i in ins])
-      r = bind(eqn, [i.r for i in ins])[0] if with_ref else p
+      r = ref_outs()[0] if with_ref else p
       t = rule.softmax(av, p, axes) if av.t is not None else None
       _record_ew(scope, eqn, ins, active)
       return [Val(p, r, None if t is None else t.astype(p.dtype), True, False)]
@@ -724,7 +878,7 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
 def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:
   """A product of two input-dependent operands (attention's QK^T and AV, gating)."""
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   a, b = ins
   t = rule.bilinear(lambda u, v: bind(eqn, [u, v])[0], a, b, p)
   return [Val(p, r, t.astype(p.dtype), True, False)]
@@ -807,7 +961,7 @@ def _linear(eqn, ins: list[Val], active: list[bool], rule, combine: bool = False
     return bind(eqn, vals)
 
   ps = bind(eqn, base)
-  rs = bind(eqn, [i.r for i in ins]) if rule.needs_ref else ps
+  rs = bind_ref(rule, eqn, [i.r for i in ins]) if rule.needs_ref else ps
 
   def jvp(ts):
     return jax.jvp(fn, [ins[k].p for k in idx], list(ts))[1]
@@ -830,7 +984,7 @@ def _linear(eqn, ins: list[Val], active: list[bool], rule, combine: bool = False
 
 def _nonlinearity(eqn, ins: list[Val], k: int, g: Callable, rule) -> list[Val]:
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   hom = positively_homogeneous(eqn, [i == k for i in range(len(ins))])
   t = rule.activation(Activation(g, ins[k], p, r, hom))
   return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
@@ -884,7 +1038,7 @@ def _region(eqn, ins: list[Val], root, scope: _Scope, env, rule) -> list[Val]:
     return local[eqn.outvars[0]]
 
   (p,) = bind(eqn, [i.p for i in ins])
-  r = bind(eqn, [i.r for i in ins])[0] if rule.needs_ref else p
+  r = bind_ref(rule, eqn, [i.r for i in ins])[0] if rule.needs_ref else p
   t = rule.activation(Activation(g, env[root], p, r, False))
   return [Val(p, r, t.astype(jnp.result_type(p)), True, False)]
 

@@ -82,9 +82,11 @@ class ZPlus:
   stabilizer: float = 1e-6
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
-    den = layer.pos(ap) + layer.neg(an) + jnp.maximum(layer.bias, 0)
-    num = layer.pos(ap * layer.t) + layer.neg(an * layer.t)
+    ap, an = layer.split()
+    den = layer.pos(ap) + jnp.maximum(layer.bias, 0)
+    num = layer.pos(ap * layer.t)
+    if an is not None:  # None: the input is provably >= 0 (after a ReLU), no negative part
+      den, num = den + layer.neg(an), num + layer.neg(an * layer.t)
     return _div(num, _stab(den, self.stabilizer))
 
 
@@ -95,6 +97,7 @@ class AlphaBeta:
   alpha: float = 2.0
   beta: float = 1.0
   stabilizer: float = 1e-6
+  signed = True  # computes the positive- and negative-weight maps of its input (not a field)
 
   def __post_init__(self):
     if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-12:
@@ -102,14 +105,16 @@ class AlphaBeta:
                        f"got alpha={self.alpha}, beta={self.beta}")
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
+    ap, an = layer.split()
     bp, bn = _split(layer.bias)
     t = layer.t
-    zp = layer.pos(ap) + layer.neg(an) + bp
-    zn = layer.neg(ap) + layer.pos(an) + bn
-    tp = _div(layer.pos(ap * t) + layer.neg(an * t), _stab(zp, self.stabilizer))
-    tn = _div(layer.neg(ap * t) + layer.pos(an * t), _stab(zn, self.stabilizer))
-    return self.alpha * tp - self.beta * tn
+    zp, zn = layer.pos(ap) + bp, layer.neg(ap) + bn
+    np_, nn_ = layer.pos(ap * t), layer.neg(ap * t)
+    if an is not None:
+      zp, zn = zp + layer.neg(an), zn + layer.pos(an)
+      np_, nn_ = np_ + layer.neg(an * t), nn_ + layer.pos(an * t)
+    return (self.alpha * _div(np_, _stab(zp, self.stabilizer))
+            - self.beta * _div(nn_, _stab(zn, self.stabilizer)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,18 +124,28 @@ class Gamma:
   their output; where z < 0 the mirrored pair; z = 0 gets nothing."""
   gamma: float = 0.25
   stabilizer: float = 1e-6
+  signed = True  # computes the positive- and negative-weight maps of its input (not a field)
 
   def __call__(self, layer: Layer) -> Array:
-    ap, an = _split(layer.a)
+    # With P / N the maps of the positive / negative weights (full = P + N), the modified
+    # maps are m0 = (1 + g) P + N and m1 = P + (1 + g) N; written through P and N of each
+    # input part, each map is computed once: 2 maps forward and 2 transposed backward per
+    # part of the input (the negative part is skipped when the input is provably >= 0).
+    ap, an = layer.split()
     bp, bn = _split(layer.bias)
     g, t = self.gamma, layer.t
-    m0 = lambda x: layer.full(x) + g * layer.pos(x)   # w + gamma w+
-    m1 = lambda x: layer.full(x) + g * layer.neg(x)   # w + gamma w-
-    dp = m0(ap) + m1(an) + layer.bias + g * bp
-    dn = m1(ap) + m0(an) + layer.bias + g * bn
+    g1 = 1.0 + g
+    pa, na, pt, nt = layer.pos(ap), layer.neg(ap), layer.pos(ap * t), layer.neg(ap * t)
+    dp, dn = g1 * pa + na, pa + g1 * na
+    up, un = g1 * pt + nt, pt + g1 * nt
+    if an is not None:
+      pa, na, pt, nt = layer.pos(an), layer.neg(an), layer.pos(an * t), layer.neg(an * t)
+      dp, dn = dp + pa + g1 * na, dn + g1 * pa + na
+      up, un = up + pt + g1 * nt, un + g1 * pt + nt
+    dp, dn = dp + layer.bias + g * bp, dn + layer.bias + g * bn
     z = layer.z
-    tp = _div(m0(ap * t) + m1(an * t), _stab(dp, self.stabilizer))
-    tn = _div(m1(ap * t) + m0(an * t), _stab(dn, self.stabilizer))
+    tp = _div(up, _stab(dp, self.stabilizer))
+    tn = _div(un, _stab(dn, self.stabilizer))
     return (jnp.where(z > 0, tp, 0.0) + jnp.where(z < 0, tn, 0.0)).astype(z.dtype)
 
 
@@ -245,6 +260,11 @@ class _GradientSpace:
     del layer
     return None
 
+  def signed_forward(self, layer):
+    """Whether the layer's forward value is summed from its sign-split maps (see LRP)."""
+    del layer
+    return False
+
   def combine(self, z, inputs, tangents, jvp):
     del z, inputs, tangents, jvp
     return None
@@ -295,6 +315,8 @@ class DeepLIFT(_GradientSpace):
   """Rescale rule: m = (g(v) - g(v_ref)) / (v - v_ref), limit g'(v)."""
   name = "deeplift"
   needs_ref = True
+  pairs = None  # set per call when the reference pass runs on one row (rules.py)
+  ref_consts = None
 
   def activation(self, act: Activation):
     v, vr = act.v.p, act.v.r
@@ -376,6 +398,11 @@ class LRP:
   def layer(self, layer: Layer):
     return self.composite.rule_for(layer)(layer)
 
+  def signed_forward(self, layer: Layer) -> bool:
+    """True for layer rules that compute the maps of the positive and negative weights of
+    the input anyway (alpha-beta, gamma): the forward value is their sum (one map fewer)."""
+    return bool(getattr(self.composite.rule_for(layer), "signed", False))
+
   def _norm(self):
     rule = self.composite.sum
     return getattr(rule, "stabilizer", getattr(rule, "epsilon", 1e-6))
@@ -394,8 +421,16 @@ class LRP:
     return 0.5 * _div(num, _stab(z, self._norm()))
 
   def softmax(self, a, s, axes):
-    """AttnLRP (Achtibat et al. 2024, Prop. 3.1): R_in = a * (R - s * sum(R)); the tangent
-    is its transpose, a * t - sum(s * a * t)."""
+    """AttnLRP (Achtibat et al. 2024, Prop. 3.1; as lxt's ``softmax_fn``):
+    R_in = a * (R - s * sum(R)) with ``a`` the softmax input, ``s`` its output; the tangent
+    is its transpose, a * t - sum(s * a * t).
+
+    A first-order Taylor decomposition at ``a`` with a bias term, so NOT conservative: per
+    softmax row sum(R_in) = sum_j R_j (a_j - sum_i s_i a_i), which is sum(R) minus the bias
+    share sum_j R_j (1 - a_j + sum_i s_i a_i). In gradient terms (R = s * g), the relevance
+    it passes is a * (exact softmax gradient of g): on a bias-free network at epsilon = 0,
+    LRP with it equals x * grad of the network with LayerNorm divisors detached, products
+    halved and activation gradients g(v) / v (tests/test_rules_transformer.py)."""
     at = a.p * a.t
     return at - jnp.sum(s * at, axis=axes, keepdims=True)
 

@@ -90,14 +90,13 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   kw = {} if apply_kwargs is None else {"apply_kwargs": apply_kwargs}
   m = wrap(model, args[0], **kw) if len(args) == 3 else wrap(model, **kw)
   x, target = args[-2:]
-  if layer is None and m.framework == "split":
-    layer = "features"
-  if not isinstance(layer, str):
-    raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
-                     f"layers: {list(m.layer_names())}")
+  layer = m.default_layer if layer is None else layer
   x = jnp.asarray(x)
   if x.ndim < 2:
     raise ValueError(f"x: expected a batch (B, ...); got shape {x.shape}")
+  if not isinstance(layer, str):
+    raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
+                     f"layers: {list(m.layer_names(x))}")
   if jnp.issubdtype(x.dtype, jnp.inexact):
     _validate.check_finite(x, "x")
   b = x.shape[0]

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
+from jaxplain._exact_ig import NotPiecewiseLinearError as NotPiecewiseLinearError
 from jaxplain.gradients import (_check_output, _check_target_chunk, _grad_rows,
                                 _grad_rows_multi, _is_multi, _multi_targets, _num_classes,
                                 _output_value)
@@ -199,8 +200,16 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       to ``x`` (see :func:`make_baseline`).
     steps: m, the number of quadrature nodes.
     method: ``"riemann_left"``, ``"riemann_right"``, ``"riemann_middle"``,
-      ``"riemann_trapezoid"`` or ``"gausslegendre"``.
-    chunk: steps per call of ``f`` (int >= 1) or ``None`` for all at once.
+      ``"riemann_trapezoid"``, ``"gausslegendre"`` or ``"exact"``: for networks that are
+      piecewise linear along the path (ReLU, leaky ReLU, abs, max-pool, affine layers,
+      inference batch norm), the breakpoints of every example's path are found (ExactLine)
+      and the integral is exact between them (``steps`` ignored; not under ``jit``; the
+      cost grows with the number of breakpoints: about 2,800 per example on the trained
+      LeNet, more than 13,000 after the first conv layer of the SmallCNN, see
+      benchmarks/bench_ig_accuracy.md). ``info["breakpoints"]`` lists them.
+    chunk: steps per call of ``f`` (int >= 1) or ``None`` for all at once. With
+      ``method="exact"``, ``chunk * max(B, 64)`` segment gradients per call (``None``:
+      4096).
     loop: ``"unroll"`` or ``"scan"``, how the chunks are sequenced.
     key: a ``jax.random`` key (for ``baseline="random"``).
     output: what is attributed: ``"logit"`` (default), ``"log_softmax"``, ``"softmax"``
@@ -230,6 +239,10 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     dtype ``promote_types(x.dtype, float32)``: for bfloat16 inputs the nodes, weights and
     sum are float32 and so is the result. With ``return_gap``, ``(attributions, gap)`` where
     ``gap = sum_i IG_i - (out(x)[t] - out(x')[t])``, (B,) or (B, T).
+
+  Raises:
+    NotPiecewiseLinearError: ``method="exact"`` and ``f`` holds a primitive that is not
+      piecewise linear along the path (the message names the first one).
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([(x ** 2).sum(1), x.sum(1)], axis=1)

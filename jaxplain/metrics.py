@@ -13,7 +13,9 @@
   map to the original (:func:`cascading_randomization`).
 * The Integrated-Gradients completeness gap is :func:`jaxplain.completeness_gap`.
 
-Conventions. ``x`` is NHWC ``(B, H, W, C)``. A saliency argument is either an attribution
+Conventions. ``x`` is NHWC ``(B, H, W, C)``; :func:`deletion_curve`, :func:`insertion_curve`,
+:func:`random_order_curve` and :func:`shift_invariance` also take sequences ``(B, L, E)``,
+tabular ``(B, D)`` or any rank >= 2 (the last axis is the channel axis). A saliency argument is either an attribution
 shaped like ``x`` -- aggregated over channels into a pixel map by ``reduce`` -- or a pixel map
 ``(B, H, W)`` (e.g. Grad-CAM). ``reduce`` is one of the channel reductions shared with
 ``plot`` and ``ppi`` (``jaxplain._maps``): ``"sum_abs"`` = sum over channels of ``|a|`` (the
@@ -153,22 +155,47 @@ def _descending_ranks(s: jax.Array) -> jax.Array:
   return jnp.argsort(order, axis=-1, stable=True)
 
 
+def _feature_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
+                 name: str = "saliency") -> jax.Array:
+  """The map whose elements are the ranked features, for ``x`` of any rank.
+
+  ``x`` of rank >= 3 (images ``(B, H, W, C)``, sequences ``(B, L, E)``): a saliency shaped
+  like ``x`` is reduced over the last (channel / embedding) axis by ``reduce``, one shaped
+  like ``x.shape[:-1]`` (a pixel map, per-token scores) is used as it is. Tabular ``x``
+  ``(B, D)``: the saliency is ``(B, D)``, each feature its own one-element channel (``reduce``
+  then only takes the absolute value, or not for ``"sum"``).
+  """
+  _maps.check_reduce(reduce)
+  s = jnp.asarray(saliency)
+  if len(x_shape) == 2 and s.shape == tuple(x_shape):
+    return _maps.reduce_channels(s[..., None], reduce)
+  if len(x_shape) >= 3 and s.shape == tuple(x_shape):
+    return _maps.reduce_channels(s, reduce)
+  if len(x_shape) >= 3 and s.shape == tuple(x_shape[:-1]):
+    return s
+  want = (f"{tuple(x_shape)}" if len(x_shape) == 2 else
+          f"shaped like x {tuple(x_shape)} or a map {tuple(x_shape[:-1])}")
+  raise ValueError(f"{name}: expected an attribution {want}; got shape {s.shape}")
+
+
 def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, insert):
-  x = _check_image(x)
+  x = check_batched(x, "x", min_rank=2)
   if output not in _OUTPUTS:
     raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
-  b, h, w, _ = x.shape
-  s = _pixel_map(saliency, x.shape, reduce)
+  b = x.shape[0]
+  s = _feature_map(saliency, x.shape, reduce)
   check_finite(s, "saliency")
   out = call_model(lambda: jax.eval_shape(f, x), f, x)
   t = check_target(target, b, check_logits(out, b, f=f, x=x).shape[1])
   try:
     base = jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape)
   except ValueError as e:
-    raise ValueError(f"value: expected a scalar, a per-channel (C,) array or an array that "
-                     f"broadcasts to x {x.shape}; got shape {jnp.shape(value)}") from e
-  counts = jnp.asarray(_step_counts(steps, h * w), jnp.int32)
-  ranks = _descending_ranks(s.reshape(b, h * w)).reshape(b, h, w, 1)
+    raise ValueError(f"value: expected a scalar, a per-channel ({x.shape[-1]},) array or an "
+                     f"array that broadcasts to x {x.shape}; got shape {jnp.shape(value)}"
+                     ) from e
+  n = int(np.prod(s.shape[1:]))
+  counts = jnp.asarray(_step_counts(steps, n), jnp.int32)
+  ranks = _descending_ranks(s.reshape(b, n)).reshape(s.shape + (1,) * (x.ndim - s.ndim))
 
   def score_at(k):
     top = ranks < k
@@ -186,21 +213,28 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
                    saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
                    output: str = "logit", reduce: str = "sum_abs",
                    chunk: int | None = None) -> jax.Array:
-  """Class score after removing the top-k salient pixels, for each k (deletion metric).
+  """Class score after removing the top-k salient features, for each k (deletion metric).
 
-  At step k the k pixels of highest saliency (all channels) are replaced by ``value``;
-  ties are broken by pixel index (row-major).
+  At step k the k features of highest saliency are replaced by ``value``; ties are broken by
+  feature index (row-major). A feature is a pixel (all its channels) of images
+  ``(B, H, W, C)``, a token (its whole embedding) of sequences ``(B, L, E)``, one column of
+  tabular ``(B, D)`` inputs.
 
   Args:
-    f: pure batched model ``(B, H, W, C) -> (B, K)`` logits.
-    x: ``(B, H, W, C)`` inputs.
+    f: pure batched model ``(B, ...) -> (B, K)`` logits.
+    x: ``(B, H, W, C)``, ``(B, L, E)`` or ``(B, D)`` inputs (any rank >= 2; for rank >= 3 the
+      last axis is the channel axis).
     target: int or ``(B,)`` int class indices.
-    saliency: attribution shaped like ``x`` or a pixel map ``(B, H, W)``.
-    steps: see :func:`step_fractions` (default 20 -> fractions 0, 0.05, ..., 1).
+    saliency: attribution shaped like ``x`` (reduced over the last axis by ``reduce`` for
+      rank >= 3), or a map shaped like ``x.shape[:-1]`` (a pixel map ``(B, H, W)``, per-token
+      scores ``(B, L)``); for tabular ``x`` a ``(B, D)`` array.
+    steps: see :func:`step_fractions` with the number of features (default 20 -> fractions
+      0, 0.05, ..., 1).
     value: removal value: a scalar, a per-channel ``(C,)`` array, or an array broadcasting to
-      ``x`` (e.g. a blurred copy of ``x``).
+      ``x`` (e.g. a blurred copy of ``x``, or a training-set mean for tabular data).
     output: class score: ``"logit"``, ``"probability"`` (softmax) or ``"log_softmax"``.
-    reduce: channel aggregation of ``saliency`` (module docstring).
+    reduce: channel aggregation of ``saliency`` (module docstring; for tabular ``x`` it
+      acts on each single value: ``"sum"`` ranks by the signed value, the others by ``|a|``).
     chunk: evaluate this many steps at a time (``jax.lax.map``) to bound memory; ``None`` =
       all steps in one vectorised call.
 
@@ -212,6 +246,9 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
   >>> x = jnp.array([[[[1.0], [3.0]]]])                       # (1, 1, 2, 1)
   >>> deletion_curve(f, x, 0, x, steps=[0, 1, 2]).tolist()    # removes 3 first, then 1
   [[4.0, 1.0, 0.0]]
+  >>> g = lambda x: jnp.stack([x.sum(1), -x.sum(1)], axis=1)  # tabular (B, D)
+  >>> deletion_curve(g, jnp.array([[1.0, 3.0]]), 0, jnp.array([[1.0, 3.0]]), steps=2).tolist()
+  [[4.0, 1.0, 0.0]]
   """
   return _curve(f, x, target, saliency, steps=steps, value=value, output=output,
                 reduce=reduce, chunk=chunk, insert=False)
@@ -221,10 +258,11 @@ def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: A
                     saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
                     output: str = "logit", reduce: str = "sum_abs",
                     chunk: int | None = None) -> jax.Array:
-  """Class score when only the top-k salient pixels of ``x`` are kept on a ``value`` canvas.
+  """Class score when only the top-k salient features of ``x`` are kept on a ``value`` canvas.
 
-  Same arguments and ordering as :func:`deletion_curve`; step k starts from ``value``
-  everywhere (e.g. black, or a blurred ``x``) and inserts the k most salient pixels of ``x``.
+  Same arguments, features (pixels, tokens, columns: any input rank) and ordering as
+  :func:`deletion_curve`; step k starts from ``value`` everywhere (e.g. black, or a blurred
+  ``x``) and inserts the k most salient features of ``x``.
 
   Returns:
     ``(B, S)`` scores.
@@ -240,14 +278,17 @@ def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: A
 
 
 def random_saliency(key: jax.Array, x: jax.Array) -> jax.Array:
-  """A uniformly random pixel map ``(B, H, W)``: the random-order baseline's ranking.
+  """A uniformly random feature map: the random-order baseline's ranking.
+
+  ``(B, H, W)`` for images ``(B, H, W, C)``, ``x.shape[:-1]`` for any ``x`` of rank >= 3
+  (``(B, L)`` for sequences), ``(B, D)`` for tabular ``x``.
 
   >>> import jax, jax.numpy as jnp
   >>> random_saliency(jax.random.key(0), jnp.zeros((2, 4, 4, 3))).shape
   (2, 4, 4)
   """
-  x = _check_image(x)
-  return jax.random.uniform(key, x.shape[:3])
+  x = check_batched(x, "x", min_rank=2)
+  return jax.random.uniform(key, x.shape if x.ndim == 2 else x.shape[:-1])
 
 
 def random_order_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any, *,
@@ -494,17 +535,21 @@ def shift_invariance(f: Callable[[jax.Array], jax.Array],
 
   Args:
     f: pure batched model, logits ``(B, K)``.
-    explain: ``explain(x, target) -> attribution`` (shaped like ``x``, or ``(B, H, W)``).
-    x: ``(B, H, W, C)`` inputs.
+    explain: ``explain(x, target) -> attribution`` (shaped like ``x``, or like
+      ``x.shape[:-1]``: ``(B, H, W)``, per-token ``(B, L)``).
+    x: ``(B, H, W, C)`` images, or any rank >= 2: sequences ``(B, L, E)``, tabular
+      ``(B, D)``.
     target: int or ``(B,)`` ints.
-    shift: scalar or ``(C,)`` constant added to every pixel of each channel.
-    reduce: channel aggregation of the maps.
-    ssim_window: SSIM window.
+    shift: scalar or ``(C,)`` constant (``C = x.shape[-1]``: channels, embedding dimensions,
+      tabular features) added to every position.
+    reduce: channel aggregation of the maps (over the last axis; see
+      :func:`deletion_curve` for tabular ``x``).
+    ssim_window: SSIM window (images only).
 
   Returns:
     dict of ``(B,)`` arrays: ``prediction_unchanged`` (bool), ``score_change``
-    (``f(x + c)[t] - f(x)[t]``), and ``spearman``, ``ssim``, ``l1``, ``l2`` of the map after
-    against the map before (:func:`map_similarity`).
+    (``f(x + c)[t] - f(x)[t]``), and ``spearman``, ``l1``, ``l2`` of the map after against
+    the map before (:func:`map_similarity`), plus ``ssim`` for images ``(B, H, W, C)``.
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([x.sum((1, 2, 3)), jnp.zeros(x.shape[0])], axis=1)
@@ -512,7 +557,7 @@ def shift_invariance(f: Callable[[jax.Array], jax.Array],
   >>> bool(r["prediction_unchanged"][0]), float(r["l1"][0])
   (True, 1.0)
   """
-  x = _check_image(x)
+  x = check_batched(x, "x", min_rank=2)
   b, c = x.shape[0], x.shape[-1]
   l0 = check_logits(call_model(lambda: f(x), f, x), b, f=f, x=x)
   t = check_target(target, b, l0.shape[1])
@@ -524,8 +569,17 @@ def shift_invariance(f: Callable[[jax.Array], jax.Array],
   l1 = f(xs)
   out = {"prediction_unchanged": jnp.argmax(l0, -1) == jnp.argmax(l1, -1),
          "score_change": select_target(l1, t) - select_target(l0, t)}
-  out.update(map_similarity(explain(x, t), explain(xs, t), reduce=reduce,
-                            ssim_window=ssim_window))
+  if x.ndim == 4:
+    out.update(map_similarity(explain(x, t), explain(xs, t), reduce=reduce,
+                              ssim_window=ssim_window))
+    return out
+  fa = _feature_map(explain(x, t), x.shape, reduce, "explain(x, target)").reshape(b, -1)
+  fb = _feature_map(explain(xs, t), x.shape, reduce, "explain(x + shift, target)")
+  fb = fb.reshape(b, -1)
+  out["spearman"] = _pearson_rows(_average_ranks(fa), _average_ranks(fb), fa, fb)
+  for name, p in (("l1", 1), ("l2", 2)):                    # map_change, normalize="reference"
+    den = jnp.linalg.norm(fa, ord=p, axis=-1)
+    out[name] = jnp.linalg.norm(fb - fa, ord=p, axis=-1) / jnp.where(den > 0, den, 1.0)
   return out
 
 
@@ -688,7 +742,9 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
       :func:`cascade_layers`).
     reduce: channel aggregation of the maps.
     ssim_window: SSIM window.
-    chunk: run this many stages at a time (``jax.lax.map``) to bound memory; ``None`` = all.
+    chunk: explain this many stages at a time, the chunks one after another, to bound memory
+      (on CPU ``chunk=1`` is also the fastest: XLA lowers a convolution vmapped over its
+      weights to a grouped convolution); ``None`` = all stages in one ``vmap``.
 
   Returns:
     ``{"spearman"``: ``(L + 1, B)`` rank correlation of the ``reduce`` maps with the original,
@@ -745,8 +801,12 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
 
   if chunk is None:
     maps, signed = jax.vmap(stage_maps)(stacked)
-  else:
-    maps, signed = jax.lax.map(stage_maps, stacked, batch_size=int(chunk))
+  else:                  # the few stages run chunk by chunk, one after another (not a loop
+    parts = []           # primitive: a backward pass inside XLA's CPU while loop runs slower)
+    for lo in range(0, n_stages, int(chunk)):
+      part = jax.tree_util.tree_map(lambda v, lo=lo: v[lo:lo + int(chunk)], stacked)
+      parts.append(jax.vmap(stage_maps)(part))
+    maps, signed = (jnp.concatenate(v) for v in zip(*parts))
   if maps.shape[1:] != x.shape[:3]:
     raise ValueError(f"explain: expected maps shaped like x {x.shape} or {x.shape[:3]}, got "
                      f"{maps.shape[1:]}")

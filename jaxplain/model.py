@@ -32,7 +32,9 @@ Conventions every method relies on (so that no method branches on the framework)
   ``ValueError``; one call of a layer is one intermediate. Give the two uses distinct
   submodules (the policy of every method in the library).
 - ``layer_names(x)`` lists the hookable layers in execution order (probed with
-  ``jax.eval_shape``, so nothing is computed).
+  ``jax.eval_shape``, so nothing is computed). ``layer_names()`` without ``x`` works only
+  where the framework's listing is the execution order (Keras); linen and NNX (sorted by
+  name) and Equinox (declaration order) need ``x``.
 
 To add a framework, write one adapter class below (``apply``, ``run``, ``linear``,
 ``trainable_paths``, ``names``) and one branch in ``wrap``.
@@ -167,6 +169,7 @@ def _select_output(out: Any, output: Any) -> Any:
 class _Linen:
   framework = "linen"
   channels_first = False
+  static_order, listing = False, "parameter-tree (sorted)"
 
   def __init__(self, module, variables, apply_kwargs, output):
     if variables is None:
@@ -273,6 +276,7 @@ class _Proxy:
 class _NNX:
   framework = "nnx"
   channels_first = False
+  static_order, listing = False, "attribute (alphabetical)"
 
   def __init__(self, module, apply_kwargs, output):
     from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -386,6 +390,7 @@ def _eqx_hook_cls():
 class _Equinox:
   framework = "equinox"
   channels_first = True
+  static_order, listing = False, "field-declaration"
 
   def __init__(self, module, output):
     import equinox as eqx  # pylint: disable=import-outside-toplevel
@@ -592,6 +597,7 @@ class _Split:
   """``(features, head)``: two functions with ``head(features(x))`` the logits; one layer."""
   framework = "split"
   channels_first = False
+  default_layer = "features"
 
   def __init__(self, features, head):
     self.features, self.head = features, head
@@ -687,6 +693,12 @@ class Model:
     return self.adapter.framework
 
   @property
+  def default_layer(self) -> str | None:
+    """The layer a method uses when none is named: ``"features"`` for a ``(features, head)``
+    pair (its only layer), else ``None`` (a layer must be named)."""
+    return getattr(self.adapter, "default_layer", None)
+
+  @property
   def channels_first(self) -> bool:
     """Whether the model's *inputs* are channels-first (Equinox); intermediates never are."""
     return self.adapter.channels_first
@@ -741,9 +753,20 @@ class Model:
     return logits
 
   def layer_names(self, x: Array | None = None) -> tuple[str, ...]:
-    """Layer names in execution order (probed on ``x`` with ``jax.eval_shape``); without
-    ``x``, the framework's own listing (linen: the layers owning parameters)."""
+    """Layer names in execution order, probed on an input batch ``x`` with
+    ``jax.eval_shape`` (nothing is computed).
+
+    Without ``x``, only where the framework's own listing is the execution order: Keras
+    (``model.layers``, graph order) and a ``(features, head)`` pair. Flax linen variables and
+    Flax NNX attributes are sorted by name and Equinox fields are in declaration order, none
+    of which is the order of the forward pass: there ``x`` is required (``ValueError``
+    otherwise, showing the call).
+    """
     if x is None:
+      if not getattr(self.adapter, "static_order", True):
+        raise ValueError(f"x: a {self.framework} model knows its layers only in "
+                         f"{self.adapter.listing} order, not in execution order; pass an "
+                         f"input batch: model.layer_names(x)")
       names = self.adapter.names()
       if names is None:
         return tuple(p[len("params/"):] for p in self.adapter._owners(self.params))
@@ -846,31 +869,251 @@ def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
                   f"a (features, head) pair of functions; got {type(obj).__name__}")
 
 
-def linen_parts(model: Any, what: str = "model") -> tuple[Any, Any]:
-  """``(module, variables)`` of a linen model given as a module or as ``wrap(module,
-  variables)`` (variables ``None`` for a bare module): the entry points that train a linen
-  module (``train.fit``, ``ppi.make_ppi_loss``) accept both. Other frameworks raise."""
+def _key_str(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+class _Nested:
+  """A pytree <-> nested dict of its leaves (string keys): the trainer's ``variables`` are
+  plain nested dicts in every framework (optax, orbax and checksums see only dicts)."""
+
+  def __init__(self, tree, drop_last_value: bool = False):
+    flat, self.treedef = jax.tree_util.tree_flatten_with_path(tree)
+    self.paths = []
+    for kp, _ in flat:
+      parts = [_key_str(k) for k in kp]
+      if drop_last_value and parts and parts[-1] == "value":
+        parts = parts[:-1]
+      self.paths.append(tuple(parts))
+    self.empty = not flat
+
+  def to_dict(self, tree) -> dict:
+    out: dict = {}
+    for path, leaf in zip(self.paths, jax.tree_util.tree_leaves(tree)):
+      node = out
+      for p in path[:-1]:
+        node = node.setdefault(p, {})
+      node[path[-1]] = leaf
+    return out
+
+  def from_dict(self, d: Mapping) -> Any:
+    leaves = []
+    for path in self.paths:
+      node = d
+      for p in path:
+        node = node[p]
+      leaves.append(node)
+    return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+class _NNXTrainee:
+  """A Flax NNX module seen through linen's ``init`` / ``apply`` (what ``train.fit`` and
+  ``ppi.make_ppi_loss`` call). ``variables = {"params": nnx.Param values, ["batch_stats":
+  every other variable (BatchStat, ...)]}`` as nested dicts; rng streams stay with the module
+  and are reseeded from the step key in training mode (``rngs={"dropout": key}``)."""
+  framework = "nnx"
+
+  def __init__(self, module):
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    self.user_graphdef = nnx.split(module)[0]
+    g, p, rng, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
+    self.p, self.rest = _Nested(p, True), _Nested(rest, True)
+    self.rng_leaves, self.rng_def = jax.tree_util.tree_flatten(rng)
+    copy = nnx.merge(g, p, rng, rest)
+    copy.train()
+    self.g_train = nnx.split(copy, nnx.Param, nnx.RngState, ...)[0]
+    copy.eval()
+    self.g_eval = nnx.split(copy, nnx.Param, nnx.RngState, ...)[0]
+    self.variables0 = self._variables(p, rest)
+    self.name = type(module).__name__
+    self.signature = [(k, tuple(np.shape(v))) for k, v in _leaves(self.variables0).items()]
+
+  def __repr__(self):
+    return f"nnx.{self.name}({self.signature})"
+
+  def _variables(self, p, rest):
+    v = {"params": self.p.to_dict(p)}
+    if not self.rest.empty:
+      v["batch_stats"] = self.rest.to_dict(rest)
+    return v
+
+  def _states(self, variables):
+    p = self.p.from_dict(variables["params"])
+    rest = self.rest.from_dict(variables.get("batch_stats", {}))
+    return p, rest
+
+  def _rng(self, key=None):
+    """Fresh rng variables: the module's own, or every stream reseeded from ``key`` (key
+    leaves ``fold_in(key, i)``, counts 0)."""
+    leaves = []
+    for i, v in enumerate(self.rng_leaves):
+      if key is None:
+        leaves.append(v)
+      elif jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
+        leaves.append(jnp.broadcast_to(jax.random.fold_in(key, i), v.shape))
+      else:
+        leaves.append(jnp.zeros_like(v))
+    return jax.tree_util.tree_unflatten(self.rng_def, leaves)
+
+  def module(self, variables, graphdef=None, key=None):
+    """The NNX module holding ``variables`` (the user's train/eval mode by default)."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    p, rest = self._states(variables)
+    return nnx.merge(self.user_graphdef if graphdef is None else graphdef, p, self._rng(key),
+                     rest)
+
+  def init(self, key, sample):
+    del key, sample  # an NNX module is initialised when it is built
+    return self.variables0
+
+  def apply(self, variables, x, *, train: bool = False, mutable: Any = None, rngs=None):
+    """Linen's ``apply``: training mode (``module.train()``) when ``train``, ``mutable`` or
+    ``rngs`` is given, else ``module.eval()``; ``mutable`` returns ``(logits, {"batch_stats":
+    ...})``."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    training = bool(train or mutable or rngs)
+    key = None
+    if training and rngs:
+      key = rngs.get("dropout", next(iter(rngs.values())))
+    m = self.module(variables, self.g_train if training else self.g_eval, key)
+    out = m(x)
+    if not mutable:
+      return out
+    _, _, _, rest = nnx.split(m, nnx.Param, nnx.RngState, ...)
+    return out, ({"batch_stats": self.rest.to_dict(rest)} if not self.rest.empty else {})
+
+  def export(self, variables):
+    return self.module(variables)
+
+  def as_model(self, variables) -> "Model":
+    return wrap(self.module(variables, self.g_eval))
+
+
+class _EqxTrainee:
+  """A stateless Equinox module seen through linen's ``init`` / ``apply``: ``variables =
+  {"params": its floating-point arrays}`` (nested dicts); it runs per example under
+  ``jax.vmap`` in inference mode (``eqx.nn.inference_mode``: dropout off) in training too."""
+  framework = "equinox"
+
+  def __init__(self, module):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    stateful = [type(n).__name__ for n in jax.tree_util.tree_leaves(
+        module, is_leaf=lambda n: isinstance(n, (eqx.nn.BatchNorm, eqx.nn.StateIndex)))
+                if isinstance(n, (eqx.nn.BatchNorm, eqx.nn.StateIndex))]
+    if stateful:
+      raise TypeError(f"model: train.fit trains stateless Equinox modules only; this one has "
+                      f"{stateful[0]} (eqx.nn.State); train it with your own loop")
+    self.user = module
+    params, self.static = eqx.partition(module, eqx.is_inexact_array)
+    self.p = _Nested(params)
+    self.variables0 = {"params": self.p.to_dict(params)}
+    self.name = type(module).__name__
+    self.signature = [(k, tuple(np.shape(v))) for k, v in _leaves(self.variables0).items()]
+
+  def __repr__(self):
+    return f"equinox.{self.name}({self.signature})"
+
+  def module(self, variables):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    return eqx.combine(self.p.from_dict(variables["params"]), self.static)
+
+  def init(self, key, sample):
+    del key, sample
+    return self.variables0
+
+  def apply(self, variables, x, *, train: bool = False, mutable: Any = None, rngs=None):
+    import equinox as eqx  # pylint: disable=import-outside-toplevel
+    del train, rngs
+    out = jax.vmap(eqx.nn.inference_mode(self.module(variables)))(x)
+    return (out, {}) if mutable else out
+
+  def export(self, variables):
+    return self.module(variables)
+
+  def as_model(self, variables) -> "Model":
+    return wrap(self.module(variables))
+
+
+def train_parts(model: Any, what: str = "model") -> tuple[Any, Any]:
+  """``(trainee, variables)`` for the entry points that train a model (``train.fit``,
+  ``train.init_state``, ``train.evaluate``, ``ppi.make_ppi_loss``).
+
+  ``trainee`` has linen's ``init(key, x)`` / ``apply(variables, x, *, train, mutable,
+  rngs)``: a linen module is its own trainee (``variables`` from ``wrap(module, variables)``
+  or ``None``); a Flax NNX or Equinox module (bare or wrapped) becomes one whose variables
+  are nested dicts (``trainee.export(variables)`` rebuilds the module, ``trainee.as_model``
+  the wrapped ``Model``). Keras and plain functions raise ``TypeError``.
+  """
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if isinstance(model, (_NNXTrainee, _EqxTrainee)):
+    return model, None
   if isinstance(model, Model):
-    if model.framework != "linen":
-      raise TypeError(f"{what}: training supports Flax linen models only (got a wrapped "
-                      f"{model.framework} model); wrap(module, variables) of a linen module "
-                      "works")
-    return model.adapter.module, model.params
+    if model.framework == "linen":
+      return model.adapter.module, model.params
+    if model.framework == "nnx":
+      t = _NNXTrainee(nnx.merge(model.adapter.graphdef, model.params))
+      return t, t.variables0
+    if model.framework == "equinox":
+      import equinox as eqx  # pylint: disable=import-outside-toplevel
+      t = _EqxTrainee(eqx.combine(model.params, model.adapter.static))
+      return t, t.variables0
+    raise TypeError(f"{what}: training supports Flax linen, Flax NNX and Equinox models (got "
+                    f"a wrapped {model.framework} model)")
   if isinstance(model, nn.Module):
     return model, None
-  raise TypeError(f"{what}: expected a flax.linen Module or wrap(module, variables), got "
+  if isinstance(model, nnx.Module):
+    return _NNXTrainee(model), None
+  if _is_eqx(model):
+    return _EqxTrainee(model), None
+  raise TypeError(f"{what}: training supports a flax.linen Module (or wrap(module, "
+                  f"variables)), a flax.nnx Module or an equinox Module; got "
                   f"{type(model).__name__}")
 
 
-def as_model(model: Any, args: tuple, n: int, what: str) -> tuple[Model, tuple]:
-  """Accept ``f(model, *args)`` (n args) and the older ``f(model, variables, *args)``.
+def trained_model(trainee: Any, variables: Any) -> Any:
+  """The trained model in its own framework: an NNX / Equinox module holding ``variables``;
+  ``None`` for linen (a linen module holds no weights: use the variables)."""
+  export = getattr(trainee, "export", None)
+  return None if export is None else export(variables)
+
+
+def as_wrapped(trainee: Any, variables: Any) -> "Model":
+  """``wrap`` of a trainee with these variables (the model interface of a trained model)."""
+  if hasattr(trainee, "as_model"):
+    return trainee.as_model(variables)
+  return wrap(trainee, variables)
+
+
+def as_model(model: Any, args: tuple, n: int, what: str, sig: str = "...") -> tuple[Model, tuple]:
+  """Accept ``f(model, *args)`` (n args, ``model`` anything ``wrap`` takes) and the older
+  ``f(module_or_apply_fn, variables_or_params, *args)``.
 
   Returns ``(wrapped model, args)`` (private helper of the layer-level methods).
   """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   if len(args) == n + 1:
-    return wrap(model, args[0]), tuple(args[1:])
+    if isinstance(model, nn.Module):
+      return wrap(model, args[0]), tuple(args[1:])
+    return wrap((model, args[0])), tuple(args[1:])
   if len(args) != n:
-    raise TypeError(f"{what}: expected {n} positional arguments after the model, got "
-                    f"{len(args)}")
+    raise TypeError(f"{what}: expected {what}(model, {sig}), got {len(args)} positional "
+                    "arguments after the model")
   return wrap(model), tuple(args)
+
+
+def is_wrappable(obj: Any) -> bool:
+  """A wrapped ``Model`` or a framework model object (linen, NNX, Equinox, Keras), as
+  opposed to a bare parameter tree (private helper of the layer-level methods)."""
+  if isinstance(obj, Model):
+    return True
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if isinstance(obj, nnx.Module) or _is_eqx(obj) or _is_keras(obj):
+    return True
+  if "flax.linen" in sys.modules:
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+    return isinstance(obj, nn.Module)
+  return False

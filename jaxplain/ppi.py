@@ -62,13 +62,14 @@ checkpoints with exact resume).
 
 Saliency methods are pluggable: a callable ``(f, x, target) -> map`` or one of the names
 ``"wbp"`` (default, :func:`jaxplain.rules.wbp`), ``"gradient"``, ``"gradient_x_input"``,
-``"grad_cam"`` (on ``PPIConfig.grad_cam_layer``, default: the last convolution) and ``"lrp"``.
+``"grad_cam"`` (on ``PPIConfig.grad_cam_layer``, default: the last convolution in execution
+order) and ``"lrp"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,8 @@ class PPIConfig:
     pairing: how ``j != i`` is chosen for ``x'``: ``"roll"``, ``"random_shift"`` or
       ``"same_label"`` (see :func:`partner_indices`).
     warmup_steps: plain classification for steps < ``warmup_steps``, PPI afterwards.
-    grad_cam_layer: layer for the ``"grad_cam"`` saliency (None: the last convolution).
+    grad_cam_layer: layer for the ``"grad_cam"`` saliency (None: the last convolution in
+      execution order).
     eps: added to the normaliser of the map.
 
   >>> PPIConfig(sigma=0.2).w2
@@ -468,23 +470,6 @@ def ppi_objective(f: Callable[[jax.Array], jax.Array], x: jax.Array, y: Any,
 
 # -- saliency resolution --------------------------------------------------------------------
 
-def _last_conv_layer(params: Mapping[str, Any]) -> str:
-  """Path ("a/b") of the last module holding a 4-D ``kernel`` (creation order)."""
-  found = []
-
-  def walk(tree, path):
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, path + (k,))
-      elif k == "kernel" and getattr(v, "ndim", 0) == 4:
-        found.append("/".join(path))
-  walk(params, ())
-  if not found:
-    raise ValueError("saliency='grad_cam': the model has no convolution (no 4-D 'kernel' in "
-                     "params); set PPIConfig.grad_cam_layer")
-  return found[-1]
-
-
 def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig):
   """Returns ``sal(variables, f, x, y) -> map``."""
   if callable(saliency):
@@ -502,14 +487,28 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
     return lambda variables, f, x, y: fn(f, x, y)
   from jaxplain import cam  # pylint: disable=import-outside-toplevel
 
-  from jaxplain.model import linen_parts, wrap  # pylint: disable=import-outside-toplevel
-  module, _ = linen_parts(model, "model")
+  from jaxplain.model import as_wrapped, train_parts  # pylint: disable=import-outside-toplevel
+  module, _ = train_parts(model, "model")   # linen module or NNX / Equinox trainee
 
   def grad_cam(variables, f, x, y):
     del f
-    layer = config.grad_cam_layer or _last_conv_layer(variables["params"])
-    return cam.grad_cam(wrap(module, variables), x, y, layer=layer)
+    m = as_wrapped(module, variables)       # the model interface (any framework)
+    layer = config.grad_cam_layer or _last_conv_in_order(m, x)
+    return cam.grad_cam(m, x, y, layer=layer)
   return grad_cam
+
+
+def _last_conv_in_order(m: Any, x: jax.Array) -> str:
+  """The last convolution layer in execution order of a wrapped model (any framework; was:
+  the alphabetically last 4-D kernel of linen params, so "conv9" after "conv10")."""
+  for name in reversed(m.layer_names(x)):
+    try:
+      if m.linear(name).kind == "conv":
+        return name
+    except (TypeError, ValueError):
+      continue
+  raise ValueError("saliency='grad_cam': the model has no convolution layer; set "
+                   "PPIConfig.grad_cam_layer")
 
 
 # -- training-driver loss and the jitted step -----------------------------------------------
@@ -521,7 +520,11 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   Args:
     model: a Flax linen module returning (B, K) logits (or ``jaxplain.wrap(module,
       variables)``); models with batch norm take ``train: bool`` and have
-      ``model_state = {"batch_stats": ...}``.
+      ``model_state = {"batch_stats": ...}``. A Flax NNX module (bare or wrapped) works the
+      same way with the variables of :func:`jaxplain.train.init_state` (nested dicts;
+      ``nnx.BatchNorm`` statistics are the ``"batch_stats"``); ``saliency="grad_cam"`` then
+      hooks the NNX layer named by ``PPIConfig.grad_cam_layer`` (attribute path; default, in
+      every framework, the last convolution in execution order).
     config: :class:`PPIConfig` (default ``PPIConfig()``).
     saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES``.
 
@@ -542,9 +545,11 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   >>> float(metrics["ppi_on"])
   1.0
   """
-  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
+  from jaxplain.model import train_parts  # pylint: disable=import-outside-toplevel
   config = PPIConfig() if config is None else config
-  model, _ = linen_parts(model, "model")   # a linen module or wrap(module, variables)
+  # a linen module (or wrap(module, variables)); an NNX / Equinox module becomes a trainee
+  # with linen's init / apply (see jaxplain.train)
+  model, _ = train_parts(model, "model")
   sal = _resolve_saliency(saliency, model, config)
 
   def loss_fn(params, model_state, batch, key, step):

@@ -81,6 +81,33 @@ __all__ = ["wbp", "lrp", "deeplift", "guided_backprop", "deconvnet", "Composite"
 Array = Any
 
 
+# The Args entries every method shares, filled into each docstring at its markers by _doc.
+_SHARED_ARGS = {
+    "<f, x, target, output>": """\
+f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
+      primitives; see the module docstring). Its output is explained as given, as by
+      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
+      propagated by the rule but differentiated exactly (see the module docstring).
+    x: input, shape (B, ...).
+    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
+      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
+      has shape (B, T, ...) and the forward pass is shared.
+    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
+      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
+      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.""",
+    "<target_chunk>":
+        "target_chunk: with several targets, how many are pulled back at once (memory bound).",
+}
+
+
+def _doc(fn):
+  """Fill the shared Args entries (``_SHARED_ARGS``) into ``fn``'s docstring."""
+  for marker, text in _SHARED_ARGS.items():
+    if fn.__doc__:  # None under python -OO
+      fn.__doc__ = fn.__doc__.replace(marker, text)
+  return fn
+
+
 def _targets(target: Any, batch: int, num_classes: int) -> tuple[Array, bool]:
   """(B, T) int32 targets and whether the caller asked for several per example."""
   if isinstance(target, str):
@@ -124,6 +151,8 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
   out, norm = _jaxpr.strip_output_normalisation(eqns, outvars[0])
   eqns = _jaxpr.dce(eqns, [out])
   ref = reference if reference is not None else x
+  if rule.needs_ref and ref.shape[0] == 1 and x.shape[0] > 1:
+    ref = _one_row_reference(f, x, ref, rule, (invars, constvars, consts, eqns, out, norm))
 
   def tangent(dx):
     (val,) = _jaxpr.evaluate(eqns, invars, constvars, [out], consts,
@@ -157,6 +186,31 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
   return jnp.moveaxis(maps, 0, 1)
 
 
+def _one_row_reference(f, x, ref, rule, traced):
+  """A reference equal for every example runs its pass on one row: ``f`` is traced at batch
+  1 too and zipped with the batch-B trace equation by equation (``rule.pairs``), so the
+  reference values have a leading 1 and broadcast against the input's. Costs no forward at
+  batch B (DeepLIFT at the zero reference: about one gradient). Where the two traces differ
+  in structure, the reference is broadcast to the batch instead."""
+  invars, constvars, consts, eqns, out, norm = traced
+  try:
+    closed1 = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
+    j1 = closed1.jaxpr
+    _, cv1, c1, eq1, ov1 = _jaxpr.unwrap_single_call(j1.invars, j1.constvars, closed1.consts,
+                                                     j1.eqns, j1.outvars)
+    out1, norm1 = _jaxpr.strip_output_normalisation(eq1, ov1[0])
+    eq1 = _jaxpr.dce(eq1, [out1])
+  except Exception:  # pylint: disable=broad-except  (any failure: the batch-B reference)
+    return jnp.broadcast_to(ref, x.shape)
+  pairs, ref_consts = {}, dict(zip(constvars, c1))
+  if (norm1 != norm or len(cv1) != len(constvars)
+      or not _jaxpr.pair_eqns(eqns, eq1, pairs, ref_consts)):
+    return jnp.broadcast_to(ref, x.shape)
+  rule.pairs, rule.ref_consts = pairs, ref_consts
+  return ref
+
+
+@_doc
 def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
         target_chunk: int | None = None) -> Array:
   """Weight Back-Propagation saliency (seed 004, sec. 3.2, eq. 7 and Table 1).
@@ -167,18 +221,8 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "lo
   ``h(v) = g(v) / v`` (limit ``g'(0)`` at 0; ``(g(v) - g(0)) / v`` when ``g(0) != 0``).
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring). Its output is explained as given, as by
-      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
-      propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
-    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
-      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
-      has shape (B, T, ...) and the forward pass is shared.
-    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
-      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
-      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
-    target_chunk: with several targets, how many are pulled back at once (memory bound).
+    <f, x, target, output>
+    <target_chunk>
 
   Returns:
     Saliency map shaped like ``x`` (or (B, T, ...)). Jittable, vmappable and differentiable
@@ -194,6 +238,7 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "lo
                             target_chunk=target_chunk)
 
 
+@_doc
 def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
              reference: Array | None = None, output: str = "logit",
              target_chunk: int | None = None) -> Array:
@@ -205,19 +250,12 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   (summation-to-delta). Max-pooling routes with the arg-max at ``x``.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring). Its output is explained as given, as by
-      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
-      propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
-    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
-      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
-      has shape (B, T, ...) and the forward pass is shared.
-    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
-      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
-      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
-    reference: reference input broadcastable to ``x`` (default zeros).
-    target_chunk: with several targets, how many are pulled back at once (memory bound).
+    <f, x, target, output>
+    reference: reference input broadcastable to ``x`` (default zeros). One equal for
+      every example (the default, no batch axis or a leading 1) has its pass run on one
+      row (``f`` traced at batch 1 too), so DeepLIFT costs about one gradient; ``f`` must
+      treat the examples of a batch independently, as every method here assumes.
+    <target_chunk>
 
   Returns:
     Attributions shaped like ``x`` (or (B, T, ...)).
@@ -230,11 +268,17 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
   (1.7256, 1.7256)
   """
   x = check_batched(x, "x")
+  # One row when the reference is the same for every example (the default zeros, or a
+  # reference without a batch axis / with a leading 1): its pass then runs at batch 1.
   # The barrier keeps XLA from constant-folding the whole reference pass at compile time.
-  ref = (jax.lax.optimization_barrier(jnp.zeros_like(x)) if reference is None
+  row = (1,) + x.shape[1:]
+  ref = (jax.lax.optimization_barrier(jnp.zeros(row, x.dtype)) if reference is None
          else jnp.asarray(reference, x.dtype))
   try:
-    ref = jnp.broadcast_to(ref, x.shape)
+    jnp.broadcast_shapes(jnp.shape(ref), x.shape)
+    if jnp.ndim(ref) < x.ndim or jnp.shape(ref)[0] == 1:
+      ref = jnp.broadcast_to(ref, row)
+    ref = jnp.broadcast_to(ref, row if ref.shape[0] == 1 else x.shape)
   except ValueError as e:
     raise ValueError(f"reference: expected an array broadcastable to x.shape={x.shape}, "
                      f"got shape {jnp.shape(reference)}") from e
@@ -244,6 +288,7 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
                             target_chunk=target_chunk)
 
 
+@_doc
 def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 1e-6,
         composite: Any = None, low: Any = None, high: Any = None, output: str = "logit",
         target_chunk: int | None = None) -> Array:
@@ -258,17 +303,7 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
   contributions (Zennit's ``Norm`` on its ``Sum``), so it is not doubled.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring). Its output is explained as given, as by
-      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
-      propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
-    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
-      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
-      has shape (B, T, ...) and the forward pass is shared.
-    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
-      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
-      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
+    <f, x, target, output>
     epsilon: stabiliser (>= 0) of the epsilon rule, added with the sign of ``z``.
     composite: ``None`` (the epsilon rule at dense and conv layers, ``Norm`` with stabiliser
       ``min(epsilon, 1e-6)`` at average pooling and sums), a name
@@ -280,7 +315,7 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
       convolutions only, ours applies it to the first dense or conv layer.
     low: lowest input value(s) for z-box (broadcastable to ``x``).
     high: highest input value(s) for z-box.
-    target_chunk: with several targets, how many are pulled back at once (memory bound).
+    <target_chunk>
 
   Returns:
     Relevance shaped like ``x`` (or (B, T, ...)); it sums to the target logit up to the
@@ -299,6 +334,7 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
                             target_chunk=target_chunk)
 
 
+@_doc
 def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
                     output: str = "logit", target_chunk: int | None = None) -> Array:
   """Guided backpropagation (Springenberg et al. 2015), seeded with 1 at the target.
@@ -308,18 +344,8 @@ def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
   ``GuidedBackprop``. Other activations use their gradient.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring). Its output is explained as given, as by
-      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
-      propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
-    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
-      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
-      has shape (B, T, ...) and the forward pass is shared.
-    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
-      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
-      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
-    target_chunk: with several targets, how many are pulled back at once (memory bound).
+    <f, x, target, output>
+    <target_chunk>
 
   Returns:
     The modified gradient, shaped like ``x`` (or (B, T, ...)).
@@ -334,24 +360,15 @@ def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
                             target_chunk=target_chunk)
 
 
+@_doc
 def deconvnet(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
               target_chunk: int | None = None) -> Array:
   """Deconvnet (Zeiler & Fergus 2014), seeded with 1 at the target: at every ReLU the
   backward signal is ``relu(grad)``, whatever the sign of the pre-activation.
 
   Args:
-    f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from supported
-      primitives; see the module docstring). Its output is explained as given, as by
-      :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
-      propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
-    target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
-      per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
-      has shape (B, T, ...) and the forward pass is shared.
-    output: which score of ``f(x)`` is explained, as in :func:`jaxplain.gradient`:
-      ``"logit"`` (``f(x)[t]``, default), ``"log_softmax"``, ``"softmax"`` or
-      ``"cross_entropy"``; the rule is seeded with the cotangent of that score.
-    target_chunk: with several targets, how many are pulled back at once (memory bound).
+    <f, x, target, output>
+    <target_chunk>
 
   Returns:
     The modified gradient, shaped like ``x`` (or (B, T, ...)).

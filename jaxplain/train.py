@@ -1,4 +1,14 @@
-"""A jitted, data-parallel training driver for Flax linen models, with orbax checkpoints.
+"""A jitted, data-parallel training driver for Flax linen, Flax NNX and Equinox models, with
+orbax checkpoints.
+
+Frameworks: a Flax linen module (or ``jaxplain.wrap(module, variables)``); a Flax NNX module
+(bare or wrapped: its ``nnx.Param`` values are trained, the other variables such as
+``BatchStat`` are the ``model_state``, rng streams are reseeded from the step key; train mode
+``module.train()``, evaluation ``module.eval()``); a stateless Equinox module (its floating
+point arrays are trained, per example under ``jax.vmap``, always in inference mode, so dropout
+is off). For NNX / Equinox the ``variables`` are nested dicts of the arrays and
+``FitResult.model`` is the trained module. Keras models and plain functions are not trained
+here.
 
 One ``step(state, batch, key)`` compiled once with ``donate_argnums`` (big_vision style):
 the state is ``{"params", "model_state", "opt_state", "step"}`` (``model_state`` is ``{}`` or
@@ -52,10 +62,18 @@ class FitResult(NamedTuple):
       over the epoch's steps), "val_loss"/"val_accuracy" with validation data, and
       "step_loss" (the loss of every step of the epoch, for exact comparisons).
     step: number of optimizer steps taken in total.
+    model: the trained model in its own framework (a Flax NNX or Equinox module holding
+      ``variables``); ``None`` for linen (a linen module holds no weights).
   """
   variables: dict
   history: list
   step: int
+  model: Any = None
+
+
+def _trainee(model):
+  from jaxplain.model import train_parts  # pylint: disable=import-outside-toplevel
+  return train_parts(model, "model")
 
 
 class CheckpointError(RuntimeError):
@@ -112,6 +130,7 @@ def classification_loss(model) -> LossFn:
   >>> sorted(metrics)
   ['accuracy', 'loss']
   """
+  model, _ = _trainee(model)
 
   def loss_fn(params, model_state, batch, key, step):
     del step
@@ -196,6 +215,7 @@ def make_eval_step(model, *, mesh: Mesh | None = None):
   >>> float(out["count"])
   2.0
   """
+  model, _ = _trainee(model)
   mesh = _batching.data_mesh() if mesh is None else mesh
   rep, data = _replicated(mesh), NamedSharding(mesh, P("data"))
 
@@ -222,7 +242,8 @@ def evaluate(model, variables: dict, data: dict, *, batch_size: int = 256,
   the last batch is padded and masked).
 
   Args:
-    model: Flax linen module returning logits (B, K).
+    model: a Flax linen, Flax NNX or Equinox model returning logits (B, K) (as for
+      :func:`fit`).
     variables: its variables ``{"params": ..., ["batch_stats": ...]}``.
     data: dict with "image" (N, H, W, C) and "label" (N,).
     batch_size: evaluation batch size (rounded to a multiple of the device count).
@@ -238,6 +259,7 @@ def evaluate(model, variables: dict, data: dict, *, batch_size: int = 256,
   >>> sorted(evaluate(m, v, d))
   ['accuracy', 'loss']
   """
+  model, _ = _trainee(model)
   for k in ("image", "label"):
     if k not in data:
       raise KeyError(f"evaluate: data must have key {k!r}, got keys {sorted(data)}")
@@ -395,7 +417,7 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
   """The training state ``{"params", "model_state", "opt_state", "step"}`` of a model.
 
   Args:
-    model: Flax linen module.
+    model: a Flax linen module, or an NNX / Equinox module (whose weights are the init).
     optimizer: optax GradientTransformation.
     sample: an input batch (1, H, W, C) to initialise shapes.
     key: init key (default ``jax.random.key(0)``).
@@ -406,6 +428,8 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
   >>> sorted(init_state(LeNet(), optax.sgd(0.1), jnp.zeros((1, 28, 28, 1))))
   ['model_state', 'opt_state', 'params', 'step']
   """
+  model, wrapped = _trainee(model)
+  variables = wrapped if variables is None else variables
   if variables is None:
     key = jax.random.key(0) if key is None else key
     variables = jax.jit(model.init)(key, jnp.asarray(sample))  # jitted: no op-by-op init
@@ -443,8 +467,10 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   """Train ``model`` on a data dict: shuffled fixed-size batches, jitted data-parallel steps.
 
   Args:
-    model: Flax linen module returning logits, or ``jaxplain.wrap(module, variables)`` (then
-      training starts from those variables). Other frameworks are not trained here.
+    model: a Flax linen module returning logits, or ``jaxplain.wrap(module, variables)``
+      (then training starts from those variables); a Flax NNX module or a stateless Equinox
+      module (bare or wrapped; training starts from its weights, ``seed`` only orders the
+      batches and feeds dropout). Keras models and plain functions are not trained here.
     train: dict with "image" (N, H, W, C), "label" (N,) and any extra per-example arrays
       (they reach ``loss_fn`` in the batch).
     validation: optional dict ("image", "label") evaluated after every epoch.
@@ -473,7 +499,7 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
     eval_batch_size: validation batch size.
 
   Returns:
-    :class:`FitResult` ``(variables, history, step)``.
+    :class:`FitResult` ``(variables, history, step, model)``.
 
   >>> import numpy as np
   >>> from jaxplain.models import LeNet
@@ -482,8 +508,9 @@ def fit(model, train: dict, validation: dict | None = None, *, epochs: int,
   >>> r.step, len(r.history)
   (2, 1)
   """
-  from jaxplain.model import linen_parts  # pylint: disable=import-outside-toplevel
-  model, wrapped_variables = linen_parts(model, "model")   # a module or wrap(module, variables)
+  # linen: the module (variables from wrap(module, variables)); NNX / Equinox: a trainee
+  # with linen's init / apply whose variables are the module's own arrays
+  model, wrapped_variables = _trainee(model)
   if init_variables is None:
     init_variables = wrapped_variables
   for k in ("image", "label"):
@@ -652,4 +679,6 @@ def _fit_loop(*, model, train, validation, epochs, batch_size, optimizer, seed, 
   finally:
     bar.close()
   variables = best if early and best is not None else _variables(state)
-  return FitResult(jax.device_get(variables), history, step)
+  from jaxplain.model import trained_model  # pylint: disable=import-outside-toplevel
+  variables = jax.device_get(variables)
+  return FitResult(variables, history, step, trained_model(model, variables))

@@ -449,3 +449,29 @@ def test_independent_randomization_leaves_integer_leaves_alone():
   np.testing.assert_allclose(counted["similarity"], plain["similarity"], rtol=1e-6)
   np.testing.assert_allclose(counted["maps"], plain["maps"], rtol=1e-6)
   assert not np.allclose(plain["maps"][1], plain["maps"][0])  # w really was randomised
+
+
+def test_every_submodule_is_reachable_and_no_function_shadows_one():
+  # `jaxplain.evaluation.complexity` is the function; its module is `_complexity`
+  import importlib
+  import pkgutil
+  import types
+  assert isinstance(E.complexity, types.FunctionType)
+  for m in pkgutil.iter_modules(E.__path__):
+    mod = importlib.import_module(f"jaxplain.evaluation.{m.name}")
+    assert getattr(E, m.name) is mod, m.name
+  assert importlib.import_module("jaxplain.evaluation._complexity").complexity is E.complexity
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_cascading_randomization_chunks_equal_loop(chunk):
+  p, rp, f, _ = _two_layer()
+  g = lambda p, x: f(p, x.reshape(x.shape[0], -1))
+  ex = lambda p, x, t: jax.vmap(jax.grad(lambda z, tt: g(p, z[None])[0, tt]))(x, t)
+  x = jax.random.normal(jax.random.key(6), (3, 2, 3, 1))
+  t = jnp.array([0, 1, 2])
+  res = __import__("jaxplain").cascading_randomization(ex, p, x, t, random_params=rp,
+                                                       layers=["l2", "l1"], chunk=chunk)
+  for stage, q in enumerate([p, {**p, "l2": rp["l2"]}, rp]):         # cascade from the top
+    m = np.asarray(ex(q, x, t))[..., 0]
+    np.testing.assert_allclose(np.asarray(res["maps_signed"][stage]), m, rtol=1e-5, atol=1e-6)

@@ -497,7 +497,11 @@ def test_exact_ig_on_a_relu_maxpool_cnn():
     changed = set(np.flatnonzero(np.any(pat[1:] != pat[:-1], axis=1)))
     bp = np.asarray(info["breakpoints"][b])
     found = set(np.searchsorted(grid, bp) - 1)
-    assert len(bp) > 5 and found == changed, (sorted(found ^ changed), len(bp))
+    off = found ^ changed  # cells where the scan and the breakpoints disagree: only where a
+    # breakpoint lies within float32 rounding (1e-6) of a grid point (it may land one cell over)
+    assert len(bp) > 5 and len(off) <= 4, (sorted(off), len(bp))
+    for i in off:
+      assert min(np.min(np.abs(bp - grid[i])), np.min(np.abs(bp - grid[i + 1]))) < 1e-6, i
     assert int(info["steps"][b]) == len(bp) + 1
 
 

@@ -370,3 +370,95 @@ def test_cascade_leaves_integer_leaves_alone_and_runs_on_a_wrapped_model():
         m.params, rnd)
     ref = np.abs(np.asarray(explain(p, x, t))).sum(-1)
     np.testing.assert_allclose(np.asarray(r["maps"][s]), ref, rtol=1e-5, atol=1e-7)
+
+
+# -- deletion / insertion / shift invariance on tabular (B, D) and sequence (B, L, E) inputs ----
+
+def _tabular_and_sequence_models():
+  r = np.random.default_rng(7)
+  w1 = jnp.asarray(r.normal(size=(7, 5)), jnp.float32)
+  w2 = jnp.asarray(r.normal(size=(5, 3)), jnp.float32)
+  tab = lambda x: jnp.tanh(x @ w1) @ w2                                  # (B, 7) -> (B, 3)
+  e1 = jnp.asarray(r.normal(size=(4, 6)), jnp.float32)
+  pos = jnp.asarray(r.normal(size=(6, 6)), jnp.float32)                  # L = 6 positions
+  e2 = jnp.asarray(r.normal(size=(6, 3)), jnp.float32)
+  seq = lambda x: jnp.mean(jnp.tanh(x @ e1 + pos[None]), axis=1) @ e2   # (B, 6, 4) -> (B, 3)
+  w1, w2, e1, pos, e2 = (np.asarray(v, np.float64) for v in (w1, w2, e1, pos, e2))
+  tab_np = lambda x: np.tanh(x @ w1) @ w2                                # float64 twins
+  seq_np = lambda x: np.mean(np.tanh(x @ e1 + pos[None]), axis=1) @ e2
+  return (tab, tab_np), (seq, seq_np)
+
+
+def _loop_feature_curve(f, x, t, fmap, counts, value, insert):
+  """Plain loop: per example sort the features (stable), set the removed ones, score."""
+  x = np.asarray(x, np.float64)
+  out = np.zeros((x.shape[0], len(counts)))
+  for i in range(x.shape[0]):
+    order = np.argsort(-fmap[i].reshape(-1), kind="stable")
+    for j, k in enumerate(counts):
+      xi = x[i].copy()
+      top = set(order[:k].tolist())
+      for feat in range(fmap[i].size):
+        if (feat in top) != insert:
+          xi[feat] = value                       # a column (tabular) or a token's embedding
+      out[i, j] = f(xi[None])[0, t[i]]
+  return out
+
+
+@pytest.mark.parametrize("kind", ["tabular", "sequence", "sequence_token_map"])
+def test_curves_on_tabular_and_sequence_inputs_match_plain_loop(kind):
+  tab, seq = _tabular_and_sequence_models()
+  f, f_np = tab if kind == "tabular" else seq
+  shape = (3, 7) if kind == "tabular" else (3, 6, 4)
+  x = jax.random.normal(jax.random.key(1), shape)
+  att = jax.random.normal(jax.random.key(2), shape)
+  if kind == "sequence_token_map":
+    att = att[..., 0]                                            # per-token scores (B, L)
+  t = np.array([0, 2, 1])
+  a = np.asarray(att)
+  # reduce="sum_abs" on an attribution like x; a token map (B, L) is used as it is
+  fmap = {"tabular": np.abs(a), "sequence": np.abs(a).sum(-1), "sequence_token_map": a}[kind]
+  n = fmap.shape[1]
+  steps = [0, 1, 3, n]
+  for insert, fn in ((False, metrics.deletion_curve), (True, metrics.insertion_curve)):
+    ref = _loop_feature_curve(f_np, x, t, fmap, steps, 0.5, insert)
+    got = jax.jit(lambda x, a: fn(f, x, t, a, steps=steps, value=0.5))(x, att)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+    chunked = jax.jit(lambda x, a: fn(f, x, t, a, steps=steps, value=0.5, chunk=3))(x, att)
+    np.testing.assert_allclose(np.asarray(chunked), ref, rtol=1e-5, atol=1e-5)
+  signed = jax.jit(lambda x, a: metrics.deletion_curve(f, x, t, a, steps=steps, value=0.5,
+                                                       reduce="sum"))(x, att)
+  ref = _loop_feature_curve(f_np, x, t, a if a.ndim == 2 else a.sum(-1), steps, 0.5, False)
+  np.testing.assert_allclose(np.asarray(signed), ref, rtol=1e-5, atol=1e-5)
+  rnd = metrics.random_order_curve(f, x, t, key=jax.random.key(0), steps=steps, num_orders=2)
+  assert rnd.shape == (3, len(steps))
+  with pytest.raises(ValueError, match="saliency"):
+    metrics.deletion_curve(f, x, t, jnp.ones((3, n + 1)))
+
+
+@pytest.mark.parametrize("kind", ["tabular", "sequence"])
+def test_shift_invariance_on_tabular_and_sequence_inputs(kind):
+  tab, seq = _tabular_and_sequence_models()
+  f, f_np = tab if kind == "tabular" else seq
+  shape = (4, 7) if kind == "tabular" else (4, 6, 4)
+  x = jax.random.normal(jax.random.key(3), shape)
+  t = np.array([0, 1, 2, 0])
+  shift = np.linspace(-0.3, 0.4, shape[-1]).astype(np.float32)
+  explain = lambda z, tt: z * z                                  # a map known in closed form
+  r = jax.jit(lambda x: metrics.shift_invariance(f, explain, x, t, shift))(x)
+  xs = np.asarray(x, np.float64) + shift
+  lx, ls = f_np(np.asarray(x, np.float64)), f_np(xs)
+  np.testing.assert_array_equal(r["prediction_unchanged"], lx.argmax(1) == ls.argmax(1))
+  np.testing.assert_allclose(r["score_change"], ls[np.arange(4), t] - lx[np.arange(4), t],
+                             rtol=1e-4, atol=1e-5)
+  m0, m1 = np.asarray(x, np.float64) ** 2, xs ** 2
+  if kind == "sequence":
+    m0, m1 = m0.sum(-1), m1.sum(-1)                              # sum_abs over the embedding
+  np.testing.assert_allclose(r["l1"], np.abs(m1 - m0).sum(1) / np.abs(m0).sum(1), rtol=1e-4)
+  np.testing.assert_allclose(r["l2"], np.linalg.norm(m1 - m0, axis=1)
+                             / np.linalg.norm(m0, axis=1), rtol=1e-4)
+  ref = [scipy.stats.spearmanr(u, v)[0] for u, v in zip(m0, m1)]
+  np.testing.assert_allclose(r["spearman"], ref, rtol=1e-4, atol=1e-6)
+  assert "ssim" not in r
+  with pytest.raises(ValueError, match="shift"):
+    metrics.shift_invariance(f, explain, x, t, jnp.ones(shape[-1] + 1))

@@ -513,14 +513,139 @@ def test_fit_and_ppi_take_a_wrapped_linen_model():
                 optimizer=optax.sgd(0.0))
   for a, b in zip(jax.tree_util.tree_leaves(r.variables), jax.tree_util.tree_leaves(v)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(TypeError, match="training supports Flax linen models only"):
-    train.fit(jaxplain.wrap(NNX(jax.tree_util.tree_map(np.zeros_like, {
-        "conv1": {"kernel": np.zeros((3, 3, C0, C1)), "bias": np.zeros(C1)},
-        "conv2": {"kernel": np.zeros((3, 3, C1, C2)), "bias": np.zeros(C2)},
-        "fc": {"kernel": np.zeros((36, K)), "bias": np.zeros(K)}}))), data, epochs=1)
+  with pytest.raises(TypeError, match="training supports Flax linen, Flax NNX and Equinox"):
+    train.fit(jaxplain.wrap(keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                                              keras.layers.Dense(2)])), data, epochs=1)
   batch = {"image": x, "label": jnp.array([0, 1, 0, 1])}
   a = ppi.make_ppi_loss(jaxplain.wrap(mod, v), saliency="grad_cam")(
       v["params"], {}, batch, jax.random.key(0), 10**6)
   b = ppi.make_ppi_loss(mod, saliency="grad_cam")(v["params"], {}, batch, jax.random.key(0),
                                                    10**6)
   np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+
+
+def test_ppi_grad_cam_saliency_on_an_nnx_model_equals_the_hand_split(four):
+  """PPI's "grad_cam" saliency on the NNX CNN: loss and parameter gradients (through the
+  saliency, second order) equal PPI's objective on the hand model split at conv2."""
+  from jaxplain import ppi  # pylint: disable=import-outside-toplevel
+  p, x, _ = four
+  y = jnp.asarray(T)
+  cfg = ppi.PPIConfig()
+  loss_fn = ppi.make_ppi_loss(NNX(p), cfg, saliency="grad_cam")  # default layer: conv2
+  params = jax.tree_util.tree_map(jnp.asarray, p)
+  key = jax.random.key(3)
+
+  def ours(q):
+    return loss_fn(q, {}, {"image": x, "label": y}, key, 10**6)[0]
+
+  def hand(q):
+    a = hand_features(q, x)
+    g = jax.vmap(jax.grad(lambda ab, t: hand_head(q, ab[None])[0, t]))(a, y)
+    cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", a, g.mean(axis=(1, 2))))  # 6 x 6: no resize
+    f = lambda z: hand_logits(q, z)  # noqa: E731
+    return ppi.ppi_objective(f, x, y, cam, cfg, key=key, logits=f(x), joint=True)[0]
+
+  (l_ours, g_ours), (l_hand, g_hand) = (jax.jit(jax.value_and_grad(fn))(params)
+                                         for fn in (ours, hand))
+  np.testing.assert_allclose(l_ours, l_hand, rtol=1e-5)
+  for name in ("conv1", "conv2", "fc"):
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_allclose(g_ours[name][leaf], g_hand[name][leaf], rtol=1e-4, atol=1e-6,
+                                 err_msg=f"{name}/{leaf}")
+
+
+def test_layer_names_without_x_is_execution_order_or_asks_for_x():
+  class Rev(nnx.Module):   # attributes declared (and sorted) against the call order
+    def __init__(self):
+      r = nnx.Rngs(0)
+      self.zfirst = nnx.Linear(2, 3, rngs=r)
+      self.alast = nnx.Linear(3, 1, rngs=r)
+
+    def __call__(self, x):
+      return self.alast(jax.nn.relu(self.zfirst(x)))
+
+  class RevEqx(eqx.Module):
+    second: eqx.nn.Linear
+    first: eqx.nn.Linear
+
+    def __init__(self):
+      self.second = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+      self.first = eqx.nn.Linear(2, 3, key=jax.random.key(1))
+
+    def __call__(self, x):
+      return self.second(self.first(x))
+
+  class LinRev(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      return nn.Dense(1, name="alast")(nn.Dense(3, name="zfirst")(z))
+
+  x = jnp.ones((2, 2))
+  for m, order in ((jaxplain.wrap(Rev()), ("zfirst", "alast")),
+                   (jaxplain.wrap(RevEqx()), ("first", "second")),
+                   (jaxplain.wrap(LinRev(), LinRev().init(jax.random.key(0), x)),
+                    ("zfirst", "alast"))):
+    assert m.layer_names(x) == order
+    with pytest.raises(ValueError, match=r"x: a (linen|nnx|equinox) model knows its layers "
+                                         r"only in .* order, not in execution order; pass an "
+                                         r"input batch: model.layer_names\(x\)"):
+      m.layer_names()
+  # Keras lists its layers in graph order: no input needed
+  inp = keras.Input((2,))
+  km = keras.Model(inp, keras.layers.Dense(1, name="alast")(keras.layers.Dense(3, name="zfirst")(
+      inp)))
+  assert jaxplain.wrap(km).layer_names() == jaxplain.wrap(km).layer_names(x) == ("zfirst",
+                                                                                 "alast")
+
+
+def test_a_layer_called_twice_is_an_error_in_nnx_equinox_and_keras():
+  """The same policy as linen's (above) in the other adapters."""
+  class TwiceNNX(nnx.Module):
+    def __init__(self):
+      self.shared = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+
+    def __call__(self, z):
+      return self.shared(jax.nn.relu(self.shared(z)))
+
+  class TwiceEqx(eqx.Module):
+    shared: eqx.nn.Linear
+
+    def __init__(self):
+      self.shared = eqx.nn.Linear(3, 3, key=jax.random.key(0))
+
+    def __call__(self, z):
+      return self.shared(jax.nn.relu(self.shared(z)))
+
+  inp = keras.Input((3,))
+  d = keras.layers.Dense(3, name="shared")
+  km = keras.Model(inp, d(keras.layers.ReLU()(d(inp))))
+  x = jnp.ones((2, 3))
+  match = "layer: 'shared' is called more than once in one forward pass"
+  for obj in (TwiceNNX(), TwiceEqx(), km):
+    m = jaxplain.wrap(obj)
+    with pytest.raises(ValueError, match=match):
+      jaxplain.grad_cam(m, x, 0, layer="shared")
+    with pytest.raises(ValueError, match=match):
+      m.capture(x, "shared")
+
+
+def test_ppi_grad_cam_default_layer_is_the_last_convolution_in_execution_order():
+  """conv9 runs before conv10: the default is conv10 (sorted names would give conv9)."""
+  from jaxplain import ppi  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, z):
+      z = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv9")(z))
+      z = jax.nn.relu(nn.Conv(2, (3, 3), padding="SAME", name="conv10")(z))
+      return nn.Dense(3, name="fc")(z.reshape(z.shape[0], -1))
+
+  x = jax.random.uniform(jax.random.key(11), (2, 4, 4, 1))
+  params = Net().init(jax.random.key(12), x)["params"]
+  batch = {"image": x, "label": jnp.array([0, 2])}
+
+  def loss(layer):
+    fn = ppi.make_ppi_loss(Net(), ppi.PPIConfig(grad_cam_layer=layer), saliency="grad_cam")
+    return float(fn(params, {}, batch, jax.random.key(0), 10**6)[0])
+  default, c10, c9 = loss(None), loss("conv10"), loss("conv9")
+  assert default == c10 and c9 != c10

@@ -321,6 +321,11 @@ def test_deeplift_summation_to_delta_relu_net_with_biases():
     a = J(rules.deeplift, f, x, t, reference=ref)
     delta = jnp.take_along_axis(f(x) - f(jnp.broadcast_to(ref, x.shape)), t[:, None], 1)[:, 0]
     np.testing.assert_allclose(a.sum(axis=1), delta, rtol=1e-9, atol=1e-12)
+    # a reference per example (its pass at batch B; the one above runs on one row)
+    refs = 0.5 * jax.random.normal(jax.random.key(20), (4, 6), jnp.float64)
+    delta_b = jnp.take_along_axis(f(x) - f(refs), t[:, None], 1)[:, 0]
+    np.testing.assert_allclose(J(rules.deeplift, f, x, t, reference=refs).sum(axis=1),
+                               delta_b, rtol=1e-9, atol=1e-12)
     # the multipliers are not the gradient: gradient x (x - ref) misses the delta
     g = _grad_x_input(f, x, t) / x * (x - ref)
     assert float(jnp.abs(g.sum(axis=1) - delta).max()) > 1e-3

@@ -178,6 +178,45 @@ def test_each_rule_on_a_conv_layer_matches_numpy():
                                    atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("act", ["relu", "neg_relu", "leaky_relu", "abs_maxpool"])
+def test_sign_split_rules_after_signed_and_nonnegative_inputs_match_numpy(act):
+  """z+, alpha-beta and gamma skip the negative input part when the jaxpr proves the layer
+  input >= 0 (a ReLU, |v| then max-pool); other inputs (-1.5 relu(v) <= 0, leaky ReLU)
+  keep it. Each against the NumPy equation at the layer input (the steps before it pass
+  relevance unchanged)."""
+  acts = {"relu": jax.nn.relu, "neg_relu": lambda v: -1.5 * jax.nn.relu(v),
+          "leaky_relu": lambda v: jax.nn.leaky_relu(v, 0.2),
+          "abs_maxpool": lambda v: jax.lax.reduce_window(jnp.abs(v), -jnp.inf, jax.lax.max,
+                                                         (1, 1, 1, 1), (1, 1, 1, 1), "SAME")}
+  with jax.enable_x64(True):
+    h = wd = 3
+    rng = np.random.default_rng(3)  # NumPy draws: no compilation per shape
+    w1, b1 = rng.standard_normal((3, 3, 2, 3)), 0.5 * rng.standard_normal(3)
+    w2, b2 = rng.standard_normal((h * wd * 3, 2)), 0.5 * rng.standard_normal(2)
+    x = jnp.asarray(rng.standard_normal((2, h, wd, 2)))
+    g = acts[act]
+
+    def f(x):
+      y = jax.lax.conv_general_dilated(g(x), w1, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return jax.nn.relu(y + b1[None, None, None]).reshape(x.shape[0], -1) @ w2 + b2[None]
+
+    t = jnp.array([1, 0])
+    names = ("zplus", "alphabeta", "gamma")
+    got = jax.jit(lambda x: [rules.lrp(f, x, t, composite=rules.Composite(
+        dense=rules.Epsilon(1e-3), conv=RULES[n])) for n in names])(x)
+    a = np.asarray(g(x))
+    assert (a.min() >= 0) == (act in ("relu", "abs_maxpool"))
+    M = _conv_matrix(np.asarray(w1), h, wd)
+    for name, r in zip(names, got):
+      layers = [(name, M, np.tile(np.asarray(b1), h * wd), True),
+                ("epsilon", np.asarray(w2), np.asarray(b2), False)]
+      for b in range(2):
+        want = _np_lrp(layers, a[b].ravel(), int(t[b]))  # relevance at the conv input
+        np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-8, atol=1e-12,
+                                   err_msg=f"{act} {name}")
+
+
 def test_residual_block_does_not_double_relevance():
   with jax.enable_x64(True):
     w1, w2, w3 = _rand(10, (4, 4)), _rand(11, (4, 4)), _rand(12, (4, 2))
@@ -264,6 +303,11 @@ def test_named_composites_match_a_hand_composed_cnn():
         np.testing.assert_allclose(np.asarray(r[b]).ravel(), want, rtol=1e-7, atol=1e-12,
                                    err_msg=composite)
       assert float(jnp.abs(r).max()) > 1e-4
+    # DeepLIFT on the same network (affine layers, batch norm, ReLU, average pooling): the
+    # default zero reference runs its pass on one row; the attributions sum to f(x) - f(0)
+    a, fx, f0 = jax.jit(lambda x: (rules.deeplift(f, x, t), f(x), f(jnp.zeros_like(x))))(x)
+    delta = np.take_along_axis(np.asarray(fx - f0), np.asarray(t)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(np.asarray(a).sum(axis=(1, 2, 3)), delta, rtol=1e-9)
 
 
 def _np_lrp_named(layers, x, t):

@@ -319,3 +319,162 @@ def test_progress_in_a_log_is_one_line_per_epoch(digits, capsys):
   for e, (l, h) in enumerate(zip(lines, r.history), 1):
     assert l.startswith(f"fit: epoch {e}/3, step {h['step']}: loss {h['loss']:.4f}"), l
     assert f"val_accuracy {h['val_accuracy']:.4f}" in l
+
+
+# -- Flax NNX and Equinox models ----------------------------------------------------------------
+
+
+def _nnx_net():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Net(nnx.Module):
+    def __init__(self):
+      r = nnx.Rngs(5)
+      self.conv = nnx.Conv(1, 3, (3, 3), use_bias=False, rngs=r)
+      self.bn = nnx.BatchNorm(3, rngs=r)
+      self.fc = nnx.Linear(3, 4, rngs=r)
+
+    def __call__(self, x):
+      return self.fc(jax.nn.relu(self.bn(self.conv(x))).mean(axis=(1, 2)))
+  return Net()
+
+
+def _small_data(n=16):
+  rng = np.random.default_rng(0)
+  return {"image": rng.normal(size=(n, 6, 6, 1)).astype(np.float32),
+          "label": rng.integers(0, 4, n).astype(np.int32)}
+
+
+def test_fit_trains_an_nnx_model_like_a_hand_written_optax_loop():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  net, d = _nnx_net(), _small_data()
+  before = jax.tree.map(np.array, nnx.state(net))
+  seed, bs, epochs, opt = 2, 8, 2, optax.adam(0.05)
+  res = train.fit(net, d, d, epochs=epochs, batch_size=bs, optimizer=opt, seed=seed,
+                  progress=False)
+  # the caller's module is untouched
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(net)), before)
+  # independent: NNX's own split / merge in train mode, one un-jitted optax loop
+  ref = nnx.merge(*nnx.split(net))
+  ref.train()
+  g, params, rest = nnx.split(ref, nnx.Param, ...)
+  opt_state = opt.init(params)
+
+  def loss(p, rest, x, y):
+    m = nnx.merge(g, p, rest, copy=True)
+    logits = m(x)
+    ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+    return ce, nnx.split(m, nnx.Param, ...)[2]
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  want = []
+  for epoch in range(epochs):
+    order = np.random.default_rng([seed, epoch]).permutation(len(d["label"]))
+    for b in range(len(order) // bs):
+      idx = order[b * bs:(b + 1) * bs]
+      (l, rest), gr = grad_fn(params, rest, d["image"][idx], d["label"][idx])
+      with jax.numpy_dtype_promotion("standard"):
+        upd, opt_state = opt.update(gr, opt_state, params)
+        params = optax.apply_updates(params, upd)
+      want.append(float(l))
+  assert res.step == len(want) == 4
+  np.testing.assert_allclose(_losses(res), want, rtol=2e-5, atol=1e-6)
+  trained = nnx.merge(g, params, rest)
+  for name, leaf in (("conv", "kernel"), ("fc", "kernel"), ("fc", "bias"), ("bn", "scale")):
+    hand = getattr(getattr(trained, name), leaf)[...]
+    np.testing.assert_allclose(getattr(getattr(res.model, name), leaf)[...], hand, rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(res.variables["params"][name][leaf], hand, rtol=1e-4, atol=1e-6)
+  # batch statistics came back in the variables and in the trained module
+  np.testing.assert_allclose(res.variables["batch_stats"]["bn"]["mean"], trained.bn.mean[...],
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(res.model.bn.var[...], trained.bn.var[...], rtol=1e-4, atol=1e-6)
+  # validation runs in eval mode (running statistics): the hand model's .eval() logits
+  trained.eval()
+  logits = np.asarray(trained(d["image"]), np.float64)
+  ce = -(logits - np.log(np.exp(logits).sum(1, keepdims=True)))[np.arange(16), d["label"]]
+  np.testing.assert_allclose(res.history[-1]["val_loss"], ce.mean(), rtol=1e-4)
+  # a wrapped NNX model starts from the wrapped weights (the same code path afterwards)
+  import jaxplain  # pylint: disable=import-outside-toplevel
+  st = train.init_state(jaxplain.wrap(net), opt, d["image"][:1])
+  np.testing.assert_array_equal(st["params"]["fc"]["kernel"], net.fc.kernel[...])
+  np.testing.assert_array_equal(st["model_state"]["batch_stats"]["bn"]["var"], net.bn.var[...])
+
+
+def test_fit_trains_a_stateless_equinox_model_like_a_hand_written_loop():
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  k1, k2 = jax.random.split(jax.random.key(1))
+  net = eqx.nn.Sequential([eqx.nn.Lambda(jnp.ravel), eqx.nn.Linear(36, 5, key=k1),
+                           eqx.nn.Lambda(jax.nn.relu), eqx.nn.Linear(5, 4, key=k2)])
+  d, seed, bs, lr = _small_data(), 1, 8, 0.3
+  res = train.fit(net, d, epochs=1, batch_size=bs, optimizer=optax.sgd(lr), seed=seed,
+                  progress=False)
+  params, static = eqx.partition(net, eqx.is_inexact_array)
+
+  def loss(p, x, y):
+    logits = jax.vmap(eqx.combine(p, static))(x)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+  want, grad_fn = [], jax.jit(jax.value_and_grad(loss))
+  order = np.random.default_rng([seed, 0]).permutation(16)
+  for b in range(2):
+    idx = order[b * bs:(b + 1) * bs]
+    l, gr = grad_fn(params, d["image"][idx], d["label"][idx])
+    params = jax.tree.map(lambda p, g: p - lr * g, params, gr)
+    want.append(float(l))
+  np.testing.assert_allclose(_losses(res), want, rtol=2e-5, atol=1e-6)
+  trained = eqx.combine(params, static)
+  np.testing.assert_allclose(res.model.layers[3].weight, trained.layers[3].weight, rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(res.variables["params"]["layers"]["1"]["bias"],
+                             trained.layers[1].bias, rtol=1e-4, atol=1e-6)
+
+
+def test_fit_refuses_keras_and_stateful_equinox_with_the_fix():
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  bn = eqx.nn.Sequential([eqx.nn.Linear(2, 2, key=jax.random.key(0)),
+                          eqx.nn.BatchNorm(2, "batch", mode="batch")])
+  with pytest.raises(TypeError, match="stateless Equinox"):
+    train.fit(bn, _small_data(), epochs=1, progress=False)
+  with pytest.raises(TypeError, match="flax.nnx Module or an equinox Module"):
+    train.fit(lambda x: x, _small_data(), epochs=1, progress=False)
+
+
+def test_nnx_fit_with_dropout_resumes_exactly(tmp_path):
+  """Dropout streams are reseeded from the step key: an interrupted and resumed NNX run
+  equals the uninterrupted one bit for bit, and dropout is on in training only."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class Drop(nnx.Module):
+    def __init__(self):
+      r = nnx.Rngs(0, dropout=1)
+      self.fc1 = nnx.Linear(36, 8, rngs=r)
+      self.drop = nnx.Dropout(0.5, rngs=r)
+      self.fc2 = nnx.Linear(8, 4, rngs=r)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(jax.nn.relu(self.fc1(x.reshape(x.shape[0], -1)))))
+
+  d = _small_data(8)
+  kw = {"epochs": 2, "batch_size": 4, "optimizer": optax.adam(0.01), "progress": False}
+  full = train.fit(Drop(), d, checkpoint_dir=tmp_path / "a", **kw)
+
+  class Stop(Exception):
+    pass
+
+  def interrupt(step, metrics):
+    if step == 3:
+      raise Stop
+  with pytest.raises(Stop):
+    train.fit(Drop(), d, checkpoint_dir=tmp_path / "b", save_every=2, callback=interrupt, **kw)
+  resumed = train.fit(Drop(), d, checkpoint_dir=tmp_path / "b", save_every=2, **kw)
+  assert _losses(resumed) == _losses(full)
+  _assert_trees_equal(resumed.variables, full.variables)
+  # training mode drops units: the step-0 loss differs from the init's eval-mode (no dropout)
+  # loss on the same batch
+  net = Drop()
+  net.eval()
+  order = np.random.default_rng([0, 0]).permutation(8)[:4]
+  logits = np.asarray(net(d["image"][order]), np.float64)
+  ce = -(logits - np.log(np.exp(logits).sum(1, keepdims=True)))[np.arange(4), d["label"][order]]
+  assert abs(_losses(full)[0] - ce.mean()) > 1e-3

@@ -8,8 +8,8 @@ sample axis) for inputs of any rank: images ``(B, H, W, C)``, sequences ``(B, L,
 Quantus 0.6 where it agrees (each function states the differences).
 """
 
-from jaxplain.evaluation.complexity import complexity as complexity
-from jaxplain.evaluation.complexity import sparseness as sparseness
+from jaxplain.evaluation._complexity import complexity as complexity
+from jaxplain.evaluation._complexity import sparseness as sparseness
 from jaxplain.evaluation.faithfulness import faithfulness_correlation as faithfulness_correlation
 from jaxplain.evaluation.faithfulness import infidelity as infidelity
 from jaxplain.evaluation.faithfulness import irof as irof

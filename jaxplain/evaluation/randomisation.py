@@ -61,7 +61,8 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
       order comes from ``model``, see :func:`jaxplain.cascade_layers`).
     similarity: ``"spearman"`` (rank correlation over all elements), ``"pearson"`` or
       ``"ssim"`` (images; signed channel sums).
-    chunk: models explained at a time.
+    chunk: models explained at a time, the chunks one after another (``1`` is the fastest on
+      CPU, see :func:`jaxplain.cascading_randomization`); ``None``: one ``vmap``.
 
   Returns:
     ``{"similarity": (L + 1, B), "maps": (L + 1, *attribution shape)}``; row 0 is the
@@ -98,7 +99,7 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
     sel = (model == j + 1).reshape((n,) + (1,) * a.ndim)
     stacked.append(jnp.where(sel, jnp.asarray(r, a.dtype)[None], a[None]))
   stacked = jax.tree_util.tree_unflatten(treedef, stacked)
-  maps = C.smap(lambda p: explain(p, x, t), stacked, chunk)
+  maps = C.smap_unrolled(lambda p: explain(p, x, t), stacked, chunk)
   ref = jnp.broadcast_to(maps[0], maps.shape)
   fl = lambda m: m.reshape((n * m.shape[1],) + m.shape[2:])
   sim = _similarity(similarity, fl(ref), fl(maps)).reshape(n, -1)
@@ -145,7 +146,7 @@ def emprt(explain: Callable[[Any, Array, Array], Array], params: Any, x: Array, 
     explain, params, x, target, random_params, key: as in
       :func:`jaxplain.cascading_randomization`.
     n_bins: histogram bins.
-    chunk: models explained at a time (of 2).
+    chunk: models explained at a time (of 2), as in :func:`independent_randomization`.
 
   Returns:
     ``{"emprt": (B,), "entropy_trained": (B,), "entropy_random": (B,)}``.
@@ -164,7 +165,7 @@ def emprt(explain: Callable[[Any, Array, Array], Array], params: Any, x: Array, 
   stacked = jax.tree_util.tree_unflatten(
       treedef, [jnp.stack([jnp.asarray(a), jnp.asarray(r, jnp.result_type(a))])
                 for a, r in zip(orig, rnd)])
-  maps = C.smap(lambda p: explain(p, x, t), stacked, chunk)
+  maps = C.smap_unrolled(lambda p: explain(p, x, t), stacked, chunk)
   h0 = histogram_entropy(maps[0], n_bins=n_bins)
   h1 = histogram_entropy(maps[1], n_bins=n_bins)
   return {"emprt": h1 / jnp.where(h0 > 0, h0, 1.0), "entropy_trained": h0,

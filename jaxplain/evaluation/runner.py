@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxplain.evaluation.complexity import complexity as _complexity
-from jaxplain.evaluation.complexity import sparseness as _sparseness
+from jaxplain.evaluation._complexity import complexity as _complexity
+from jaxplain.evaluation._complexity import sparseness as _sparseness
 from jaxplain.evaluation.faithfulness import faithfulness_correlation as _faith_corr
 from jaxplain.evaluation.faithfulness import pixel_flipping as _pixel_flipping
 from jaxplain.evaluation.localisation import pointing_game as _pointing_game

@@ -263,20 +263,8 @@ def _resolve(obj: Any, layer: str) -> tuple[str, Any, Any, bool]:
 
 def is_model_like(obj: Any) -> bool:
   """A wrapped ``Model`` or a framework model that ``wrap`` takes without variables."""
-  import sys  # pylint: disable=import-outside-toplevel
-  from jaxplain import model as model_lib  # pylint: disable=import-outside-toplevel
-  if isinstance(obj, model_lib.Model):
-    return True
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  if isinstance(obj, nnx.Module):
-    return True
-  return model_lib._is_eqx(obj) or model_lib._is_keras(obj) or (
-      "flax.linen" in sys.modules and _is_linen(obj))
-
-
-def _is_linen(obj: Any) -> bool:
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  return isinstance(obj, nn.Module)
+  from jaxplain.model import is_wrappable  # pylint: disable=import-outside-toplevel
+  return is_wrappable(obj)
 
 
 def units(model: Any, layer: str, kind: str, index: Any = None, *, outputs: Any = None,

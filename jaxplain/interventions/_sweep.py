@@ -73,18 +73,9 @@ def _check_x(x: Any) -> jax.Array:
 
 
 def _as_model(model: Any, args: tuple, n: int, what: str):
-  """``f(model, *args)`` with ``model`` anything ``wrap`` takes, or the older
-  ``f(apply_fn_or_module, params_or_variables, *args)``."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
-  if len(args) == n + 1:
-    if isinstance(model, nn.Module):
-      return wrap(model, args[0]), tuple(args[1:])
-    return wrap((model, args[0])), tuple(args[1:])
-  if len(args) != n:
-    raise TypeError(f"{what}: expected {what}(model, {_SIGS[what]}), got {len(args)} "
-                    "positional arguments after the model")
-  return wrap(model), tuple(args)
+  """``f(model, *args)`` or the older ``f(apply_fn_or_module, params_or_variables, *args)``."""
+  from jaxplain.model import as_model  # pylint: disable=import-outside-toplevel
+  return as_model(model, args, n, what, _SIGS[what])
 
 
 _SIGS = {"sweep": "x, units", "sweep_layer": "x, units", "first_order": "x, target, units",

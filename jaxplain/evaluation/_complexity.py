@@ -46,7 +46,13 @@ def sparseness(attributions: Array, *, eps: float = 1e-7) -> Array:
   ...                                  eps=0.0).tolist()]
   [0.75, 0.0]
   """
-  a = jnp.sort(_abs_flat(attributions) + eps, axis=-1)
+  a = _abs_flat(attributions) + eps
+  # non-negative floats sort as their bit patterns (no NaN: attributions are finite); XLA's
+  # CPU sort of one integer operand is ~4x faster than its float comparator sort
+  bits = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[a.dtype.itemsize]
+  a = jax.lax.bitcast_convert_type(
+      jax.lax.sort(jax.lax.bitcast_convert_type(a, bits), dimension=1, is_stable=False),
+      a.dtype)
   n = a.shape[-1]
   i = jnp.arange(1, n + 1, dtype=a.dtype)
   tot = jnp.sum(a, axis=-1)
