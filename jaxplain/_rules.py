@@ -46,6 +46,11 @@ def _div(n: Array, d: Array) -> Array:
   return jnp.where(zero, jnp.zeros_like(n), n / jnp.where(zero, jnp.ones_like(d), d))
 
 
+def _epsilon(layer: Layer, eps: float) -> Array:
+  """The epsilon rule's tangent A(a * t) / (z + eps sign(z)) (Epsilon and Norm)."""
+  return _div(layer.full(layer.a * layer.t), _stab(layer.z, eps))
+
+
 # ------------------------------------------------------------------------------------------
 # layer rules (LRP; Zennit 0.5.1 conventions, see SPEC.md section 8)
 # Each returns the tangent of the layer, t_out = sum_i M_i(m_i * t) / den_i, whose transpose
@@ -58,7 +63,7 @@ class Epsilon:
   epsilon: float = 1e-6
 
   def __call__(self, layer: Layer) -> Array:
-    return _div(layer.full(layer.a * layer.t), _stab(layer.z, self.epsilon))
+    return _epsilon(layer, self.epsilon)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +72,7 @@ class Norm:
   stabilizer: float = 1e-6
 
   def __call__(self, layer: Layer) -> Array:
-    return _div(layer.full(layer.a * layer.t), _stab(layer.z, self.stabilizer))
+    return _epsilon(layer, self.stabilizer)
 
 
 def _split(a):

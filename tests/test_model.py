@@ -646,6 +646,10 @@ def test_ppi_grad_cam_default_layer_is_the_last_convolution_in_execution_order()
 
   def loss(layer):
     fn = ppi.make_ppi_loss(Net(), ppi.PPIConfig(grad_cam_layer=layer), saliency="grad_cam")
-    return float(fn(params, {}, batch, jax.random.key(0), 10**6)[0])
-  default, c10, c9 = loss(None), loss("conv10"), loss("conv9")
-  assert default == c10 and c9 != c10
+    return float(jax.jit(lambda q: fn(q, {}, batch, jax.random.key(0), 10**6)[0])(params))
+  assert loss(None) == loss("conv10")
+  # and the choice matters: conv9's Grad-CAM map is another map
+  m = jaxplain.wrap(Net(), {"params": params})
+  y = batch["label"]
+  assert not np.allclose(jaxplain.grad_cam(m, x, y, layer="conv9"),
+                         jaxplain.grad_cam(m, x, y, layer="conv10"))
