@@ -413,8 +413,14 @@ def load_checkpoint(checkpoint_dir, *, step: int | None = None, target=None
 
 
 def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array, *,
-               key: jax.Array | None = None, variables: dict | None = None) -> dict:
+               key: jax.Array | None = None, variables: dict | None = None,
+               mesh: Mesh | None = None) -> dict:
   """The training state ``{"params", "model_state", "opt_state", "step"}`` of a model.
+
+  The state is a copy placed replicated on ``mesh``, the placement the step of
+  :func:`make_train_step` returns, so its second call reuses the first call's compilation
+  (a state on a single-device placement compiled the step twice) and donating the state never
+  invalidates ``variables``.
 
   Args:
     model: a Flax linen module, or an NNX / Equinox module (whose weights are the init).
@@ -422,6 +428,8 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
     sample: an input batch (1, H, W, C) to initialise shapes.
     key: init key (default ``jax.random.key(0)``).
     variables: start from these variables instead of a fresh init.
+    mesh: the ``("data",)`` mesh of the step (default: all local devices, as
+      :func:`make_train_step`).
 
   >>> import optax, jax.numpy as jnp
   >>> from jaxplain.models import LeNet
@@ -438,8 +446,10 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
     raise ValueError(f"variables must contain 'params', got keys {sorted(variables)}")
   params = variables["params"]
   model_state = {k: v for k, v in variables.items() if k != "params"}
-  return {"params": params, "model_state": model_state, "opt_state": optimizer.init(params),
-          "step": jnp.zeros((), jnp.int32)}
+  state = {"params": params, "model_state": model_state, "opt_state": optimizer.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  mesh = _batching.data_mesh() if mesh is None else mesh
+  return jax.device_put(state, _replicated(mesh), may_alias=False)
 
 
 def _variables(state: dict) -> dict:

@@ -132,6 +132,29 @@ def test_loss_fn_sees_extra_keys_and_model_without_train_arg(digits):
   assert res.history[0]["extra"] == 1.0 and "loss" in res.history[0]
 
 
+def test_step_on_init_state_compiles_once_and_keeps_variables(digits):
+  # init_state places the state as the step returns it (replicated on the data mesh): a
+  # single-device state made the step's second call compile again (measured: 3.4 s for a
+  # PPI step); and the state is a copy, so donating it leaves the caller's variables intact
+  tr, _ = digits
+  model, opt, traces = Tiny(), optax.sgd(0.1), []
+  variables = model.init(jax.random.key(0), jnp.asarray(tr["image"][:1]))
+  plain = train.classification_loss(model)
+
+  def loss_fn(*args):
+    traces.append(1)
+    return plain(*args)
+
+  step = train.make_train_step(loss_fn, opt)
+  st = train.init_state(model, opt, tr["image"][:1], variables=variables)
+  batch = {"image": jnp.asarray(tr["image"][:8]), "label": jnp.asarray(tr["label"][:8])}
+  for _ in range(3):
+    st, _ = step(st, batch, jax.random.key(0))
+  assert len(traces) == 1 and int(st["step"]) == 3
+  leaf = jax.tree_util.tree_leaves(variables)[0]
+  assert not leaf.is_deleted() and np.isfinite(np.asarray(leaf)).all()
+
+
 def test_early_stop_returns_best_epoch(digits):
   tr, va = digits
   res = _fit(Tiny(), tr, va, epochs=30, optimizer=optax.sgd(2.0), early_stop_patience=2)
