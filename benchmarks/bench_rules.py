@@ -135,17 +135,26 @@ def _flops(fns, x):
 # contenders of the peer comparison (each runs in its own process)
 
 
-def setup_jaxplain(batch: int = 64):
+def setup_jaxplain(batch: int = 64, devices: int = 1):
+  """jaxplain LRP EpsilonPlus; with ``devices`` > 1 the batch is sharded over that many host
+  devices (the worker's XLA_FLAGS force them; the README's CPU advice)."""
   import jax
   from jaxplain import rules
+  from jaxplain.data import data_mesh, shard_batch
+  if len(jax.local_devices()) != devices:
+    raise RuntimeError(f"expected {devices} devices, got {jax.local_devices()}")
   f, _, x, t = _cnn(batch)
-  fn = jax.jit(lambda x: rules.lrp(f, x, t, composite="epsilon_plus"))
-  out = jax.block_until_ready(fn(x))
-  MAPS.mkdir(parents=True, exist_ok=True)
-  np.save(MAPS / "jaxplain.npy", np.asarray(out))
-  np.save(MAPS / "grad.npy", np.asarray(jax.grad(lambda x: (f(x)[jax.numpy.arange(batch), t]
-                                                            ).sum())(x)))
-  return lambda: jax.block_until_ready(fn(x))
+  if devices > 1:
+    d = shard_batch({"x": np.asarray(x), "t": np.asarray(t)}, data_mesh())
+    x, t = d["x"], d["t"]
+  fn = jax.jit(lambda x, t: rules.lrp(f, x, t, composite="epsilon_plus"))
+  out = jax.block_until_ready(fn(x, t))
+  if devices == 1:
+    MAPS.mkdir(parents=True, exist_ok=True)
+    np.save(MAPS / "jaxplain.npy", np.asarray(out))
+    np.save(MAPS / "grad.npy", np.asarray(jax.grad(
+        lambda x: (f(x)[jax.numpy.arange(batch), t]).sum())(x)))
+  return lambda: jax.block_until_ready(fn(x, t))
 
 
 def _stub_torchvision():
@@ -233,12 +242,16 @@ def main():
   peer = _runner.compare({
       "jaxplain lrp epsilon_plus": _runner.Contender("benchmarks.bench_rules:setup_jaxplain"),
       "zennit EpsilonPlus": _runner.Contender("benchmarks.bench_rules:setup_zennit"),
+      "jaxplain lrp epsilon_plus, 2 host devices": _runner.Contender(
+          "benchmarks.bench_rules:setup_jaxplain", kwargs={"devices": 2},
+          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
   }, rounds=2 if args.quick else 4, repeats=3 if args.quick else 5)
   ours, theirs = np.load(MAPS / "jaxplain.npy"), np.load(MAPS / "zennit.npy")
   grad = np.load(MAPS / "grad.npy").reshape(64, -1)
   per_ex = (np.abs(ours - theirs).reshape(64, -1).max(1)
             / (np.abs(theirs).reshape(64, -1).max(1) + 1e-30))
   z_over = _runner.ratio(peer, "zennit EpsilonPlus", "jaxplain lrp epsilon_plus")
+  z_over2 = _runner.ratio(peer, "zennit EpsilonPlus", "jaxplain lrp epsilon_plus, 2 host devices")
 
   lines = [f"# bench_rules (load average {_runner.load_average()}, {os.cpu_count()} cores, "
            f"jax {jax.__version__}, {jax.devices()[0].device_kind})", "",
@@ -258,7 +271,9 @@ def main():
   lines += ["", _runner.table(peer, "jaxplain vs Zennit 0.5.1, SmallCNN batch 64, separate "
                               "processes A B A B"), "",
             f"Zennit / jaxplain time: {z_over['ratio']:.2f} (per round "
-            f"{', '.join(f'{r:.2f}' for r in z_over['per_round'])}). Maps (EpsilonPlus, "
+            f"{', '.join(f'{r:.2f}' for r in z_over['per_round'])}); with the batch sharded over "
+            f"2 host devices {z_over2['ratio']:.2f} (per round "
+            f"{', '.join(f'{r:.2f}' for r in z_over2['per_round'])}). Maps (EpsilonPlus, "
             f"output relevance = target logit): max |diff| / max |Zennit| per example: median "
             f"{np.median(per_ex):.1e}, max {per_ex.max():.1e}; torch port logits vs Flax max "
             f"|diff| {peer['zennit EpsilonPlus']['info']['torch_logit_max_abs_diff']:.1e}.",
@@ -270,7 +285,8 @@ def main():
   summary = {
       "wbp_over_grad": cnn["wbp"] / cnn["grad"], "lrp_over_grad": cnn["lrp"] / cnn["grad"],
       "deeplift_over_grad": cnn["deeplift"] / cnn["grad"],
-      "zennit_over_lrp": z_over["ratio"], "lrp_vit_over_grad": vit["lrp"] / vit["grad"],
+      "zennit_over_lrp": z_over["ratio"], "zennit_over_lrp_2dev": z_over2["ratio"],
+      "lrp_vit_over_grad": vit["lrp"] / vit["grad"],
       **{f"{k.replace(' ', '_')}_over_grad": s / cnn["grad"] for k, s in cnn.items()
          if k not in ("grad", "wbp", "lrp", "deeplift")},
       **{f"{k.replace(' ', '_')}_flops_over_grad": v / cnn_f["grad"] for k, v in cnn_f.items()
