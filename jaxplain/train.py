@@ -420,7 +420,9 @@ def init_state(model, optimizer: optax.GradientTransformation, sample: jax.Array
   The state is a copy placed replicated on ``mesh``, the placement the step of
   :func:`make_train_step` returns, so its second call reuses the first call's compilation
   (a state on a single-device placement compiled the step twice) and donating the state never
-  invalidates ``variables``.
+  invalidates ``variables``. For another mesh, call it again with that ``mesh`` (on jax 0.10.2
+  ``jax.device_put`` of a replicated state onto a sub-mesh aliases its buffers even with
+  ``may_alias=False``, and the step donates them).
 
   Args:
     model: a Flax linen module, or an NNX / Equinox module (whose weights are the init).

@@ -377,7 +377,6 @@ def test_bad_inputs_raise_clear_errors():
 _SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     import flax.linen as nn
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxplain import data, ppi, train
     from jaxplain.models import max_pool_2x2
     assert jax.device_count() == 4, jax.devices()
@@ -402,8 +401,7 @@ _SHARDED = textwrap.dedent("""
     def run(devices):
       mesh = data.data_mesh(devices)
       step = train.make_train_step(loss_fn, opt, mesh=mesh)
-      st = train.init_state(model, opt, x[:1], key=jax.random.key(1))
-      st = jax.device_put(st, NamedSharding(mesh, P()))
+      st = train.init_state(model, opt, x[:1], key=jax.random.key(1), mesh=mesh)
       batch = data.shard_batch({"image": np.asarray(x), "label": np.asarray(y)}, mesh)
       for i in range(3):
         st, m = step(st, batch, jax.random.key(5))
