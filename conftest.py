@@ -10,6 +10,9 @@
   the embedded digits are prepared once per session (``jaxplain.data`` serialises the
   preparation with a file lock). A data directory set beforehand is overridden on purpose:
   the tests must pass on a machine that never prepared the data.
+- JAX's persistent compilation cache lives in the same directory, so a program compiled by
+  one test (or one xdist worker, or a test's subprocess) is reused by the others in the same
+  session; it starts empty, like the data.
 """
 
 from __future__ import annotations
@@ -33,7 +36,11 @@ def pytest_configure(config):
     os.environ[_MARK] = root
   for var, sub in (("JAXPLAIN_DATA_DIR", "tensorflow_datasets"),
                    ("TFDS_DATA_DIR", "tensorflow_datasets"),
-                   ("MPLCONFIGDIR", "matplotlib"), ("KERAS_HOME", "keras")):
+                   ("MPLCONFIGDIR", "matplotlib"), ("KERAS_HOME", "keras"),
+                   ("JAX_COMPILATION_CACHE_DIR", "jax-cache")):
     path = os.path.join(root, sub)
     os.makedirs(path, exist_ok=True)
     os.environ[var] = path
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
