@@ -137,6 +137,18 @@ def table(results: dict, title: str = "") -> str:
   return "\n".join(lines)
 
 
+NOTES = "<!-- notes: kept across runs -->"
+
+
+def write_keeping_notes(path, lines: list[str], marker: str = NOTES) -> None:
+  """Write a benchmark's ``.md``: the generated ``lines``, then everything the old file had
+  from ``marker`` on (hand-written notes on what was tried), or just the marker."""
+  path = pathlib.Path(path)
+  old = path.read_text() if path.exists() else ""
+  notes = old[old.index(marker):] if marker in old else marker + "\n"
+  path.write_text("\n".join(lines) + "\n\n" + notes)
+
+
 def _fmt(s: float) -> str:
   return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 

@@ -254,10 +254,7 @@ def main():
     out[f"captum_over_ig{sfx}"] = min(caps)
 
   lines = _report(res, out, agree, steps_list, rounds, args)
-  path = pathlib.Path(args.out)
-  old = path.read_text() if path.exists() else ""
-  notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
-  path.write_text("\n".join(lines) + "\n\n" + notes)
+  _runner.write_keeping_notes(args.out, lines, NOTES)
   print("\n".join(lines))
   print(json.dumps(out))
 

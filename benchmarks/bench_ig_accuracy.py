@@ -301,10 +301,7 @@ def main():
   out["all_targets_speedup"] = _runner.ratio(results["smallcnn"], "loop10", "all")["ratio"]
   out["load_end"] = _runner.load_average()
   lines = _report(sections, out, agree, b, rounds, args)
-  path = pathlib.Path(args.out)
-  old = path.read_text() if path.exists() else ""
-  notes = old[old.index(NOTES):] if NOTES in old else NOTES + "\n"
-  path.write_text("\n".join(lines) + "\n\n" + notes)
+  _runner.write_keeping_notes(args.out, lines, NOTES)
   print("\n".join(lines))
   print(json.dumps(out))
 

@@ -23,3 +23,12 @@ def test_compare_times_each_contender_in_a_fresh_process():
   r = _runner.ratio(res, "long", "short")
   assert 2.0 < r["ratio"] < 6.0 and len(r["per_round"]) == 2
   assert "| short |" in _runner.table(res, "sleep")
+
+
+def test_write_keeping_notes_keeps_the_hand_written_part(tmp_path):
+  path = tmp_path / "bench.md"
+  _runner.write_keeping_notes(path, ["# run 1", "a"])
+  assert path.read_text() == "# run 1\na\n\n" + _runner.NOTES + "\n"
+  path.write_text(path.read_text() + "what was tried\n")
+  _runner.write_keeping_notes(path, ["# run 2"])
+  assert path.read_text() == "# run 2\n\n" + _runner.NOTES + "\nwhat was tried\n"
