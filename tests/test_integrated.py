@@ -459,12 +459,17 @@ def pl_net(p, x, pattern=False):
                           (z2 > 0).reshape(x.shape[0], -1).astype(jnp.int32)], axis=1)
 
 
-def test_exact_ig_on_a_relu_maxpool_cnn():
+def _pl_problem(seed: int, n: int):
+  """The float32 piecewise-linear net, n random inputs and baselines (half the scale)."""
   p = pl_params(jnp.float32)
-  f = functools.partial(pl_net, p)
-  r = np.random.default_rng(4)
-  x = jnp.asarray(r.normal(size=(2, 4, 4, 1)), jnp.float32)
-  base = jnp.asarray(r.normal(size=(2, 4, 4, 1)) * 0.5, jnp.float32)
+  r = np.random.default_rng(seed)
+  x = jnp.asarray(r.normal(size=(n, 4, 4, 1)), jnp.float32)
+  base = jnp.asarray(r.normal(size=(n, 4, 4, 1)) * 0.5, jnp.float32)
+  return p, functools.partial(pl_net, p), x, base
+
+
+def test_exact_ig_on_a_relu_maxpool_cnn():
+  p, f, x, base = _pl_problem(4, 2)
   t = jnp.array([0, 2])
   ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
                                            return_info=True)
@@ -508,11 +513,7 @@ def test_exact_ig_on_a_relu_maxpool_cnn():
 def test_exact_ig_batches_of_examples_equal_one_at_a_time():
   # the search runs 8 examples together (each segment knows its example): 10 examples span
   # two groups; each example's breakpoints and map must equal a call on it alone
-  p = pl_params(jnp.float32)
-  f = functools.partial(pl_net, p)
-  r = np.random.default_rng(6)
-  x = jnp.asarray(r.normal(size=(10, 4, 4, 1)), jnp.float32)
-  base = jnp.asarray(r.normal(size=(10, 4, 4, 1)) * 0.5, jnp.float32)
+  _, f, x, base = _pl_problem(6, 10)
   t = jnp.arange(10) % 3
   ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
                                            return_info=True)
