@@ -10,6 +10,8 @@
   the embedded digits are prepared once per session (``jaxplain.data`` serialises the
   preparation with a file lock). A data directory set beforehand is overridden on purpose:
   the tests must pass on a machine that never prepared the data.
+- ``jaxplain`` is imported before anything starts a JAX backend, so the suite runs with the
+  XLA:CPU convolution flag that ``import jaxplain`` sets (``jaxplain/_xla_cpu.py``).
 - JAX's persistent compilation cache lives in the same directory, so a program compiled by
   one test (or one xdist worker, or a test's subprocess) is reused by the others in the same
   session; it starts empty, like the data.
@@ -21,6 +23,8 @@ import os
 
 import jax
 import pytest
+
+import jaxplain  # noqa: F401  first, so that its XLA:CPU flag is set before a backend starts
 
 _MARK = "JAXPLAIN_TEST_TMP"  # set by the controller, inherited by the xdist workers
 

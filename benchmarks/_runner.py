@@ -75,7 +75,9 @@ def _worker(target: str, kwargs: dict, repeats: int) -> dict:
     wall = w1 - w0
     times.append(wall)
     cpus.append((c1.user - c0.user + c1.system - c0.system) / max(wall, 1e-9))
-  return {"times": times, "cpu": statistics.median(cpus), "setup_s": setup_s, "info": info}
+  jaxplain = sys.modules.get("jaxplain")  # what its import did with XLA:CPU's flag, if loaded
+  return {"times": times, "cpu": statistics.median(cpus), "setup_s": setup_s, "info": info,
+          "xla_cpu": jaxplain.xla_cpu_tuning() if jaxplain else None}
 
 
 def run_once(c: Contender, repeats: int = 3, timeout: float = 1800.0) -> dict:
@@ -114,7 +116,7 @@ def compare(contenders: dict, rounds: int = 5, repeats: int = 3, verbose: bool =
         "median": statistics.median(times), "min": min(times), "max": max(times),
         "cpu": statistics.median([res["cpu"] for res in rs]),
         "rounds": [statistics.median(res["times"]) for res in rs],
-        "info": rs[-1]["info"],
+        "info": rs[-1]["info"], "xla_cpu": rs[-1].get("xla_cpu"),
     }
   return out
 

@@ -10,6 +10,12 @@ The public API is listed here explicitly, module by module.
 
 __version__ = "0.1.0"
 
+# -- XLA:CPU: convolutions on every core (before anything can start a JAX backend) -----------
+from jaxplain import _xla_cpu
+_xla_cpu.apply()
+from jaxplain._xla_cpu import CONV_FLAG as XLA_CPU_CONV_FLAG
+from jaxplain._xla_cpu import xla_cpu_tuning as xla_cpu_tuning
+
 # -- the model interface (model) ------------------------------------------------------------
 from jaxplain.model import Model as Model
 from jaxplain.model import wrap as wrap
