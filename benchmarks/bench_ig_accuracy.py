@@ -5,8 +5,9 @@ and 0.1 %.
 Contenders, each in its own process, alternating A B A B (benchmarks/_runner.py):
 
 - ``adaptive``: ``jaxplain.integrated_gradients(..., tol=tol)`` under ``jax.jit`` (the
-  ``lax.while_loop`` driver), and ``adaptive_host`` (the host driver over jitted levels, only
-  the examples not yet converged are evaluated at each level).
+  ``lax.while_loop`` driver), ``adaptive_host`` (the host driver over jitted levels, only
+  the examples not yet converged are evaluated at each level) and ``adaptive_local`` (the
+  host driver that bisects only the intervals with the largest local gaps).
 - ``exact``: ``method="exact"`` (breakpoints of the piecewise-linear network along the path,
   exact integral); its gap is float rounding, so it meets both tolerances.
 - ``captum``: Captum ``IntegratedGradients`` (Gauss-Legendre) at the smallest ``n_steps``
@@ -271,6 +272,8 @@ def main():
                                                 dict(model=model, b=b, tol=tol))
       cs[f"adaptive_host_{key}"] = _runner.Contender(
           f"{HERE}:setup_adaptive", dict(model=model, b=b, tol=tol, driver="host"))
+      cs[f"adaptive_local_{key}"] = _runner.Contender(
+          f"{HERE}:setup_adaptive", dict(model=model, b=b, tol=tol, driver="local"))
       cs[f"captum_{key}"] = _runner.Contender(
           f"{HERE}:setup_captum", dict(model=model, b=b, tol=tol, bisect=not args.quick))
     if model == "lenet":  # SmallCNN: see the notes (too many breakpoints)
@@ -284,10 +287,14 @@ def main():
     results[model] = res
     sections.append((model, res))
     for key in tols:
-      best = min(f"adaptive_{key}", f"adaptive_host_{key}", key=lambda k: res[k]["median"])
+      drivers = {"while": f"adaptive_{key}", "host": f"adaptive_host_{key}",
+                 "local": f"adaptive_local_{key}"}
+      best = min(drivers, key=lambda d: res[drivers[d]]["median"])
       out[f"{model}_captum_over_adaptive_{key}"] = _runner.ratio(res, f"captum_{key}",
-                                                                 best)["ratio"]
-      out[f"{model}_best_driver_{key}"] = "host" if "host" in best else "while"
+                                                                 drivers[best])["ratio"]
+      out[f"{model}_best_driver_{key}"] = best
+      out[f"{model}_captum_over_local_{key}"] = _runner.ratio(res, f"captum_{key}",
+                                                              drivers["local"])["ratio"]
       out[f"{model}_host_over_while_{key}"] = _runner.ratio(
           res, f"adaptive_host_{key}", f"adaptive_{key}")["ratio"]
       out[f"{model}_captum_n_steps_{key}"] = res[f"captum_{key}"]["info"]["n_steps"]
@@ -312,7 +319,7 @@ def _report(sections, out, agree, b, rounds, args):
       "# bench_ig_accuracy: time until every example meets a completeness tolerance",
       "",
       f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), jax {jax.__version__}. "
-      f"**Shared machine**: load average (1/5/15 min) {out['load_start']} at the start, "
+      f"Load average (1/5/15 min) {out['load_start']} at the start, "
       f"{out['load_end']} at the end. Batch {b}, {rounds} round(s)"
       f"{' (--quick: Captum n_steps by doubling only)' if args.quick else ''}, each contender "
       "in its own process, alternating (`benchmarks/_runner.py`). Criterion per example: "
@@ -344,7 +351,8 @@ def _report(sections, out, agree, b, rounds, args):
       lines.append(f"- tol {TOLS[key]:g}: Captum / adaptive (driver "
                    f"{out[f'{model}_best_driver_{key}']}) = "
                    f"{out[f'{model}_captum_over_adaptive_{key}']:.2f}; host / while driver = "
-                   f"{out[f'{model}_host_over_while_{key}']:.2f}")
+                   f"{out[f'{model}_host_over_while_{key}']:.2f}; Captum / local driver = "
+                   f"{out[f'{model}_captum_over_local_{key}']:.2f}")
     lines += [""]
   lines += [f"Captum (0.1 %) / exact on LeNet: {out['captum_over_exact']:.2f}; target='all' "
             f"speed-up over 10 calls (SmallCNN): {out['all_targets_speedup']:.2f}.", "",

@@ -233,7 +233,11 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       converged; not under ``jit``). Measured on a 2-core CPU (benchmarks/
       bench_ig_accuracy.md): ``"host"`` 2.5-3.2x faster on a trained LeNet, about even on
       the SmallCNN (the while loop's body misses XLA:CPU's fast convolutions, and it runs
-      every example until the slowest converges); see jaxplain/_adaptive_ig.py.
+      every example until the slowest converges); see jaxplain/_adaptive_ig.py. Or
+      ``"local"`` (not under ``jit``): each example bisects only the intervals of its path
+      with the largest local completeness gaps, so nodes gather where the integrand jumps
+      (ReLU / max-pool switches); the result is a trapezoid rule on that example's own
+      non-uniform nodes, and ``max_steps`` bounds their number.
     return_info: also return ``info``, a dict of (B,) arrays: ``"steps"`` (nodes evaluated
       per example), ``"gap"`` (final completeness gap) and ``"converged"``.
 
@@ -361,10 +365,15 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
     if driver not in _adaptive_ig.DRIVERS:
       raise ValueError(f"driver: expected one of {_adaptive_ig.DRIVERS}, got {driver!r}")
     l0, lmax = _adaptive_ig._levels(min_steps, max_steps)
-    run = (_adaptive_ig.adaptive_ig_while if driver == "while"
-           else _adaptive_ig.adaptive_ig_host)
-    attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),
-                                 float(atol), l0, lmax)
+    if driver == "local":
+      attr, steps, gap, done = _adaptive_ig.adaptive_ig_local(
+          f, base_acc, diff, t, output, chunk, x.dtype, float(tol), float(atol), l0,
+          int(max_steps))
+    else:
+      run = (_adaptive_ig.adaptive_ig_while if driver == "while"
+             else _adaptive_ig.adaptive_ig_host)
+      attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),
+                                   float(atol), l0, lmax)
     info = {"steps": steps, "gap": gap, "converged": done}
   if return_info:
     return attr, info

@@ -430,6 +430,70 @@ def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
                                 17)
 
 
+def test_local_driver_refines_at_the_kink_and_equals_one_example_at_a_time():
+  rng = np.random.default_rng(1)
+  x, base = rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.3
+  tol, atol = 1e-3, 1e-6
+  with jax.enable_x64(True):
+    out = {}
+    for driver in ("host", "local"):
+      rows = []
+      ig, info = jaxplain.integrated_gradients(
+          counting(kink_f, rows), jnp.asarray(x), 0, tol=tol, atol=atol, driver=driver,
+          baseline=jnp.asarray(base), return_info=True, max_steps=4097)
+      out[driver] = (np.asarray(ig), {k: np.asarray(v) for k, v in info.items()}, sum(rows))
+    ig, info, rows_local = out["local"]
+    # the loop: each example alone takes the same nodes and gives the same map
+    for i in range(3):
+      ig1, info1 = jaxplain.integrated_gradients(
+          kink_f, jnp.asarray(x[i:i + 1]), 0, tol=tol, atol=atol, driver="local",
+          baseline=jnp.asarray(base[i:i + 1]), return_info=True, max_steps=4097)
+      np.testing.assert_allclose(np.asarray(ig1)[0], ig[i], rtol=1e-12, atol=1e-15)
+      assert int(info1["steps"][0]) == info["steps"][i]
+  exact = kink_ig(x, base)
+  wd = W_KINK * (x - base)
+  delta = exact.sum(1)
+  gap = ig.sum(1) - delta  # recomputed here, not read from info
+  np.testing.assert_allclose(info["gap"], gap, atol=1e-12)
+  assert info["converged"].all() and np.all(np.abs(gap) <= np.maximum(tol * np.abs(delta), atol))
+  # one step in the integrand, at the same alpha for every feature: each feature's error is
+  # w_i d_i times one common error of the "on" fraction, so the gap fixes every feature's error
+  bound = np.abs(wd) * np.maximum(tol * np.abs(delta), atol)[:, None] / np.abs(wd.sum(1))[:, None]
+  assert np.all(np.abs(ig - exact) <= bound * (1 + 1e-9) + 1e-12)
+  # nodes gather at the kink: far fewer evaluations than uniform doubling (the host driver)
+  steps_uniform = out["host"][1]["steps"]
+  assert np.all(info["steps"] <= steps_uniform), (info["steps"], steps_uniform)
+  assert info["steps"].sum() * 4 < steps_uniform.sum(), (info["steps"], steps_uniform)
+  assert info["steps"].sum() <= rows_local <= 2 * info["steps"].sum()  # padding at most 2x
+
+
+def test_local_driver_on_a_smooth_integrand_and_its_errors():
+  rng = np.random.default_rng(0)
+  # c_i x_i > 0: every feature's integrand c_i x_i exp(c_i x_i a) is convex in a
+  x = np.abs(rng.normal(size=(4, D))) * np.sign(C) * np.array([0.25, 0.5, 1.0, 2.0])[:, None]
+  tol = 1e-3
+  with jax.enable_x64(True):
+    xj = jnp.asarray(x)
+    delta = np.asarray(closed_f(xj) - closed_f(jnp.zeros_like(xj)))[:, 0]
+    ig, info = jaxplain.integrated_gradients(closed_f, xj, 0, tol=tol, driver="local",
+                                             return_info=True, max_steps=257)
+    ig = np.asarray(ig)
+    assert np.asarray(info["converged"]).all()
+    # convex integrands: on any nodes the trapezoid errors are all positive, so the gap
+    # bounds the summed attribution error
+    err = np.abs(ig - np.exp(C * x) + 1).sum(1)
+    assert np.all(err <= tol * np.abs(delta) * (1 + 1e-9)), (err, tol * np.abs(delta))
+    assert np.all(ig >= np.exp(C * x) - 1 - 1e-15)  # overestimates, feature by feature
+    _, info1 = jaxplain.integrated_gradients(kink_f, xj, 0, tol=1e-12, driver="local",
+                                             return_info=True, max_steps=9)
+    conv = np.asarray(info1["converged"])
+    assert not conv.all()  # reported, not hidden
+    assert np.all(np.asarray(info1["steps"])[~conv] <= 9)
+  with pytest.raises(ValueError, match="driver: 'local'.*cannot be traced"):
+    jax.jit(lambda z: jaxplain.integrated_gradients(closed_f, z, 0, tol=tol,
+                                                    driver="local"))(jnp.asarray(x, jnp.float32))
+
+
 # -- exact IG for piecewise-linear networks -------------------------------------------------
 
 
