@@ -228,40 +228,45 @@ def adaptive_ig_local(f, base, diff, t, output, chunk, dtype, tol, atol, l0, max
   most an eighth of them (when none is over its share, |sum e| <= thr: converged), so nodes
   gather where the integrand jumps (a ReLU or max-pool switch along the path) instead of
   everywhere. All new nodes of a round go through ``f`` as rows (example, node) in calls of
-  at most ``B * (chunk or 8)`` rows, padded to a power of two to bound recompiles. Memory: every node's gradient is kept on the host
-  until the end (steps x input size per example).
+  at most ``B * (chunk or 8)`` rows, padded to a power of two to bound recompiles. Memory:
+  every node's gradient is kept on the host until the end (steps x input size per example).
   """
   if not all(_validate.is_concrete(a) for a in (base, diff, t)):
     raise ValueError("driver: 'local' runs a Python loop over refinements and cannot be "
                      "traced (jit / vmap); use driver='while' inside jax.jit")
   b = base.shape[0]
-  base_np, diff_np, t_np = np.asarray(base), np.asarray(diff), np.asarray(t)
+  flat = np.asarray(diff).reshape(b, -1).astype(np.float64)
   kw = dict(f=f, output=output, dtype=dtype)
   cap = b * (chunk or 8)
+  # per example: sorted nodes, out[t] and path derivative there (float64), and the gradients
+  nodes = [np.zeros(0) for _ in range(b)]
+  fval = [np.zeros(0) for _ in range(b)]
+  deriv = [np.zeros(0) for _ in range(b)]
+  grads = [np.zeros((0,) + base.shape[1:], base.dtype) for _ in range(b)]
 
-  def evaluate(rows, alphas):
-    """out[t] (N,) and gradients (N, ...) at the rows' nodes, in padded calls."""
-    outs, grads = [], []
+  def add(rows, alphas):
+    """Evaluates the nodes ``alphas`` of examples ``rows`` (padded calls) and merges them."""
+    outs, gs = [], []
     for s in range(0, len(rows), cap):
       r, a = rows[s:s + cap], alphas[s:s + cap]
-      n = 1 << int(math.ceil(math.log2(len(r))))
-      pad = n - len(r)
-      r_p = np.concatenate([r, np.full(pad, r[0])])
-      a_p = np.concatenate([a, np.zeros(pad, a.dtype)])
-      o, g = _host_rows(base, diff, t, jnp.asarray(r_p, jnp.int32), jnp.asarray(a_p), **kw)
+      pad = (1 << int(math.ceil(math.log2(len(r))))) - len(r)
+      o, g = _host_rows(base, diff, t, jnp.asarray(np.concatenate([r, np.full(pad, r[0])]),
+                                                   jnp.int32),
+                        jnp.asarray(np.concatenate([a, np.zeros(pad, a.dtype)])), **kw)
       outs.append(np.asarray(o)[:len(r)])
-      grads.append(np.asarray(g)[:len(r)])
-    return np.concatenate(outs), np.concatenate(grads)
+      gs.append(np.asarray(g)[:len(r)])
+    out, g = np.concatenate(outs), np.concatenate(gs)
+    for i in np.unique(rows):
+      sel = rows == i
+      order = np.argsort(np.concatenate([nodes[i], alphas[sel]]), kind="stable")
+      d_new = g[sel].reshape(int(sel.sum()), -1).astype(np.float64) @ flat[i]
+      nodes[i] = np.concatenate([nodes[i], alphas[sel]])[order]
+      fval[i] = np.concatenate([fval[i], out[sel].astype(np.float64)])[order]
+      deriv[i] = np.concatenate([deriv[i], d_new])[order]
+      grads[i] = np.concatenate([grads[i], g[sel]])[order]
 
-  flat = diff_np.reshape(b, -1)
   a0 = np.arange(2 ** l0 + 1) / 2 ** l0
-  rows = np.repeat(np.arange(b), len(a0))
-  out, g = evaluate(rows, np.tile(a0, b))
-  nodes = [a0.copy() for _ in range(b)]
-  fval = [out[i * len(a0):(i + 1) * len(a0)].astype(np.float64) for i in range(b)]
-  grads = [g[i * len(a0):(i + 1) * len(a0)] for i in range(b)]
-  deriv = [(gr.reshape(len(a0), -1).astype(np.float64) @ flat[i].astype(np.float64))
-           for i, gr in enumerate(grads)]
+  add(np.repeat(np.arange(b), len(a0)), np.tile(a0, b))
   delta = np.array([fv[-1] - fv[0] for fv in fval])
   thr = np.maximum(tol * np.abs(delta), atol)
   done = np.zeros(b, bool)
@@ -287,27 +292,11 @@ def adaptive_ig_local(f, base, diff, t, output, chunk, dtype, tol, atol, l0, max
       new_alpha.append((nodes[i][pick] + nodes[i][pick + 1]) / 2)
     if not new_rows:
       break
-    rows, alphas = np.concatenate(new_rows), np.concatenate(new_alpha)
-    out, g = evaluate(rows, alphas)
-    for i in np.unique(rows):
-      sel = rows == i
-      a_all = np.concatenate([nodes[i], alphas[sel]])
-      order = np.argsort(a_all, kind="stable")
-      nodes[i] = a_all[order]
-      fval[i] = np.concatenate([fval[i], out[sel].astype(np.float64)])[order]
-      gi = g[sel]
-      grads[i] = np.concatenate([grads[i], gi])[order]
-      d_new = gi.reshape(len(gi), -1).astype(np.float64) @ flat[i].astype(np.float64)
-      deriv[i] = np.concatenate([deriv[i], d_new])[order]
-  w = []
-  for i in range(b):
-    h = np.diff(nodes[i])
-    wi = np.zeros(len(nodes[i]))
-    wi[:-1] += h / 2
-    wi[1:] += h / 2
-    w.append(wi)
-  s = np.stack([np.tensordot(w[i].astype(grads[i].dtype), grads[i], axes=1) for i in range(b)])
-  attr = jnp.asarray(diff_np * s)
+    add(np.concatenate(new_rows), np.concatenate(new_alpha))
+  # the trapezoid weights of each example's nodes: half of each neighbouring interval
+  s = np.stack([np.tensordot(np.convolve(np.diff(nodes[i]) / 2, [1.0, 1.0]).astype(
+      grads[i].dtype), grads[i], axes=1) for i in range(b)])
+  attr = jnp.asarray(np.asarray(diff) * s)
   gap = jnp.sum(attr.reshape(b, -1), axis=1) - jnp.asarray(delta, attr.dtype)
   steps = jnp.asarray([len(n) for n in nodes], jnp.int32)
   return attr, steps, gap, jnp.asarray(done)
