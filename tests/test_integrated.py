@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 import pytest
 from flax import nnx
 
@@ -543,7 +544,7 @@ def test_exact_ig_on_a_relu_maxpool_cnn():
   assert np.all(np.abs(gap) <= 1e-5 * np.abs(delta)), (gap, delta)
   # Gauss-Legendre at m = 4096, computed here (jax.grad on 512-node chunks): it converges only
   # as O(1/m) on this step-wise integrand (its own gap is ~1e-4 here), so it agrees to that
-  a, w = np.polynomial.legendre.leggauss(4096)
+  a, w = scipy.special.roots_legendre(4096)   # NumPy's leggauss: same to 3e-13, 14x slower
   a, w = (a + 1) / 2, w / 2
   grad = jax.jit(jax.grad(lambda z, k: f(z)[:, k].sum()), static_argnums=1)
   gl = np.zeros(x.shape)
