@@ -22,9 +22,6 @@
   tests alone 148 s -> 85 s. The numbers the tests check do not depend on it (each compares
   with an independent computation at a float32 tolerance). ``JAX_DISABLE_MOST_OPTIMIZATIONS=0``
   in the environment runs the suite with XLA's full optimisations.
-- Tests marked slow by measurement (``_FIRST``: the main job's smoke groups, InceptionV3)
-  are sent to the xdist workers first, so that no long test starts last and leaves one
-  worker idle at the end.
 """
 
 from __future__ import annotations
@@ -38,8 +35,6 @@ import jaxplain  # noqa: F401  first, so that its XLA:CPU flag is set before a b
 
 _MARK = "JAXPLAIN_TEST_TMP"  # set by the controller, inherited by the xdist workers
 _NO_OPT = "JAX_DISABLE_MOST_OPTIMIZATIONS"
-# the longest tests (seconds on the 2-core machine, optimisations off), started first
-_FIRST = ("test_run_all_smoke_writes_every_file", "test_keras_inception_v3_ig_and_grad_cam")
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin has configured itself
@@ -65,9 +60,3 @@ def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
-
-
-def pytest_collection_modifyitems(session, config, items):  # pylint: disable=unused-argument
-  """The longest tests first (stable otherwise): xdist's load scheduling hands tests out in
-  this order, so a long test no longer starts when the other worker is nearly done."""
-  items.sort(key=lambda it: not it.name.startswith(_FIRST))
