@@ -5,7 +5,10 @@ rules (WBP, LRP, DeepLIFT), interventions on the parameter pytree, and Proactive
 Pseudo-Intervention (PPI) training. Every primitive takes a pure batched ``f(x) -> logits``
 and never calls ``jax.jit`` itself: callers jit and vmap.
 
-The public API is listed here explicitly, module by module.
+The public API is listed here explicitly, module by module. Submodules are imported lazily,
+on first use of one of their names (PEP 562), so ``import jaxplain`` costs little more than
+``import jax``: a script that uses only ``jaxplain.gradient`` never imports matplotlib,
+optax or tensorflow-datasets.
 """
 
 __version__ = "0.1.0"
@@ -16,82 +19,102 @@ _xla_cpu.apply()
 from jaxplain._xla_cpu import CONV_FLAG as XLA_CPU_CONV_FLAG
 from jaxplain._xla_cpu import xla_cpu_tuning as xla_cpu_tuning
 
-# -- the model interface (model) ------------------------------------------------------------
-from jaxplain.model import Model as Model
-from jaxplain.model import wrap as wrap
+import importlib as _importlib
 
-# -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
-from jaxplain.gradients import gradient as gradient
-from jaxplain.gradients import gradient_x_input as gradient_x_input
-from jaxplain.gradients import smoothgrad as smoothgrad
-from jaxplain.integrated import completeness_gap as completeness_gap
-from jaxplain.integrated import integrated_gradients as integrated_gradients
-from jaxplain.integrated import make_baseline as make_baseline
-from jaxplain.integrated import quadrature_rule as quadrature_rule
-from jaxplain.integrated import NotPiecewiseLinearError as NotPiecewiseLinearError
-from jaxplain.cam import grad_cam as grad_cam
+# ``jaxplain.occlusion`` is both a submodule and a function in it; importing the submodule
+# (by any module, at any time) would rebind the package attribute to the module, so the
+# function is bound eagerly (occlusion.py imports only jax, numpy and jaxplain.gradients).
 from jaxplain.occlusion import occlusion as occlusion
-from jaxplain import plot as plot
 
-# -- rule engine (rules) ----------------------------------------------------------------------
-from jaxplain.rules import wbp as wbp
-from jaxplain.rules import lrp as lrp
-from jaxplain.rules import deeplift as deeplift
-from jaxplain.rules import guided_backprop as guided_backprop
-from jaxplain.rules import deconvnet as deconvnet
-from jaxplain.rules import Composite as Composite
-from jaxplain import rules as rules
-from jaxplain.rules import UnsupportedPrimitiveError as UnsupportedPrimitiveError
+# name -> (module, attribute in it; None: the name is the module itself)
+_API = {
+    # -- the model interface (model) ------------------------------------------------------------
+    'Model': ('jaxplain.model', 'Model'),
+    'wrap': ('jaxplain.model', 'wrap'),
+    # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
+    'gradient': ('jaxplain.gradients', 'gradient'),
+    'gradient_x_input': ('jaxplain.gradients', 'gradient_x_input'),
+    'smoothgrad': ('jaxplain.gradients', 'smoothgrad'),
+    'completeness_gap': ('jaxplain.integrated', 'completeness_gap'),
+    'integrated_gradients': ('jaxplain.integrated', 'integrated_gradients'),
+    'make_baseline': ('jaxplain.integrated', 'make_baseline'),
+    'quadrature_rule': ('jaxplain.integrated', 'quadrature_rule'),
+    'NotPiecewiseLinearError': ('jaxplain.integrated', 'NotPiecewiseLinearError'),
+    'grad_cam': ('jaxplain.cam', 'grad_cam'),
+    'plot': ('jaxplain.plot', None),
+    # -- rule engine (rules) ----------------------------------------------------------------------
+    'wbp': ('jaxplain.rules', 'wbp'),
+    'lrp': ('jaxplain.rules', 'lrp'),
+    'deeplift': ('jaxplain.rules', 'deeplift'),
+    'guided_backprop': ('jaxplain.rules', 'guided_backprop'),
+    'deconvnet': ('jaxplain.rules', 'deconvnet'),
+    'Composite': ('jaxplain.rules', 'Composite'),
+    'rules': ('jaxplain.rules', None),
+    'UnsupportedPrimitiveError': ('jaxplain.rules', 'UnsupportedPrimitiveError'),
+    # -- interventions ----------------------------------------------------------------------------
+    'interventions': ('jaxplain.interventions', None),
+    'select': ('jaxplain.interventions', 'select'),
+    'set_value': ('jaxplain.interventions', 'set_value'),
+    'units': ('jaxplain.interventions', 'units'),
+    'sweep': ('jaxplain.interventions', 'sweep'),
+    'sweep_layer': ('jaxplain.interventions', 'sweep_layer'),
+    'first_order': ('jaxplain.interventions', 'first_order'),
+    'causal_effect': ('jaxplain.interventions', 'causal_effect'),
+    'causal_walk': ('jaxplain.interventions', 'walk'),
+    # -- PPI --------------------------------------------------------------------------------------
+    'PPIConfig': ('jaxplain.ppi', 'PPIConfig'),
+    'box_mask': ('jaxplain.ppi', 'box_mask'),
+    'make_ppi_loss': ('jaxplain.ppi', 'make_ppi_loss'),
+    'make_ppi_train_step': ('jaxplain.ppi', 'make_ppi_train_step'),
+    'normalize_saliency': ('jaxplain.ppi', 'normalize_saliency'),
+    'one_vs_others_loss': ('jaxplain.ppi', 'one_vs_others_loss'),
+    'partner_indices': ('jaxplain.ppi', 'partner_indices'),
+    'ppi_objective': ('jaxplain.ppi', 'ppi_objective'),
+    'soft_mask': ('jaxplain.ppi', 'soft_mask'),
+    # -- metrics ----------------------------------------------------------------------------------
+    'area_under_curve': ('jaxplain.metrics', 'area_under_curve'),
+    'cascade_layers': ('jaxplain.metrics', 'cascade_layers'),
+    'cascading_randomization': ('jaxplain.metrics', 'cascading_randomization'),
+    'deletion_curve': ('jaxplain.metrics', 'deletion_curve'),
+    'insertion_curve': ('jaxplain.metrics', 'insertion_curve'),
+    'map_change': ('jaxplain.metrics', 'map_change'),
+    'map_similarity': ('jaxplain.metrics', 'map_similarity'),
+    'pixel_saliency': ('jaxplain.metrics', 'pixel_saliency'),
+    'random_order_curve': ('jaxplain.metrics', 'random_order_curve'),
+    'random_saliency': ('jaxplain.metrics', 'random_saliency'),
+    'rank_correlation': ('jaxplain.metrics', 'rank_correlation'),
+    'shift_invariance': ('jaxplain.metrics', 'shift_invariance'),
+    'ssim': ('jaxplain.metrics', 'ssim'),
+    'step_fractions': ('jaxplain.metrics', 'step_fractions'),
+    # -- perturbation attributions and evaluation (issue 16) --------------------------------------
+    'perturbation': ('jaxplain.perturbation', None),
+    'feature_ablation': ('jaxplain.perturbation', 'feature_ablation'),
+    'kernel_shap': ('jaxplain.perturbation', 'kernel_shap'),
+    'lime': ('jaxplain.perturbation', 'lime'),
+    'rise': ('jaxplain.perturbation', 'rise'),
+    'shapley_value_sampling': ('jaxplain.perturbation', 'shapley_value_sampling'),
+    'evaluation': ('jaxplain.evaluation', None),
+    'evaluate': ('jaxplain.evaluation', 'evaluate'),
+    # -- submodules -------------------------------------------------------------------------------
+    'models': ('jaxplain.models', None),
+    'data': ('jaxplain.data', None),
+    'train': ('jaxplain.train', None),
+}
 
-# -- interventions ----------------------------------------------------------------------------
-from jaxplain import interventions as interventions
-from jaxplain.interventions import select as select
-from jaxplain.interventions import set_value as set_value
-from jaxplain.interventions import units as units
-from jaxplain.interventions import sweep as sweep
-from jaxplain.interventions import sweep_layer as sweep_layer
-from jaxplain.interventions import first_order as first_order
-from jaxplain.interventions import causal_effect as causal_effect
-from jaxplain.interventions import walk as causal_walk
+__all__ = sorted(list(_API) + ["XLA_CPU_CONV_FLAG", "xla_cpu_tuning", "occlusion"])
 
-# -- PPI --------------------------------------------------------------------------------------
-from jaxplain.ppi import PPIConfig as PPIConfig
-from jaxplain.ppi import box_mask as box_mask
-from jaxplain.ppi import make_ppi_loss as make_ppi_loss
-from jaxplain.ppi import make_ppi_train_step as make_ppi_train_step
-from jaxplain.ppi import normalize_saliency as normalize_saliency
-from jaxplain.ppi import one_vs_others_loss as one_vs_others_loss
-from jaxplain.ppi import partner_indices as partner_indices
-from jaxplain.ppi import ppi_objective as ppi_objective
-from jaxplain.ppi import soft_mask as soft_mask
 
-# -- metrics ----------------------------------------------------------------------------------
-from jaxplain.metrics import area_under_curve as area_under_curve
-from jaxplain.metrics import cascade_layers as cascade_layers
-from jaxplain.metrics import cascading_randomization as cascading_randomization
-from jaxplain.metrics import deletion_curve as deletion_curve
-from jaxplain.metrics import insertion_curve as insertion_curve
-from jaxplain.metrics import map_change as map_change
-from jaxplain.metrics import map_similarity as map_similarity
-from jaxplain.metrics import pixel_saliency as pixel_saliency
-from jaxplain.metrics import random_order_curve as random_order_curve
-from jaxplain.metrics import random_saliency as random_saliency
-from jaxplain.metrics import rank_correlation as rank_correlation
-from jaxplain.metrics import shift_invariance as shift_invariance
-from jaxplain.metrics import ssim as ssim
-from jaxplain.metrics import step_fractions as step_fractions
+def __getattr__(name: str):
+  try:
+    module, attr = _API[name]
+  except KeyError:
+    raise AttributeError(f"module 'jaxplain' has no attribute {name!r}") from None
+  value = _importlib.import_module(module)
+  if attr is not None:
+    value = getattr(value, attr)
+  globals()[name] = value  # later lookups do not come back here
+  return value
 
-# -- perturbation attributions and evaluation (issue 16) --------------------------------------
-from jaxplain import perturbation as perturbation
-from jaxplain.perturbation import feature_ablation as feature_ablation
-from jaxplain.perturbation import kernel_shap as kernel_shap
-from jaxplain.perturbation import lime as lime
-from jaxplain.perturbation import rise as rise
-from jaxplain.perturbation import shapley_value_sampling as shapley_value_sampling
-from jaxplain import evaluation as evaluation
-from jaxplain.evaluation import evaluate as evaluate
 
-# -- submodules -------------------------------------------------------------------------------
-from jaxplain import models as models
-from jaxplain import data as data
-from jaxplain import train as train
+def __dir__():
+  return sorted(set(globals()) | set(_API))

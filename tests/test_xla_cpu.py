@@ -31,7 +31,9 @@ conv = lambda x, w: jax.lax.conv_general_dilated(
     x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 hlo = jax.jit(conv).lower(x, w).compile().as_text()
 print(json.dumps({"status": jaxplain.xla_cpu_tuning(), "flags": os.environ.get("XLA_FLAGS", ""),
-                  "ynn": "__ynn_fusion" in hlo, "warnings": [str(c.message) for c in caught]}))
+                  "ynn": "__ynn_fusion" in hlo, "warnings": [str(c.message) for c in caught],
+                  "heavy": sorted(m for m in ("matplotlib", "optax", "flax", "scipy",
+                                              "tensorflow_datasets", "sklearn") if m in sys.modules)}))
 """
 
 
@@ -60,6 +62,9 @@ def test_import_moves_convolutions_off_ynnpack():
   assert tuned["flags"].split() == [_xla_cpu.CONV_FLAG]
   assert not tuned["ynn"]
   assert tuned["warnings"] == []
+  # submodules are imported on first use (jaxplain/__init__.py): ``import jaxplain`` alone
+  # pulls in none of the heavy dependencies
+  assert tuned["heavy"] == []
 
 
 @needs_verified_jaxlib
@@ -94,3 +99,20 @@ def test_unverified_jaxlib_is_left_alone(monkeypatch):
   assert _xla_cpu.apply(env) == "applied"
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
                                       _xla_cpu.CONV_FLAG]
+
+
+def test_lazy_public_names_resolve_to_their_modules():
+  import importlib  # pylint: disable=import-outside-toplevel
+  import jaxplain  # pylint: disable=import-outside-toplevel
+  importlib.import_module("jaxplain.occlusion")  # the submodule does not shadow the function
+  assert callable(jaxplain.occlusion) and jaxplain.occlusion.__module__ == "jaxplain.occlusion"
+  for name in jaxplain.__all__:
+    assert name in dir(jaxplain)
+    value = getattr(jaxplain, name)
+    if name != "XLA_CPU_CONV_FLAG":  # a string
+      home = getattr(value, "__module__", getattr(value, "__name__", ""))
+      assert home.startswith("jaxplain"), (name, home)
+  assert jaxplain.causal_walk is importlib.import_module("jaxplain.interventions").walk
+  assert jaxplain.plot is importlib.import_module("jaxplain.plot")
+  with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+    jaxplain.no_such_name  # pylint: disable=pointless-statement
