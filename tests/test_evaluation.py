@@ -406,7 +406,7 @@ _SHARDED = textwrap.dedent("""
 
 
 def test_sharded_evaluate_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _SHARDED.format(root=str(ROOT))], env=env,
                         capture_output=True, text=True, timeout=600)

@@ -314,7 +314,7 @@ _SHARDED = textwrap.dedent("""
 def test_sharded_step_equals_single_device(tmp_path, digits):
   data_dir = str(tmp_path / "tfds")
   data.load("digits", "train", data_dir=data_dir)  # prepare once, outside the subprocess
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(),
          "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
                                         os.environ.get("PYTHONPATH", "")])}
