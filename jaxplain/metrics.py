@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _maps
+from jaxplain._batching import map_merged
 from jaxplain._validate import call_model, check_batched, check_finite, check_logits
 from jaxplain._validate import check_target, select_target
 
@@ -197,15 +198,13 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
   counts = jnp.asarray(_step_counts(steps, n), jnp.int32)
   ranks = _descending_ranks(s.reshape(b, n)).reshape(s.shape + (1,) * (x.ndim - s.ndim))
 
-  def score_at(k):
+  def make(k):
     top = ranks < k
-    xk = jnp.where(top, x, base) if insert else jnp.where(top, base, x)
-    return _class_score(f(xk), t, output)
+    return (jnp.where(top, x, base) if insert else jnp.where(top, base, x), t), None
 
-  if chunk is None:
-    scores = jax.vmap(score_at)(counts)
-  else:
-    scores = jax.lax.map(score_at, counts, batch_size=int(chunk))
+  # the copies of a chunk go through f as one batch (see jaxplain._batching)
+  scores = map_merged(make, lambda xk, tk: _class_score(f(xk), tk, output), counts, chunk,
+                      lambda out, _: out)
   return scores.T
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
+from jaxplain._batching import map_merged
 from jaxplain.gradients import _check_output, _output_value
 
 Array = jax.Array
@@ -134,19 +135,18 @@ def _scores(f: Fn, x: Array, t: Array, base: Array, fm: Array, zfn: Callable[[Ar
             n: int, output: str, chunk: int | None) -> Array:
   """``(n, B)`` outputs of ``f`` on the inputs kept by ``zfn(i)`` ((B, F) bool or weights)."""
 
-  def one(i):
+  def make(i):
     z = zfn(i)
     m = jnp.take_along_axis(z, fm, axis=1).reshape(x.shape)
     if m.dtype == jnp.bool_:
       xs = jnp.where(m, x, base)
     else:
       xs = base + m.astype(x.dtype) * (x - base)
-    return _output_value(f(xs), t, output)
+    return (xs, t), None
 
-  idx = jnp.arange(n, dtype=jnp.int32)
-  if chunk is None:
-    return jax.vmap(one)(idx)
-  return jax.lax.map(one, idx, batch_size=int(chunk))
+  # the copies of a chunk go through f as one batch (see jaxplain._batching)
+  return map_merged(make, lambda xs, ti: _output_value(f(xs), ti, output),
+                    jnp.arange(n, dtype=jnp.int32), chunk, lambda out, _: out)
 
 
 def _expand(values: Array, fm: Array, shape: tuple[int, ...]) -> Array:
@@ -493,12 +493,12 @@ def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: fl
     crop = lambda m, u, v: jax.lax.dynamic_slice(m, (u, v), (h, w))
     return jax.vmap(crop)(big, dy, dx)                                      # (B, H, W)
 
-  def one(i):
-    m = mask(i)[..., None]
-    xs = base + m * (x - base)
-    return _output_value(f(xs), t, output)[:, None, None] * m[..., 0]
+  def make(i):
+    m = mask(i)
+    return (base + m[..., None] * (x - base), t), m
 
-  idx = jnp.arange(n, dtype=jnp.int32)
-  parts = jax.vmap(one)(idx) if chunk is None else jax.lax.map(one, idx, batch_size=chunk)
+  parts = map_merged(make, lambda xs, ti: _output_value(f(xs), ti, output),
+                     jnp.arange(n, dtype=jnp.int32), chunk,
+                     lambda out, m: out[..., None, None] * m)                # (N, B, H, W)
   sal = jnp.sum(parts, axis=0) / (n * p)
   return jnp.broadcast_to(sal[..., None], x.shape)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
+from jaxplain._batching import map_merged
 from jaxplain.gradients import _check_output, _output_value
 
 Array = jax.Array
@@ -79,6 +80,15 @@ def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:
 
 def score(f: Fn, x: Array, t: Array, output: str) -> Array:
   return _output_value(f(x), t, output)
+
+
+def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None,
+               output: str, with_extra: bool = False) -> Any:
+  """``(S, B)`` scores ``f(x_k)[t_k]`` for ``make(k) = ((x_k, t_k), extra_k)``, ``chunk``
+  copies per call of ``f`` merged into its batch axis (:func:`jaxplain._batching.map_merged`);
+  with ``with_extra`` also the stacked extras, returned first."""
+  scores, extra = map_merged(make, lambda z, t: score(f, z, t, output), ks, chunk)
+  return (extra, scores) if with_extra else scores
 
 
 def smap(fn: Callable[[Array], Any], xs: Any, chunk: int | None) -> Any:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain._batching import map_merged
 from jaxplain.evaluation import _common as C
 
 Array = jax.Array
@@ -68,11 +69,10 @@ def pixel_flipping(f: C.Fn, x: Array, target: Any, attributions: Array, *, steps
   ranks = C.descending_ranks(C.flat(a))
   counts = jnp.asarray(_counts(steps, ranks.shape[1]), jnp.int32)
 
-  def one(k):
-    gone = C.to_x(ranks < k, a.shape, x.shape)
-    return C.score(f, jnp.where(gone, base, x), t, output)
+  def make(k):
+    return (jnp.where(C.to_x(ranks < k, a.shape, x.shape), base, x), t), None
 
-  return C.smap(one, counts, chunk).T
+  return C.map_scores(f, make, counts, chunk, output).T
 
 
 # -- ROAD --------------------------------------------------------------------------------------
@@ -188,17 +188,19 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
   s = C.flat(a)
   ranks = C.descending_ranks(s if order == "morf" else -s)
 
-  def one(i):
+  def make(i):
     removed = (ranks < counts[i]).reshape(b, h, w, 1)
     xi = linear_imputation(x, removed)
     eps = noise * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    xi = jnp.where(removed, xi + eps, x)
+    return (jnp.where(removed, xi + eps, x), t), None
+
+  def call(xi, ti):
     logits = f(xi)
     if output == "accuracy":
-      return (jnp.argmax(logits, axis=-1) == t).astype(x.dtype)
-    return C._output_value(logits, t, output)
+      return (jnp.argmax(logits, axis=-1) == ti).astype(x.dtype)
+    return C._output_value(logits, ti, output)
 
-  return C.smap(one, jnp.arange(pct.size), chunk).T
+  return map_merged(make, call, jnp.arange(pct.size), chunk, lambda out, _: out).T
 
 
 # -- IROF --------------------------------------------------------------------------------------
@@ -258,10 +260,10 @@ def irof(f: C.Fn, x: Array, target: Any, attributions: Array, *, segments: Any,
     base = C.baseline(x, value)
   ref = C.score(f, x, t, output)
 
-  def one(k):
-    return C.score(f, jnp.where(elem_rank < k, base, x), t, output)
+  def make(k):
+    return (jnp.where(elem_rank < k, base, x), t), None
 
-  curve = C.smap(one, jnp.arange(n + 1), chunk).T / ref[:, None]
+  curve = C.map_scores(f, make, jnp.arange(n + 1), chunk, output).T / ref[:, None]
   area = jnp.sum(curve[:, 1:] + curve[:, :-1], axis=1) / (2.0 * n)     # trapezoid over k / n
   return {"irof": 1.0 - area, "curve": curve}
 
@@ -307,12 +309,12 @@ def infidelity(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Arra
   t, _ = C.target_and_logits(f, x, target)
   ref = C.score(f, x, t, output)
 
-  def one(i):
+  def make(i):
     noise = sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    delta = ref - C.score(f, x - noise, t, output)
-    return jnp.sum(C.flat(noise * a), axis=1), delta
+    return (x - noise, t), jnp.sum(C.flat(noise * a), axis=1)
 
-  dots, deltas = C.smap(one, jnp.arange(n), chunk)                     # (S, B) each
+  dots, scores = C.map_scores(f, make, jnp.arange(n), chunk, output, with_extra=True)
+  deltas = ref[None] - scores                                          # (S, B) each
   if normalize:
     den = jnp.mean(dots * dots, axis=0)
     beta = jnp.where(den > 0, jnp.mean(dots * deltas, axis=0) / jnp.where(den > 0, den, 1.0),
@@ -368,11 +370,12 @@ def faithfulness_correlation(f: C.Fn, x: Array, target: Any, attributions: Array
   base = C.baseline(x, value)
   ref = C.score(f, x, t, output)
 
-  def one(i):
+  def make(i):
     u = jax.random.uniform(jax.random.fold_in(key, i), af.shape)
     chosen = C.descending_ranks(u) < k
     xs = jnp.where(C.to_x(chosen, a.shape, x.shape), base, x)
-    return jnp.sum(jnp.where(chosen, af, 0.0), axis=1), ref - C.score(f, xs, t, output)
+    return (xs, t), jnp.sum(jnp.where(chosen, af, 0.0), axis=1)
 
-  sums, deltas = C.smap(one, jnp.arange(n), chunk)
+  sums, scores = C.map_scores(f, make, jnp.arange(n), chunk, output, with_extra=True)
+  deltas = ref[None] - scores
   return C.pearson(sums.T, deltas.T)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxplain import _validate
+from jaxplain._batching import map_merged
 from jaxplain.evaluation import _common as C
 
 Array = jax.Array
@@ -23,6 +24,13 @@ __all__ = ["sensitivity", "max_sensitivity", "avg_sensitivity", "local_lipschitz
 
 def _norm(v: Array) -> Array:
   return jnp.sqrt(jnp.sum(C.flat(v) ** 2, axis=1))
+
+
+def _merged(explain: Explain, make, n: int, chunk: int | None, post) -> Array:
+  """(S, B) ``post(explain(...), extra)`` over the ``n`` perturbed copies of ``make``, the
+  copies of a chunk explained as one batch of ``chunk * B`` rows (``jaxplain._batching``:
+  XLA:CPU runs a model under ``vmap`` slower than the same rows as one batch)."""
+  return map_merged(make, explain, jnp.arange(n), chunk, post)
 
 
 def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_samples: int = 200,
@@ -63,11 +71,11 @@ def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_sample
   a = explain(x, t) if attributions is None else jnp.asarray(attributions)
   den = _norm(a)
 
-  def one(j):
+  def make(j):
     d = jax.random.uniform(jax.random.fold_in(key, j), x.shape, x.dtype, -radius, radius)
-    return _norm(explain(x + d, t) - a)
+    return (x + d, t), None
 
-  num = C.smap(one, jnp.arange(n), chunk).T
+  num = _merged(explain, make, n, chunk, lambda e, _: jax.vmap(_norm)(e - a[None])).T
   return num / jnp.where(den > 0, den, 1.0)[:, None]
 
 
@@ -132,8 +140,9 @@ def local_lipschitz(explain: Explain, x: Array, target: Any, *, key: Array,
   t = _validate.check_target(target, x.shape[0])
   a = explain(x, t) if attributions is None else jnp.asarray(attributions)
 
-  def one(j):
+  def make(j):
     d = sigma * jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
-    return _norm(explain(x + d, t) - a) / jnp.maximum(_norm(d), 1e-30)
+    return (x + d, t), jnp.maximum(_norm(d), 1e-30)
 
-  return jnp.max(C.smap(one, jnp.arange(n), chunk), axis=0)
+  ratio = lambda e, dn: jax.vmap(_norm)(e - a[None]) / dn
+  return jnp.max(_merged(explain, make, n, chunk, ratio), axis=0)

@@ -1,0 +1,61 @@
+"""Many perturbed copies of a batch through one model call (private).
+
+The perturbation metrics and attributions evaluate a batched model ``f`` on ``S`` perturbed
+copies of a batch ``(B, ...)``. Written as ``vmap(lambda k: f(perturb(k)))`` the model runs
+under ``vmap``: XLA:CPU ran the SmallCNN's forward pass that way 1.4-1.5x slower than the same
+``S * B`` images as one plain batch (1,024 images: 2.7-2.9 s vs 1.9 s; pixel flipping on 128
+images 15.5-18 s vs 11.5-12.6 s, CPU use 147 % vs 196 %). :func:`map_merged` builds the
+copies with ``vmap`` and merges the copy axis into the model's batch axis instead, so ``f``
+(and anything it calls) sees one ordinary batch of ``chunk * B`` rows. Plain JAX, so it
+stays differentiable (a ``custom_vmap`` would not be).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _merge(v: Array) -> Array:
+  return v.reshape((v.shape[0] * v.shape[1],) + v.shape[2:])
+
+
+def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
+               call: Callable[..., Any], ks: Array, chunk: int | None,
+               post: Callable[[Any, Any], Any] | None = None) -> Any:
+  """``post(call(*args_k), extra_k)`` for every ``k`` in ``ks``, stacked on a leading axis.
+
+  ``make(k)`` returns ``(args, extra)``: ``args`` a tuple of arrays with the batch axis ``B``
+  first (the model's inputs for copy ``k``: perturbed inputs, targets), ``extra`` any pytree.
+  For ``chunk`` copies at a time (all at once for ``None``) the args are stacked to
+  ``(c, B, ...)`` and merged to ``(c * B, ...)``; ``call`` runs once on them and each leaf of
+  its result (leading axis ``c * B``) is split back to ``(c, B, ...)``. ``post(out, extra)``
+  (default: ``(out, extra)``) then sees the chunk's ``(c, B, ...)`` outputs and extras, so a
+  reduction there keeps memory per chunk. Full chunks run under ``jax.lax.map``, a remainder
+  as one more call.
+  """
+  post = post or (lambda out, extra: (out, extra))
+
+  def block(kc: Array) -> Any:
+    args, extra = jax.vmap(make)(kc)
+    c = kc.shape[0]
+    out = call(*(_merge(a) for a in args))
+    out = jax.tree_util.tree_map(lambda v: v.reshape((c, v.shape[0] // c) + v.shape[1:]), out)
+    return post(out, extra)
+
+  ks = jnp.asarray(ks)
+  n = ks.shape[0]
+  if chunk is None or int(chunk) >= n:
+    return block(ks)
+  c = int(chunk)
+  full = (n // c) * c
+  parts = jax.lax.map(block, ks[:full].reshape((n // c, c) + ks.shape[1:]))
+  parts = jax.tree_util.tree_map(_merge, parts)
+  if full == n:
+    return parts
+  rest = block(ks[full:])
+  return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), parts, rest)
