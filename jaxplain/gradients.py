@@ -78,7 +78,9 @@ def _grad_rows(f: Fn, x: Array, target: Array, output: str,
   ``target`` is normalised with the model's number of classes (range errors when concrete).
   ``weights`` (N,) scales each row's cotangent (used by Integrated Gradients).
   """
-  logits, vjp = _validate.call_model(lambda: jax.vjp(f, x), f, x)
+  from jaxplain import _fastconv  # pylint: disable=import-outside-toplevel
+  fast = _fastconv.with_fast_convs(f)  # CPU: small-channel convolutions rewritten
+  logits, vjp = _validate.call_model(lambda: jax.vjp(fast, x), f, x)
   _validate.check_logits(logits, x.shape[0], f=f, x=x)
   t = _validate.check_target(target, x.shape[0], logits.shape[-1], name)
   ct = _cotangent(logits, t, output)
@@ -139,7 +141,8 @@ def _grad_rows_multi(f: Fn, x: Array, target: Any, output: str,
   ``target`` is ``"all"`` or an (N, T) int array. The T output cotangents go through the
   shared linearisation with ``vmap`` (``target_chunk`` of them at a time).
   """
-  logits, vjp = jax.vjp(f, x)
+  from jaxplain import _fastconv  # pylint: disable=import-outside-toplevel
+  logits, vjp = jax.vjp(_fastconv.with_fast_convs(f), x)
   _validate.check_logits(logits, x.shape[0])
   t = _multi_targets(target, x.shape[0], logits.shape[-1])
   n_t = t.shape[1]
