@@ -47,28 +47,13 @@ def enabled() -> bool:
 def _conv_shifted(eqn, x: Array, w: Array) -> Array:
   """A one-input-channel convolution as the sum over kernel taps of shifted input slices
   times the tap's output-channel weights (one fused elementwise loop on XLA:CPU)."""
-  prm = eqn.params
-  dn = prm["dimension_numbers"]
-  (plh, phh), (plw, phw) = prm["padding"]
-  sh, sw = prm["window_strides"]
-  xs = jnp.transpose(x, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
-  k = jnp.transpose(w, (dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1], dn.rhs_spec[0]))
-  kh, kw, _, o = k.shape
-  xs = jnp.pad(xs, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
-  n, h, wd, _ = xs.shape
-  ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+  k, taps, to_out = _jaxpr.conv_taps(eqn, x, w)
+  o = k.shape[3]
   acc = None
-  for i in range(kh):
-    for j in range(kw):
-      s = jax.lax.slice(xs, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, 1),
-                        (1, sh, sw, 1))
-      term = s * k[i, j, 0].reshape(1, 1, 1, o)
-      acc = term if acc is None else acc + term
-  perm = [0] * 4
-  for src, dst in zip((0, 1, 2, 3), (dn.out_spec[0], dn.out_spec[2], dn.out_spec[3],
-                                     dn.out_spec[1])):
-    perm[dst] = src
-  return jnp.transpose(acc, perm).astype(eqn.outvars[0].aval.dtype)
+  for i, j, s in taps:
+    term = s * k[i, j, 0].reshape(1, 1, 1, o)
+    acc = term if acc is None else acc + term
+  return to_out(acc)
 
 
 def _fast_conv(eqn) -> Callable[[Array, Array], Array]:

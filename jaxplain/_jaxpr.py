@@ -473,6 +473,31 @@ def _patch_conv_ok(eqn) -> bool:
           and lhs.shape[dn.lhs_spec[1]] <= PATCH_CONV_MAX_CHANNELS)
 
 
+def conv_taps(eqn, t: Array, w: Array):
+  """The input of ``eqn``'s convolution in NHWC, padded, and its kernel in HWIO, with the
+  kernel taps' strided input slices: ``(k (kh, kw, c, o), taps [(i, j, slice (n, ho, wo, c))],
+  to_out)`` where ``to_out`` maps an NHWC result to the output layout and dtype of ``eqn``."""
+  prm = eqn.params
+  dn = prm["dimension_numbers"]
+  (plh, phh), (plw, phw) = prm["padding"]
+  sh, sw = prm["window_strides"]
+  x = jnp.transpose(t, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
+  k = jnp.transpose(w, (dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1], dn.rhs_spec[0]))
+  kh, kw, c, _ = k.shape
+  x = jnp.pad(x, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
+  n, h, wd, _ = x.shape
+  ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
+  taps = [(i, j, jax.lax.slice(x, (0, i, j, 0),
+                               (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                               (1, sh, sw, 1)))
+          for i in range(kh) for j in range(kw)]
+  perm = [0] * 4  # NHWC -> the output layout of eqn
+  for src, dst in zip((0, 1, 2, 3), (dn.out_spec[0], dn.out_spec[2], dn.out_spec[3],
+                                     dn.out_spec[1])):
+    perm[dst] = src
+  return k, taps, lambda y: jnp.transpose(y, perm).astype(eqn.outvars[0].aval.dtype)
+
+
 def _conv_as_patches(eqn, t: Array, w: Array) -> Array:
   """The linear map ``t -> conv(t, w)`` of ``eqn`` written as an explicit im2col: shifted
   strided slices of the padded input stacked into patches, then one ``dot_general`` with the
@@ -480,27 +505,13 @@ def _conv_as_patches(eqn, t: Array, w: Array) -> Array:
   dot followed by padded additions instead of a convolution with few output channels, which
   XLA's CPU backend runs several times slower (the first layer of an image model), and so
   are the second-order terms of PPI."""
-  prm = eqn.params
-  dn = prm["dimension_numbers"]
-  (plh, phh), (plw, phw) = prm["padding"]
-  sh, sw = prm["window_strides"]
-  x = jnp.transpose(t, (dn.lhs_spec[0], dn.lhs_spec[2], dn.lhs_spec[3], dn.lhs_spec[1]))
-  k = jnp.transpose(w, (dn.rhs_spec[2], dn.rhs_spec[3], dn.rhs_spec[1], dn.rhs_spec[0]))
+  k, taps, to_out = conv_taps(eqn, t, w)
   kh, kw, c, o = k.shape
-  x = jnp.pad(x, ((0, 0), (plh, phh), (plw, phw), (0, 0)))
-  n, h, wd, _ = x.shape
-  ho, wo = (h - kh) // sh + 1, (wd - kw) // sw + 1
-  cols = [jax.lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
-                        (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-  patches = jnp.stack(cols, axis=3).reshape(n, ho, wo, kh * kw * c)
+  n, ho, wo, _ = taps[0][2].shape
+  patches = jnp.stack([s for _, _, s in taps], axis=3).reshape(n, ho, wo, kh * kw * c)
   y = jax.lax.dot_general(patches, k.reshape(kh * kw * c, o), (((3,), (0,)), ((), ())),
-                          precision=prm.get("precision"))
-  perm = [0] * 4  # NHWC -> the output layout of eqn
-  for src, dst in zip((0, 1, 2, 3), (dn.out_spec[0], dn.out_spec[2], dn.out_spec[3],
-                                     dn.out_spec[1])):
-    perm[dst] = src
-  return jnp.transpose(y, perm).astype(eqn.outvars[0].aval.dtype)
+                          precision=eqn.params.get("precision"))
+  return to_out(y)
 
 
 def rewrite_tangent_ops(eqns) -> dict:
