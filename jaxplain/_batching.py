@@ -34,11 +34,11 @@ def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
   For ``chunk`` copies at a time (all at once for ``None``) the args are stacked to
   ``(c, B, ...)`` and merged to ``(c * B, ...)``; ``call`` runs once on them and each leaf of
   its result (leading axis ``c * B``) is split back to ``(c, B, ...)``. ``post(out, extra)``
-  (default: ``(out, extra)``) then sees the chunk's ``(c, B, ...)`` outputs and extras, so a
+  (default: ``out`` alone) then sees the chunk's ``(c, B, ...)`` outputs and extras, so a
   reduction there keeps memory per chunk. Full chunks run under ``jax.lax.map``, a remainder
   as one more call.
   """
-  post = post or (lambda out, extra: (out, extra))
+  post = post or (lambda out, extra: out)
 
   def block(kc: Array) -> Any:
     args, extra = jax.vmap(make)(kc)

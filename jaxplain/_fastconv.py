@@ -18,7 +18,9 @@ SmallCNN conv1 3x3, 3 -> 32, 32x32 /4  fwd 12, vjp 30  fwd 65          vjp 13
 convolution (or, with one input channel, a sum of shifted slices times the kernel taps) and
 its tangent in the input is the explicit im2col of ``_jaxpr._conv_as_patches``, whose
 transpose, the input gradient, is a matrix product and padded additions. Forward- and
-reverse-mode differentiation both work, to any order. The gradient explainers
+reverse-mode differentiation both work, to any order. The rewrite reaches convolutions at the
+top level of ``f`` and inside ``jit`` calls; those inside other higher-order primitives (``scan``
+and ``while`` bodies, ``remat``, custom derivatives) stay XLA's. The gradient explainers
 (``gradients._grad_rows``) use it on the CPU backend; ``JAXPLAIN_FAST_CONV=0`` turns it off.
 """
 

@@ -203,8 +203,7 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
     return (jnp.where(top, x, base) if insert else jnp.where(top, base, x), t), None
 
   # the copies of a chunk go through f as one batch (see jaxplain._batching)
-  scores = map_merged(make, lambda xk, tk: _class_score(f(xk), tk, output), counts, chunk,
-                      lambda out, _: out)
+  scores = map_merged(make, lambda xk, tk: _class_score(f(xk), tk, output), counts, chunk)
   return scores.T
 
 

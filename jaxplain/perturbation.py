@@ -146,7 +146,7 @@ def _scores(f: Fn, x: Array, t: Array, base: Array, fm: Array, zfn: Callable[[Ar
 
   # the copies of a chunk go through f as one batch (see jaxplain._batching)
   return map_merged(make, lambda xs, ti: _output_value(f(xs), ti, output),
-                    jnp.arange(n, dtype=jnp.int32), chunk, lambda out, _: out)
+                    jnp.arange(n, dtype=jnp.int32), chunk)
 
 
 def _expand(values: Array, fm: Array, shape: tuple[int, ...]) -> Array:

@@ -87,15 +87,8 @@ def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None
   """``(S, B)`` scores ``f(x_k)[t_k]`` for ``make(k) = ((x_k, t_k), extra_k)``, ``chunk``
   copies per call of ``f`` merged into its batch axis (:func:`jaxplain._batching.map_merged`);
   with ``with_extra`` also the stacked extras, returned first."""
-  scores, extra = map_merged(make, lambda z, t: score(f, z, t, output), ks, chunk)
-  return (extra, scores) if with_extra else scores
-
-
-def smap(fn: Callable[[Array], Any], xs: Any, chunk: int | None) -> Any:
-  """vmap over the leading axis of ``xs``, or ``chunk`` entries at a time."""
-  if chunk is None:
-    return jax.vmap(fn)(xs)
-  return jax.lax.map(fn, xs, batch_size=int(chunk))
+  post = (lambda s, extra: (extra, s)) if with_extra else None
+  return map_merged(make, lambda z, t: score(f, z, t, output), ks, chunk, post)
 
 
 def smap_unrolled(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:

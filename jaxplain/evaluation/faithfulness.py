@@ -200,7 +200,7 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
       return (jnp.argmax(logits, axis=-1) == ti).astype(x.dtype)
     return C._output_value(logits, ti, output)
 
-  return map_merged(make, call, jnp.arange(pct.size), chunk, lambda out, _: out).T
+  return map_merged(make, call, jnp.arange(pct.size), chunk).T
 
 
 # -- IROF --------------------------------------------------------------------------------------

@@ -26,13 +26,6 @@ def _norm(v: Array) -> Array:
   return jnp.sqrt(jnp.sum(C.flat(v) ** 2, axis=1))
 
 
-def _merged(explain: Explain, make, n: int, chunk: int | None, post) -> Array:
-  """(S, B) ``post(explain(...), extra)`` over the ``n`` perturbed copies of ``make``, the
-  copies of a chunk explained as one batch of ``chunk * B`` rows (``jaxplain._batching``:
-  XLA:CPU runs a model under ``vmap`` slower than the same rows as one batch)."""
-  return map_merged(make, explain, jnp.arange(n), chunk, post)
-
-
 def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_samples: int = 200,
                 radius: float = 0.2, attributions: Array | None = None,
                 chunk: int | None = None) -> Array:
@@ -75,7 +68,9 @@ def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_sample
     d = jax.random.uniform(jax.random.fold_in(key, j), x.shape, x.dtype, -radius, radius)
     return (x + d, t), None
 
-  num = _merged(explain, make, n, chunk, lambda e, _: jax.vmap(_norm)(e - a[None])).T
+  # the copies of a chunk are explained as one batch of chunk * B rows (jaxplain._batching)
+  num = map_merged(make, explain, jnp.arange(n), chunk,
+                   lambda e, _: jax.vmap(_norm)(e - a[None])).T
   return num / jnp.where(den > 0, den, 1.0)[:, None]
 
 
@@ -145,4 +140,4 @@ def local_lipschitz(explain: Explain, x: Array, target: Any, *, key: Array,
     return (x + d, t), jnp.maximum(_norm(d), 1e-30)
 
   ratio = lambda e, dn: jax.vmap(_norm)(e - a[None]) / dn
-  return jnp.max(_merged(explain, make, n, chunk, ratio), axis=0)
+  return jnp.max(map_merged(make, explain, jnp.arange(n), chunk, ratio), axis=0)
