@@ -31,7 +31,9 @@
   alternately A B A B) 72-80 s -> 59-63 s. The whole suite was not A/B-timed: two single runs
   on different hours took 781 s without and 926 s with it, while the machine's own speed
   varies by more than that between runs (1,003 s for the same code on 12-05 morning).
-  ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs without either setting.
+  ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` runs without either setting. These two flags are
+  added for jaxlib 0.10 only (where they were measured): jaxlib 0.11 no longer knows the
+  first, and XLA aborts on an unknown flag.
 """
 
 from __future__ import annotations
@@ -47,7 +49,17 @@ def _no_opt() -> bool:
                                                               "f", "")
 
 
-if _no_opt():  # before anything starts a JAX backend (XLA reads XLA_FLAGS once)
+def _flags_known() -> bool:
+  """Whether this jaxlib knows the _FAST_COMPILE flags: XLA aborts the process at its first
+  computation on an unknown flag in XLA_FLAGS, and jaxlib 0.11 removed the first one."""
+  from importlib import metadata  # pylint: disable=import-outside-toplevel
+  try:
+    return metadata.version("jaxlib").startswith("0.10.")
+  except metadata.PackageNotFoundError:
+    return False
+
+
+if _no_opt() and _flags_known():  # before a JAX backend starts (XLA reads XLA_FLAGS once)
   _flags = os.environ.get("XLA_FLAGS", "").split()
   _flags += [f for f in _FAST_COMPILE if not any(g.startswith(f.split("=")[0]) for g in _flags)]
   os.environ["XLA_FLAGS"] = " ".join(_flags)

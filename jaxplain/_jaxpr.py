@@ -856,18 +856,30 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
   raise _unsupported(eqn, rule.name, "applied to an input-dependent value")
 
 
+def _scan_parts(prm: dict, ins: list):
+  """(consts, carry, xs, body Jaxpr, body consts) of a scan equation's operands ``ins``.
+  jax <= 0.10: a ClosedJaxpr body and ``num_consts`` / ``num_carry``; jax 0.11: an open
+  Jaxpr body and the operands' grouping in the ``ft_in`` flat tree."""
+  body = prm["jaxpr"]
+  if "num_consts" in prm:
+    nc, nk = prm["num_consts"], prm["num_carry"]
+    return ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:], body.jaxpr, body.consts
+  consts, carry, xs = (list(g) for g in prm["ft_in"].update(list(ins)).unpack())
+  return consts, carry, xs, getattr(body, "jaxpr", body), list(getattr(body, "consts", []))
+
+
 def _scan(eqn, ins: list[Val], rule) -> list[Val]:
   """``lax.scan`` with its static length: the body is interpreted at every iteration
   (unrolled at trace time), so the map equals that of the same loop written out by hand."""
   prm = eqn.params
-  body = prm["jaxpr"]
-  nc, nk, n = prm["num_consts"], prm["num_carry"], prm["length"]
-  consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
+  n = prm["length"]
+  consts, carry, xs, body, body_consts = _scan_parts(prm, ins)
+  nk = len(carry)
   ys = []
   for i in (range(n - 1, -1, -1) if prm["reverse"] else range(n)):
     xi = [Val(v.p[i], v.r[i], None if v.t is None else v.t[i], v.dep, False) for v in xs]
-    outs = evaluate(body.jaxpr.eqns, body.jaxpr.invars, body.jaxpr.constvars,
-                    body.jaxpr.outvars, body.consts, consts + carry + xi, rule)
+    outs = evaluate(body.eqns, body.invars, body.constvars, body.outvars, body_consts,
+                    consts + carry + xi, rule)
     carry, y = outs[:nk], outs[nk:]
     ys.append(y)
   if prm["reverse"]:

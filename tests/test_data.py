@@ -95,6 +95,32 @@ def test_no_tensorflow_import(data_dir, tmp_path):
   assert out.stdout == "", out.stdout[-2000:]
 
 
+def test_training_modules_run_without_tensorflow_datasets(tmp_path):
+  # A machine without tensorflow-datasets (a GPU image, say) can train and explain: a fake,
+  # "installed" tensorflow_datasets whose import fails stands in for a missing one. The
+  # loaders still fail there, with tfds' own ImportError on first use.
+  fake = tmp_path / "fake" / "tensorflow_datasets"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("raise ImportError('no tensorflow_datasets here')\n")
+  code = (
+      "import sys\n"
+      "import jaxplain, jaxplain.train, jaxplain.ppi, jaxplain.evaluation, jaxplain.rules\n"
+      "from jaxplain.data import shard_batch, data_mesh\n"
+      "b = shard_batch({'x': __import__('numpy').ones((4, 2))}, data_mesh())\n"
+      "assert b['x'].shape == (4, 2)\n"
+      "try:\n"
+      "  jaxplain.data.load\n"
+      "except ImportError as e:\n"
+      "  print('load:', e)\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.getcwd(),
+                                        os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "load: no tensorflow_datasets here", out.stdout
+
+
 @pytest.mark.parametrize("size", [28, 32])
 def test_decoy_patch_determined_by_label_in_train(data_dir, size):
   clean = {s: data.load("digits", s, image_size=size, data_dir=data_dir)

@@ -129,7 +129,9 @@ def test_jit_and_vmap(tiny):
   model, params, x = tiny
   f = functools.partial(model.apply, params)
   g = jax.jit(jaxplain.gradient, static_argnums=0)(f, x, jnp.array([0, 1, 2]))
-  np.testing.assert_allclose(g, jaxplain.gradient(f, x, jnp.array([0, 1, 2])), rtol=1e-6)
+  # jit and eager differ in float32 rounding only (jaxlib 0.11: 1.4e-6 relative on 1 of 96)
+  np.testing.assert_allclose(g, jaxplain.gradient(f, x, jnp.array([0, 1, 2])), rtol=1e-5,
+                             atol=1e-7)
   xs = jnp.stack([x, 2 * x])  # vmap over a leading axis of batches
   gv = jax.vmap(lambda xx: jaxplain.gradient(f, xx, 1))(xs)
   np.testing.assert_allclose(gv[1], jaxplain.gradient(f, 2 * x, 1), rtol=1e-5, atol=1e-7)

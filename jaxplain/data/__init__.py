@@ -18,15 +18,29 @@ from jaxplain.data._batching import device_batches as device_batches
 from jaxplain.data._batching import epoch_permutation as epoch_permutation
 from jaxplain.data._batching import num_batches as num_batches
 from jaxplain.data._batching import shard_batch as shard_batch
-from jaxplain.data._builders import JaxplainDecoyDigits as JaxplainDecoyDigits
-from jaxplain.data._builders import JaxplainDigits as JaxplainDigits
-from jaxplain.data._builders import SPLIT_SIZES as SPLIT_SIZES
-from jaxplain.data._builders import split_indices as split_indices
-from jaxplain.data._load import NAMES as NAMES
-from jaxplain.data._load import decoy_box as decoy_box
-from jaxplain.data._load import decoy_patch_side as decoy_patch_side
-from jaxplain.data._load import default_data_dir as default_data_dir
-from jaxplain.data._load import load as load
+# The builders and loaders import tensorflow_datasets (seconds, and not needed to batch or
+# shard arrays: jaxplain.train imports this package for _batching alone), so they are
+# imported on first use.
+_LAZY = {
+    "JaxplainDigits": "_builders", "JaxplainDecoyDigits": "_builders",
+    "SPLIT_SIZES": "_builders", "split_indices": "_builders",
+    "NAMES": "_load", "decoy_box": "_load", "decoy_patch_side": "_load",
+    "default_data_dir": "_load", "load": "_load",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib  # pylint: disable=import-outside-toplevel
+    value = getattr(importlib.import_module(f"jaxplain.data.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'jaxplain.data' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "load", "batches", "device_batches", "shard_batch", "data_mesh", "num_batches",
