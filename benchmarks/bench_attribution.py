@@ -133,17 +133,18 @@ def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1):
   return {"run": lambda: jax.block_until_ready(compiled(x, t)), "info": info}
 
 
-def setup_captum(kind: str, m: int = 32, ibs: int = 64):
-  """Captum IntegratedGradients (``kind="ig"``) or Saliency on the torch port."""
+def setup_captum(kind: str, m: int = 32, ibs: int = 64, device: str = "cpu"):
+  """Captum IntegratedGradients (``kind="ig"``) or Saliency on the torch port (``ibs``
+  None: all ``m`` path points of the batch in one forward, the fastest on a GPU)."""
   import captum
   import torch
   from captum.attr import IntegratedGradients, Saliency
   torch.set_num_threads(os.cpu_count())
   _, params = flax_model()
-  net = torch_model(params)
+  net = torch_model(params).to(device)
   x_np, t_np = data()
-  xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-  tt = torch.from_numpy(t_np.astype(np.int64))
+  xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)
+  tt = torch.from_numpy(t_np.astype(np.int64)).to(device)
   if kind == "ig":
     cig = IntegratedGradients(net)
     run = lambda: cig.attribute(xt, baselines=0.0, target=tt, n_steps=m, method=METHOD,

@@ -172,18 +172,19 @@ def setup_exact(model: str, b: int):
                                "segments_max": int(seg.max())}}
 
 
-def setup_captum(model: str, b: int, tol: float, bisect: bool = True, ibs: int = 512):
+def setup_captum(model: str, b: int, tol: float, bisect: bool = True, ibs: int = 512,
+                 device: str = "cpu"):
   import captum
   import torch
   from captum.attr import IntegratedGradients
   torch.set_num_threads(os.cpu_count())
   f, params, x_np, t_np = problem(model, b)
-  net = torch_net(model, params)
-  xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
-  tt = torch.from_numpy(t_np.astype(np.int64))
+  net = torch_net(model, params).to(device)
+  xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)
+  tt = torch.from_numpy(t_np.astype(np.int64)).to(device)
   with torch.no_grad():
-    y = net(xt).double().numpy()
-    y0 = net(torch.zeros_like(xt)).double().numpy()
+    y = net(xt).double().cpu().numpy()
+    y0 = net(torch.zeros_like(xt)).double().cpu().numpy()
   delta = y[np.arange(b), t_np] - y0[np.arange(b), t_np]
   cig = IntegratedGradients(net)
 
@@ -193,7 +194,7 @@ def setup_captum(model: str, b: int, tol: float, bisect: bool = True, ibs: int =
 
   def ok(n):
     _, gap = attribute(n)
-    return bool(_met(gap.detach().double().numpy(), delta, tol).all())
+    return bool(_met(gap.detach().double().cpu().numpy(), delta, tol).all())
 
   tried = {}
   n = 4
@@ -212,8 +213,10 @@ def setup_captum(model: str, b: int, tol: float, bisect: bool = True, ibs: int =
   n = min(n, 4096)
   _, gap = attribute(n)
   return {"run": lambda: attribute(n),
-          "info": {"n_steps": n, "all_met": bool(_met(gap.double().numpy(), delta, tol).all()),
-                   "max_rel_gap": float(np.max(np.abs(gap.double().numpy()) / np.abs(delta))),
+          "info": {"n_steps": n,
+                   "all_met": bool(_met(gap.double().cpu().numpy(), delta, tol).all()),
+                   "max_rel_gap": float(np.max(np.abs(gap.double().cpu().numpy())
+                                               / np.abs(delta))),
                    "tried": {str(k): v for k, v in sorted(tried.items())},
                    "torch": torch.__version__, "captum": captum.__version__}}
 

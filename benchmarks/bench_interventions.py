@@ -57,7 +57,7 @@ def _jax_fns(model, u):
   }
 
 
-def _torch_setup():
+def _torch_setup(device: str = "cpu"):
   import torch
 
   class TorchSmallCNN(torch.nn.Module):
@@ -90,8 +90,8 @@ def _torch_setup():
 
   torch.set_num_threads(os.cpu_count())
   _, v, x, _ = _jax_setup()
-  tm = TorchSmallCNN(v["params"]).eval()
-  xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+  tm = TorchSmallCNN(v["params"]).eval().to(device)
+  xt = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous().to(device)
 
   def torch_loop():
     outs = []
@@ -127,10 +127,10 @@ def setup_jax(kind: str):
           "info": {"compile_s": time.perf_counter() - t0, "jax": jax.__version__}}
 
 
-def setup_torch(kind: str):
+def setup_torch(kind: str, device: str = "cpu"):
   """The torch loop over filters (or one torch forward)."""
   import torch
-  _, _, torch_loop, forward = _torch_setup()
+  _, _, torch_loop, forward = _torch_setup(device)
   fn = torch_loop if kind == "loop" else forward
   fn()
   return {"run": fn, "info": {"torch": torch.__version__, "threads": torch.get_num_threads()}}

@@ -252,10 +252,12 @@ def _import_quantus():
 def _torch_grad(model, inputs, targets, **kwargs):
   import torch
   del kwargs
-  x = torch.tensor(np.asarray(inputs), dtype=torch.float32, requires_grad=True)
+  dev = next(model.parameters()).device
+  x = torch.tensor(np.asarray(inputs), dtype=torch.float32, device=dev, requires_grad=True)
   out = model(x)
-  out[torch.arange(x.shape[0]), torch.as_tensor(np.asarray(targets)).long()].sum().backward()
-  return x.grad.detach().numpy()
+  t = torch.as_tensor(np.asarray(targets), device=dev).long()
+  out[torch.arange(x.shape[0], device=dev), t].sum().backward()
+  return x.grad.detach().cpu().numpy()
 
 
 def _road_perturb(arr, indices, **kwargs):
@@ -271,17 +273,17 @@ def _road_perturb(arr, indices, **kwargs):
   return noisy_linear_imputation(arr=arr, indices=idx, **kwargs)
 
 
-def setup_quantus(metric: str, n: int, n_samples: int = 10):
+def setup_quantus(metric: str, n: int, n_samples: int = 10, device: str = "cpu"):
   import warnings
   import torch
   warnings.filterwarnings("ignore")
   quantus = _import_quantus()
-  model = _torch_model()
+  model = _torch_model().to(device)
   xn, an = _data(n)
   x = np.ascontiguousarray(xn.transpose(0, 3, 1, 2))
   a = np.ascontiguousarray(an.transpose(0, 3, 1, 2))
   with torch.no_grad():
-    y = model(torch.from_numpy(x)).argmax(-1).numpy()
+    y = model(torch.from_numpy(x).to(device)).argmax(-1).cpu().numpy()
   kw = dict(disable_warnings=True)
   if metric == "pixel_flipping":
     m = quantus.PixelFlipping(features_in_step=64, perturb_baseline=0.0, normalise=False,
@@ -306,7 +308,7 @@ def setup_quantus(metric: str, n: int, n_samples: int = 10):
 
   def run_on(k):          # the first k images, all in one batch (Quantus's fastest use)
     return m(model=model, x_batch=x[:k], y_batch=y[:k],
-             a_batch=None if a_in is None else a_in[:k], device="cpu", batch_size=k,
+             a_batch=None if a_in is None else a_in[:k], device=device, batch_size=k,
              channel_first=True, softmax=False, **ex)
   # the numbers compared with ours come from the first AGREE_N images (this call also warms
   # torch up); the timed call runs all n
@@ -319,16 +321,16 @@ def setup_quantus(metric: str, n: int, n_samples: int = 10):
   return {"run": call, "info": {"result": np.asarray(out, np.float64).tolist()}}
 
 
-def setup_captum_kernelshap(n: int, n_samples: int):
+def setup_captum_kernelshap(n: int, n_samples: int, device: str = "cpu"):
   import torch
   from captum.attr import KernelShap
   from jaxplain.perturbation import grid_segments
-  model = _torch_model()
+  model = _torch_model().to(device)
   xn, _ = _data(n)
-  x = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 3, 1, 2)))
+  x = torch.from_numpy(np.ascontiguousarray(xn.transpose(0, 3, 1, 2))).to(device)
   with torch.no_grad():
     y = model(x).argmax(-1)
-  seg = torch.from_numpy(grid_segments((32, 32), 4).astype(np.int64))[None, None]
+  seg = torch.from_numpy(grid_segments((32, 32), 4).astype(np.int64))[None, None].to(device)
   ks = KernelShap(model)
 
   def call():
@@ -339,7 +341,7 @@ def setup_captum_kernelshap(n: int, n_samples: int):
                                perturbations_per_eval=n_samples))
     return torch.cat(outs)
   out = call()
-  per_seg = out.numpy()[:, 0, ::4, ::4].reshape(n, 64)
+  per_seg = out.cpu().numpy()[:, 0, ::4, ::4].reshape(n, 64)
   return {"run": call, "info": {"result": per_seg.tolist()}}
 
 

@@ -139,15 +139,15 @@ def _torch_ppi_loss(net, x, y, cfg):
   return l_cls + cfg.w1 * l_con + cfg.w2 * l_reg + cfg.w3 * l_ad
 
 
-def setup_torch(kind: str = "ppi", batch: int = 64):
+def setup_torch(kind: str = "ppi", batch: int = 64, device: str = "cpu"):
   """Contender: the PyTorch plain or PPI step (eager, os.cpu_count() threads)."""
   import torch
   from jaxplain import ppi
   torch.set_num_threads(os.cpu_count())
   _, x, y, variables = _init(batch)
-  net = _torch_lenet(variables["params"])
-  tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-  ty = torch.from_numpy(np.asarray(y).astype(np.int64))
+  net = _torch_lenet(variables["params"]).to(device)
+  tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
+  ty = torch.from_numpy(np.asarray(y).astype(np.int64)).to(device)
   cfg = ppi.PPIConfig()
   topt = torch.optim.Adam(net.parameters(), lr=1e-3)
   loss_fn = ((lambda: _torch_ppi_loss(net, tx, ty, cfg)) if kind == "ppi" else

@@ -168,13 +168,11 @@ def _stub_torchvision():
                       "torchvision.models.resnet": resnet})
 
 
-def setup_zennit(batch: int = 64):
+def zennit_net(p):
+  """SmallCNN in torch (ReLU and pooling as modules, so that Zennit's composites see them)
+  with the weights of the params dict ``p`` (Flax layout: HWIO kernels, (in, out) dense)."""
   import torch
   from torch import nn as tnn
-  _stub_torchvision()
-  from zennit.attribution import Gradient
-  from zennit.composites import EpsilonPlus
-  f, v, x, t = _cnn(batch)
 
   class Net(tnn.Module):
     def __init__(self):
@@ -194,7 +192,6 @@ def setup_zennit(batch: int = 64):
       return self.fc2(self.relu4(self.fc1(x)))
 
   net = Net().eval()
-  p = v["params"]
   with torch.no_grad():
     for name in ("conv1", "conv2", "conv3"):
       getattr(net, name).weight.copy_(torch.from_numpy(
@@ -203,10 +200,21 @@ def setup_zennit(batch: int = 64):
     for name in ("fc1", "fc2"):
       getattr(net, name).weight.copy_(torch.from_numpy(np.asarray(p[name]["kernel"]).T.copy()))
       getattr(net, name).bias.copy_(torch.from_numpy(np.asarray(p[name]["bias"])))
-  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+  return net
+
+
+def setup_zennit(batch: int = 64, device: str = "cpu"):
+  import torch
+  _stub_torchvision()
+  from zennit.attribution import Gradient
+  from zennit.composites import EpsilonPlus
+  f, v, x, t = _cnn(batch)
+  net = zennit_net(v["params"]).to(device)
+  xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(device)
   onehot = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(t)).long(), 10).float()
+  onehot = onehot.to(device)
   with torch.no_grad():
-    logit_err = float(np.abs(net(xt).numpy() - np.asarray(f(x))).max())
+    logit_err = float(np.abs(net(xt).cpu().numpy() - np.asarray(f(x))).max())
 
   def run():
     with Gradient(model=net, composite=EpsilonPlus()) as attributor:
@@ -216,7 +224,7 @@ def setup_zennit(batch: int = 64):
 
   rel = run()
   MAPS.mkdir(parents=True, exist_ok=True)
-  np.save(MAPS / "zennit.npy", rel.detach().numpy().transpose(0, 2, 3, 1))
+  np.save(MAPS / "zennit.npy", rel.detach().cpu().numpy().transpose(0, 2, 3, 1))
   return {"run": run, "info": {"torch_logit_max_abs_diff": logit_err,
                                "threads": torch.get_num_threads()}}
 
