@@ -69,6 +69,18 @@ def test_digits_resize_and_channels(data_dir):
     data.load("fashion", "test", data_dir=data_dir)
 
 
+def _run_with_fakes(fakes, code: str):
+  """Runs ``code`` in a fresh Python whose path puts the fake packages in ``fakes`` first;
+  asserts that it succeeded and returns the completed process."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([str(fakes), os.getcwd(),
+                                        os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out
+
+
 def test_no_tensorflow_import(data_dir, tmp_path):
   # A fake, "installed" TensorFlow whose import leaves a marker file (and then fails): the
   # builders must prepare (fresh data_dir) and read the data without ever importing it.
@@ -83,12 +95,7 @@ def test_no_tensorflow_import(data_dir, tmp_path):
       f"d = data.load('decoy_digits', 'test', image_size=28, data_dir={str(tmp_path / 'd')!r})\n"
       "assert d['image'].shape == (270, 28, 28, 1)\n"
       "assert 'tensorflow' not in sys.modules\n")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.getcwd(),
-                                        os.environ.get("PYTHONPATH", "")])}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env=env)
-  assert out.returncode == 0, out.stderr[-2000:]
+  out = _run_with_fakes(tmp_path / "fake", code)
   assert not marker.exists()
   # preparing a fresh data_dir prints nothing on stdout (tfds' "Downloading and preparing
   # dataset ..." lines go to the jaxplain.data logger), so doctests do not depend on it
@@ -112,12 +119,7 @@ def test_training_modules_run_without_tensorflow_datasets(tmp_path):
       "  jaxplain.data.load\n"
       "except ImportError as e:\n"
       "  print('load:', e)\n")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.getcwd(),
-                                        os.environ.get("PYTHONPATH", "")])}
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=120, env=env)
-  assert out.returncode == 0, out.stderr[-2000:]
+  out = _run_with_fakes(tmp_path / "fake", code)
   assert out.stdout.strip() == "load: no tensorflow_datasets here", out.stdout
 
 
