@@ -95,8 +95,10 @@ def run_once(c: Contender, repeats: int = 3, timeout: float = 1800.0) -> dict:
                      f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def compare(contenders: dict, rounds: int = 5, repeats: int = 3, verbose: bool = True) -> dict:
-  """Alternate the contenders A B A B over ``rounds``, each call in its own process.
+def compare(contenders: dict, rounds: int = 5, repeats: int = 3, verbose: bool = True,
+            timeout: float = 1800.0) -> dict:
+  """Alternate the contenders A B A B over ``rounds``, each call in its own process (killed
+  after ``timeout`` seconds, setup included).
 
   Returns ``{name: {"median", "min", "max", "cpu", "rounds": [per-round medians], "info"}}``
   (seconds; ``info`` from the last round).
@@ -104,7 +106,7 @@ def compare(contenders: dict, rounds: int = 5, repeats: int = 3, verbose: bool =
   per = {name: [] for name in contenders}
   for r in range(rounds):
     for name, c in contenders.items():
-      res = run_once(c, repeats)
+      res = run_once(c, repeats, timeout)
       per[name].append(res)
       if verbose:
         print(f"  round {r + 1}/{rounds} {name}: median {statistics.median(res['times']):.4g} s "

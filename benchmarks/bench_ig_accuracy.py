@@ -269,6 +269,9 @@ def main():
   ap.add_argument("--tols", default="1pct,01pct",
                   help="tolerances to time (comma-separated subset of 1pct,01pct; Captum's "
                        "search at 0.1 %% on the SmallCNN at batch 64 needs thousands of steps)")
+  ap.add_argument("--process-timeout", type=float, default=1800.0, metavar="S",
+                  help="seconds one contender's process may take, its n_steps search included "
+                       "(Captum at 1 %% on the SmallCNN, batch 64: about 40 min on 2 cores)")
   ap.add_argument("--no-exact", action="store_true", help="skip method='exact' (LeNet)")
   ap.add_argument("--no-all", action="store_true", help="skip target='all' vs 10 calls")
   args = ap.parse_args()
@@ -305,7 +308,7 @@ def main():
                                     dict(model=model, b=b, mode="all"))
       cs["loop10"] = _runner.Contender(f"{HERE}:setup_all_targets",
                                        dict(model=model, b=b, mode="loop"))
-    res = _runner.compare(cs, rounds=rounds, repeats=repeats)
+    res = _runner.compare(cs, rounds=rounds, repeats=repeats, timeout=args.process_timeout)
     results[model] = res
     sections.append((model, res))
     for key in tols:

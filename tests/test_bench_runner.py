@@ -1,7 +1,10 @@
 """The benchmark runner times each contender in its own process and alternates them."""
 
 import os
+import subprocess
 import time
+
+import pytest
 
 from benchmarks import _runner
 
@@ -23,6 +26,14 @@ def test_compare_times_each_contender_in_a_fresh_process():
   r = _runner.ratio(res, "long", "short")
   assert 2.0 < r["ratio"] < 6.0 and len(r["per_round"]) == 2
   assert "| short |" in _runner.table(res, "sleep")
+
+
+def test_compare_stops_a_contender_at_its_timeout():
+  slow = _runner.Contender("tests.test_bench_runner:setup_sleep", {"seconds": 30.0})
+  t0 = time.perf_counter()
+  with pytest.raises(subprocess.TimeoutExpired):
+    _runner.compare({"slow": slow}, rounds=1, repeats=1, verbose=False, timeout=8.0)
+  assert time.perf_counter() - t0 < 25.0
 
 
 def test_write_keeping_notes_keeps_the_hand_written_part(tmp_path):
