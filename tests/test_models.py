@@ -37,6 +37,16 @@ def test_max_pool_matches_flax(ties):
   np.testing.assert_array_equal(g, g_ref)
 
 
+def test_max_pool_propagates_nan_like_flax():
+  # a NaN anywhere in a window (first corner or later) gives NaN there, as reduce_window
+  x = jnp.arange(32.0).reshape(1, 4, 8, 1)
+  x = x.at[0, 0, 0, 0].set(jnp.nan).at[0, 1, 3, 0].set(jnp.nan).at[0, 3, 7, 0].set(jnp.nan)
+  ref = nn.max_pool(x, (2, 2), (2, 2))
+  np.testing.assert_array_equal(np.isnan(models.max_pool_2x2(x)), np.isnan(ref))
+  assert int(np.isnan(ref).sum()) == 3
+  np.testing.assert_array_equal(models.max_pool_2x2(x), ref)  # NaNs compare equal here
+
+
 def test_avg_pool_matches_flax():
   x = jax.random.normal(jax.random.key(1), (2, 4, 6, 3))
   with jax.numpy_dtype_promotion("standard"):  # flax divides by an int32 window size

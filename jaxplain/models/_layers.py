@@ -36,12 +36,16 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   *lead, h, w, c = x.shape
   if h % 2 or w % 2:
     raise ValueError(f"max_pool_2x2: spatial size must be even, got x.shape={x.shape}")
-  xr = x.reshape(*lead, h // 2, 2, w // 2, 2, c)
-  n = len(lead)
-  # (..., h/2, w/2, c, 2, 2) -> window of 4 last
-  xr = jnp.moveaxis(xr, (n + 1, n + 3), (-2, -1)).reshape(*lead, h // 2, w // 2, c, 4)
-  route = jax.lax.stop_gradient(jax.nn.one_hot(jnp.argmax(xr, axis=-1), 4, dtype=x.dtype))
-  return jnp.sum(xr * route, axis=-1)
+  # The four strided corners of each window in row-major order; each later corner replaces the
+  # running max only where it is strictly larger (or NaN), so the value and the gradient go
+  # to the first maximum, as flax's reduce_window max_pool. Slices and selects: no transposed
+  # copy of the input (the earlier argmax / one-hot form took 16 ms for a 64x32x32x64 pool on
+  # XLA:CPU).
+  corners = [x[..., i::2, j::2, :] for i in (0, 1) for j in (0, 1)]
+  out = corners[0]
+  for y in corners[1:]:
+    out = jnp.where((y > out) | jnp.isnan(y), y, out)
+  return out
 
 
 def avg_pool_2x2(x: jax.Array) -> jax.Array:
