@@ -46,9 +46,9 @@ HERE = "benchmarks.bench_attribution"
 NOTES = "<!-- notes: kept across runs -->"
 
 
-def data():
-  x = np.random.default_rng(0).uniform(size=(B, 32, 32, 3)).astype(np.float32)
-  return x, (np.arange(B) % 10).astype(np.int32)
+def data(batch: int = B):
+  x = np.random.default_rng(0).uniform(size=(batch, 32, 32, 3)).astype(np.float32)
+  return x, (np.arange(batch) % 10).astype(np.int32)
 
 
 def flax_model():
@@ -107,7 +107,7 @@ def _peak_rss_delta_mb(fn):
 
 # ---- contenders (each runs in its own process) -------------------------------------------
 
-def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1):
+def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1, batch: int = B):
   """jaxplain IG (``kind="ig"``) or gradient; the batch sharded when ``devices`` > 1 (the
   worker's XLA_FLAGS force that many host devices)."""
   import jax
@@ -116,7 +116,7 @@ def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1):
   if len(jax.local_devices()) != devices:
     raise RuntimeError(f"expected {devices} devices, got {jax.local_devices()}")
   f, _ = flax_model()
-  x_np, t_np = data()
+  x_np, t_np = data(batch)
   d = shard_batch({"x": x_np, "t": t_np}, data_mesh())
   x, t = d["x"], d["t"]
   if kind == "ig":
@@ -133,7 +133,8 @@ def setup_jax(kind: str, m: int = 32, chunk=4, devices: int = 1):
   return {"run": lambda: jax.block_until_ready(compiled(x, t)), "info": info}
 
 
-def setup_captum(kind: str, m: int = 32, ibs: int = 64, device: str = "cpu"):
+def setup_captum(kind: str, m: int = 32, ibs: int = 64, device: str = "cpu",
+                 batch: int = B):
   """Captum IntegratedGradients (``kind="ig"``) or Saliency on the torch port (``ibs``
   None: all ``m`` path points of the batch in one forward, the fastest on a GPU)."""
   import captum
@@ -142,7 +143,7 @@ def setup_captum(kind: str, m: int = 32, ibs: int = 64, device: str = "cpu"):
   torch.set_num_threads(os.cpu_count())
   _, params = flax_model()
   net = torch_model(params).to(device)
-  x_np, t_np = data()
+  x_np, t_np = data(batch)
   xt = torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy()).to(device)
   tt = torch.from_numpy(t_np.astype(np.int64)).to(device)
   if kind == "ig":

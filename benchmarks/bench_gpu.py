@@ -144,23 +144,14 @@ def setup_rules(batch: int = 64):
                     for k, (fn, a) in calls.items()}}
 
 
-def _at_b512(setup, **kw):
-  """bench_attribution's contender with its batch size (module constant ``B``) set to 512
-  while it builds its data, then put back."""
-  from benchmarks import bench_attribution as ba
-  ba.B, old = 512, ba.B
-  try:
-    return getattr(ba, setup)(**kw)
-  finally:
-    ba.B = old
-
-
 def setup_jax_b512(kind: str):
-  return _at_b512("setup_jax", kind=kind, m=32, chunk="default")
+  from benchmarks import bench_attribution as ba
+  return ba.setup_jax(kind, m=32, chunk="default", batch=512)
 
 
 def setup_captum_b512(kind: str, device: str = "cuda"):
-  return _at_b512("setup_captum", kind=kind, m=32, ibs=None, device=device)
+  from benchmarks import bench_attribution as ba
+  return ba.setup_captum(kind, m=32, ibs=None, device=device, batch=512)
 
 
 # -- the per-library worker -----------------------------------------------------------------------
@@ -241,8 +232,7 @@ PAIRS = [  # (JSON key, peer case, jaxplain case): key = peer time / jaxplain ti
 ]
 
 
-def _fmt(s):
-  return _runner._fmt(s)  # pylint: disable=protected-access
+_fmt = _runner._fmt  # pylint: disable=protected-access
 
 
 def main(argv=None):
