@@ -47,8 +47,9 @@ Array = jax.Array
 _LINEAR = {
     "add", "sub", "neg", "add_any", "dot_general", "conv_general_dilated", "reshape",
     "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "reduce_sum", "slice",
-    "concatenate", "pad", "copy", "copy_p", "rev", "convert_element_type",
-    "reduce_precision", "select_n", "dynamic_slice", "gather", "cumsum", "real",
+    "concatenate", "stack", "unstack", "split", "pad", "copy", "copy_p", "rev",
+    "convert_element_type", "reduce_precision", "select_n", "dynamic_slice", "gather",
+    "cumsum", "real",
     "sharding_constraint", "optimization_barrier", "dynamic_update_slice", "scatter-add",
 }
 _CMP = {"ge", "gt", "le", "lt", "max", "min"}  # breakpoints where lhs - rhs changes sign

@@ -36,8 +36,9 @@ Equations are then classified:
 * a product of two input-dependent operands (``mul``, ``dot_general``): ``rule.bilinear``,
   unless one operand is a per-group statistic broadcast back (a LayerNorm / RMSNorm
   divisor), which is then a constant scale; the inlined ``jax.nn.softmax``: ``rule.softmax``;
-* ``scan``: the body at every iteration (static length); call primitives that are not
-  elementwise: inlined;
+* ``scan``: the body at every iteration (static length), the first iterations one by one
+  until the carry's static status repeats, the rest as one ``lax.scan`` of the interpreted
+  body; call primitives that are not elementwise: inlined;
 * anything else that touches an input-dependent value raises
   :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
 
@@ -100,7 +101,7 @@ _LINEAR_STRUCT = {
     "slice", "dynamic_slice", "dynamic_update_slice", "gather", "scatter-add", "scatter_add",
     "scatter", "pad", "reduce_sum", "rev", "cumsum", "reduce_window_sum", "split",
     "sharding_constraint", "mesh_cast", "dot_general", "conv_general_dilated", "copy",
-    "optimization_barrier", "squeeze_p", "transpose_p"}
+    "optimization_barrier", "squeeze_p", "transpose_p", "stack", "unstack"}
 
 # piecewise-linear primitives whose JVP routes the tangent to the selected element (max-pool).
 _ROUTE = {"reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "cummax",
@@ -531,9 +532,9 @@ def rewrite_tangent_ops(eqns) -> dict:
 _NN_FIRST = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
              "dynamic_slice", "rev", "convert_element_type", "copy", "copy_p", "reduce_max",
              "reduce_min", "reduce_sum", "reduce_window_sum", "cumsum", "cummax", "cummin",
-             "stop_gradient", "reduce_precision", "sharding_constraint"}
+             "stop_gradient", "reduce_precision", "sharding_constraint", "split", "unstack"}
 _NN_ALWAYS = {"exp", "exp2", "logistic", "sqrt", "rsqrt", "abs", "square"}
-_NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "pad", "dot_general",
+_NN_ALL = {"add", "add_any", "mul", "div", "min", "concatenate", "stack", "pad", "dot_general",
            "conv_general_dilated"}
 
 
@@ -868,32 +869,111 @@ def _scan_parts(prm: dict, ins: list):
   return consts, carry, xs, getattr(body, "jaxpr", body), list(getattr(body, "consts", []))
 
 
+class _StatusChanged(Exception):
+  """Raised while tracing a scan body whose carry's static status is not a fixed point."""
+
+
+_MAX_PEEL = 4  # iterations interpreted one by one before the loop's static status settles
+
+
+def _status(v: Val) -> tuple:
+  """What a :class:`Val` fixes at trace time: which parts exist, their shapes and dtypes."""
+  aval = lambda a: (np.shape(a), jnp.result_type(a))
+  return (v.dep, v.fresh, v.t is None, aval(v.p), aval(v.r),
+          None if v.t is None else aval(v.t))
+
+
+def _stack_vals(cols: list[list[Val]], outvars) -> list[Val]:
+  """Concatenate per-segment stacked outputs (each Val with a leading iteration axis) along
+  that axis: a missing tangent is zero, reference values broadcast to a common shape."""
+  out = []
+  for j, ov in enumerate(outvars):
+    col = [c[j] for c in cols]
+    if not col:
+      p = jnp.zeros(ov.aval.shape, ov.aval.dtype)
+      out.append(Val(p, p, None, False, False))
+      continue
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    p = cat([jnp.asarray(c.p) for c in col])
+    rs = [jnp.asarray(c.r) for c in col]
+    shape = (p.shape[0],) + jnp.broadcast_shapes(*[r.shape[1:] for r in rs])
+    r = cat([jnp.broadcast_to(r, (r.shape[0],) + shape[1:]) for r in rs])
+    t = None
+    if any(c.t is not None for c in col):
+      t = cat([c.t if c.t is not None else jnp.zeros_like(c.p) for c in col])
+    out.append(Val(p, r, t, any(c.dep for c in col), False))
+  return out
+
+
 def _scan(eqn, ins: list[Val], rule) -> list[Val]:
-  """``lax.scan`` with its static length: the body is interpreted at every iteration
-  (unrolled at trace time), so the map equals that of the same loop written out by hand."""
+  """``lax.scan`` with its static length: the body is interpreted at every iteration, so the
+  map equals that of the same loop written out by hand. The first iterations are interpreted
+  one by one until the carry's static status (which values depend on ``x``, carry a tangent,
+  their shapes) repeats; from there every iteration is classified alike and the rest runs as
+  one ``lax.scan`` of the interpreted body (trace and compile time independent of the length).
+  """
   prm = eqn.params
-  n = prm["length"]
+  n, rev = prm["length"], prm["reverse"]
   consts, carry, xs, body, body_consts = _scan_parts(prm, ins)
   nk = len(carry)
-  ys = []
-  for i in (range(n - 1, -1, -1) if prm["reverse"] else range(n)):
-    xi = [Val(v.p[i], v.r[i], None if v.t is None else v.t[i], v.dep, False) for v in xs]
-    outs = evaluate(body.eqns, body.invars, body.constvars, body.outvars, body_consts,
-                    consts + carry + xi, rule)
-    carry, y = outs[:nk], outs[nk:]
-    ys.append(y)
-  if prm["reverse"]:
-    ys = ys[::-1]
-  stacked = []
-  for j, ov in enumerate(eqn.outvars[nk:]):
-    col = [y[j] for y in ys]
-    p = jnp.stack([c.p for c in col]) if n else jnp.zeros(ov.aval.shape, ov.aval.dtype)
-    r = jnp.stack([jnp.asarray(c.r) for c in col]) if n else p
-    if any(c.t is not None for c in col):
-      t = jnp.stack([c.t if c.t is not None else jnp.zeros_like(c.p) for c in col])
+  run = lambda c, xi: evaluate(body.eqns, body.invars, body.constvars, body.outvars,
+                               body_consts, consts + c + xi, rule)
+  at = lambda i: [Val(v.p[i], v.r[i], None if v.t is None else v.t[i], v.dep, False)
+                  for v in xs]
+  one = lambda ys: [Val(jnp.asarray(y.p)[None], jnp.asarray(y.r)[None],
+                        None if y.t is None else y.t[None], y.dep, False) for y in ys]
+  peeled, done = [], 0
+  while done < n:
+    i = n - 1 - done if rev else done
+    before = [_status(c) for c in carry]
+    outs = run(carry, at(i))
+    carry, done = outs[:nk], done + 1
+    peeled.append(one(outs[nk:]))
+    if [_status(c) for c in carry] == before or done >= _MAX_PEEL:
+      break
+  rest = n - done
+  if rest:
+    status = [_status(c) for c in carry]
+    lo, hi = (0, rest) if rev else (done, n)
+    seq = [Val(v.p[lo:hi], v.r[lo:hi], None if v.t is None else v.t[lo:hi], v.dep, False)
+           for v in xs]
+    xi_like = [Val(v.p[0], v.r[0], None if v.t is None else v.t[0], v.dep, False)
+               for v in seq]
+    ys_status: list = []
+
+    def pack(vals):
+      return tuple((v.p, v.r) + (() if v.t is None else (v.t,)) for v in vals)
+
+    def unpack(parts, like):
+      return [Val(q[0], q[1], q[2] if len(q) > 2 else None, v.dep, v.fresh)
+              for q, v in zip(parts, like)]
+
+    def step(c, xi):
+      outs = run(unpack(c, carry), unpack(xi, xi_like))
+      if [_status(v) for v in outs[:nk]] != status:
+        raise _StatusChanged
+      ys_status.append(outs[nk:])
+      new = tuple(tuple(jnp.asarray(a).astype(jnp.result_type(b)) for a, b in zip(q, q0))
+                  for q, q0 in zip(pack(outs[:nk]), pack(carry)))
+      return new, pack(outs[nk:])
+
+    scanned = None
+    if [_status(c) for c in carry] == before:
+      try:
+        scanned = jax.lax.scan(step, pack(carry), pack(seq), reverse=rev)
+      except _StatusChanged:
+        pass
+    if scanned is None:  # the status never settled: interpret every remaining iteration
+      for k in range(rest):
+        outs = run(carry, at(rest - 1 - k if rev else done + k))
+        carry = outs[:nk]
+        peeled.append(one(outs[nk:]))
     else:
-      t = None
-    stacked.append(Val(p, r, t, any(c.dep for c in col), False))
+      carry = unpack(scanned[0], carry)
+      peeled.append(unpack(scanned[1], ys_status[0]))
+  if rev:
+    peeled = peeled[::-1]
+  stacked = _stack_vals(peeled, eqn.outvars[nk:])
   carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
   return carry + stacked
 

@@ -414,3 +414,26 @@ def test_unsupported_primitive_raises_a_clear_error():
     J(rules.lrp, lambda x: jnp.sort(x @ w, axis=1), x, 0)
   with pytest.raises(rules.UnsupportedPrimitiveError, match="primitive 'cumprod'"):
     J(rules.wbp, lambda x: jnp.cumprod(x @ w, axis=1), x, 0)
+
+
+def test_stack_unstack_and_split_are_linear_structure():
+  # jax 0.10 binds jnp.stack / unstack / split as primitives of their own: routed like
+  # concatenate and slicing (a ReLU network through them: WBP = gradient x input)
+  w1 = jax.random.normal(jax.random.key(7), (6, 6))
+  w2 = jax.random.normal(jax.random.key(8), (12, 3))
+
+  def f(x):
+    a, b = jnp.split(jax.nn.relu(x @ w1), 2, axis=1)
+    s = jnp.stack([a, jax.nn.relu(b)], axis=1)                  # (B, 2, 3)
+    u, v = jnp.unstack(s, axis=1)
+    return jnp.concatenate([u, v, jax.nn.relu(u - v), u + v], axis=1) @ w2
+
+  assert {"stack", "unstack", "split"} <= {
+      e.primitive.name for e in jax.make_jaxpr(f)(jnp.ones((1, 6))).jaxpr.eqns}
+  x = jax.random.normal(jax.random.key(9), (4, 6))
+  t = jnp.array([0, 1, 2, 1])
+  expected = _grad_x_input(f, x, t)
+  assert float(jnp.abs(expected).max()) > 1e-3
+  np.testing.assert_allclose(rules.wbp(f, x, t), expected, rtol=1e-5, atol=1e-6)
+  lrp = rules.lrp(f, x, t, epsilon=1e-9)  # bias-free ReLU network: z-rule = gradient x input
+  np.testing.assert_allclose(lrp, expected, rtol=1e-4, atol=1e-5)

@@ -58,3 +58,94 @@ def test_while_loop_raises_naming_the_loop():
 
   with pytest.raises(rules.UnsupportedPrimitiveError, match="'while'.*trip count"):
     rules.wbp(f, jnp.ones((2, 2)), 0)
+
+
+class _BiClassifier(nn.Module):
+  """A bidirectional GRU: the backward direction is a reverse scan."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Bidirectional(nn.RNN(nn.GRUCell(3, name="fwd")), nn.RNN(nn.GRUCell(3, name="bwd")))(x)
+    return nn.Dense(2, name="head")(h[:, 0])
+
+
+def _bi_unrolled(params):
+  def f(x):
+    c, b, length = nn.GRUCell(3), x.shape[0], x.shape[1]
+    hf, carry = [], jnp.zeros((b, 3))
+    for i in range(length):                              # forward direction
+      carry, h = c.apply({"params": params["fwd"]}, carry, x[:, i])
+      hf.append(h)
+    hb, carry = [None] * length, jnp.zeros((b, 3))
+    for i in reversed(range(length)):                    # backward direction
+      carry, h = c.apply({"params": params["bwd"]}, carry, x[:, i])
+      hb[i] = h
+    return nn.Dense(2).apply({"params": params["head"]},
+                             jnp.concatenate([hf[0], hb[0]], axis=-1))
+  return f
+
+
+def test_long_and_reverse_scans_equal_the_loop_unrolled_by_hand():
+  # 9 steps: the first iterations are interpreted one by one, the rest as one lax.scan of
+  # the interpreted body, forward and reverse (nn.Bidirectional)
+  x = jax.random.normal(jax.random.key(2), (2, 9, 2))
+  v = _BiClassifier().init(jax.random.key(3), x)
+  f = lambda x: _BiClassifier().apply(v, x)
+  g = _bi_unrolled(v["params"])
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5, atol=1e-6)
+  t = jnp.array([0, 1])
+  for m in (rules.wbp, rules.lrp, rules.deeplift):
+    a, b = m(f, x, t), m(g, x, t)
+    assert float(jnp.abs(b).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=m.__name__)
+
+
+def test_trace_size_does_not_grow_with_the_sequence_length():
+  def size(length):
+    x = jnp.ones((2, length, 2))
+    v = _Classifier(nn.GRUCell).init(jax.random.key(1), x)
+    f = lambda x: _Classifier(nn.GRUCell).apply(v, x)
+    return len(jax.make_jaxpr(lambda x: rules.lrp(f, x, 0))(x).jaxpr.eqns)
+
+  assert size(64) == size(8)
+
+
+def test_a_carry_whose_status_never_settles_is_interpreted_step_by_step():
+  # the carries swap every step, so which one depends on x alternates: no fixed point, and
+  # every iteration is interpreted on its own (as the loop written out by hand)
+  w = jnp.array([[0.5, -1.0], [2.0, 0.3]])
+
+  def body(c, xi):
+    a, b = c
+    return (jnp.tanh(b @ w), jax.nn.relu(a + xi)), a
+
+  def scanned(x):
+    (a, b), ys = jax.lax.scan(body, (jnp.ones((x.shape[0], 2)), jnp.zeros((x.shape[0], 2))),
+                              jnp.swapaxes(x, 0, 1))
+    return a + b + ys.sum(0)
+
+  def by_hand(x):
+    c, ys = (jnp.ones((x.shape[0], 2)), jnp.zeros((x.shape[0], 2))), []
+    for i in range(x.shape[1]):
+      c, y = body(c, x[:, i])
+      ys.append(y)
+    return c[0] + c[1] + jnp.stack(ys).sum(0)
+
+  x = jax.random.normal(jax.random.key(4), (3, 7, 2))
+  np.testing.assert_allclose(scanned(x), by_hand(x), rtol=1e-6)
+  for m in (rules.wbp, rules.lrp):
+    a, b = m(scanned, x, 1), m(by_hand, x, 1)
+    assert float(jnp.abs(b).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=m.__name__)
+
+
+def test_maps_through_a_scan_are_differentiable_in_the_parameters():
+  x = jax.random.normal(jax.random.key(5), (2, 6, 2))
+  v = _Classifier(nn.GRUCell).init(jax.random.key(1), x)
+  loss = lambda model: lambda p: jnp.sum(rules.lrp(lambda x: model(p, x), x, 0) ** 2)
+  scan_model = lambda p, x: _Classifier(nn.GRUCell).apply({"params": p}, x)
+  hand_model = lambda p, x: _unrolled(nn.GRUCell, p)(x)
+  ga = jax.grad(loss(scan_model))(v["params"])
+  gb = jax.grad(loss(hand_model))(v["params"])
+  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
