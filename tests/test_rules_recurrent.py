@@ -149,3 +149,41 @@ def test_maps_through_a_scan_are_differentiable_in_the_parameters():
   gb = jax.grad(loss(hand_model))(v["params"])
   for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return h + nn.Dense(8)(jax.nn.relu(nn.Dense(16)(nn.LayerNorm()(h)))), None
+
+
+class _ScannedLayers(nn.Module):
+  """Residual blocks stacked with nn.scan (the parameters are the scanned inputs)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8)(x)
+    blocks = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=5)
+    h, _ = blocks(name="blocks")(h, None)
+    return nn.Dense(3)(h)
+
+
+def test_layers_stacked_with_nn_scan_equal_the_stack_written_out():
+  x = jax.random.normal(jax.random.key(6), (4, 6))
+  v = _ScannedLayers().init(jax.random.key(7), x)
+  f = lambda x: _ScannedLayers().apply(v, x)
+  p = v["params"]
+
+  def g(x):
+    h = nn.Dense(8).apply({"params": p["Dense_0"]}, x)
+    for i in range(5):                                   # block i with the i-th parameters
+      pi = jax.tree_util.tree_map(lambda a: a[i], p["blocks"])
+      h, _ = _Block().apply({"params": pi}, h, None)
+    return nn.Dense(3).apply({"params": p["Dense_1"]}, h)
+
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-6, atol=1e-6)
+  for m in (rules.wbp, rules.lrp, rules.deeplift):
+    a, b = m(f, x, 1), m(g, x, 1)
+    assert float(jnp.abs(b).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=m.__name__)
