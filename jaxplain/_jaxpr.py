@@ -960,7 +960,7 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
     scanned = None
     if [_status(c) for c in carry] == before:
       try:
-        scanned = jax.lax.scan(step, pack(carry), pack(seq), reverse=rev)
+        scanned = jax.lax.scan(step, pack(carry), pack(seq), length=rest, reverse=rev)
       except _StatusChanged:
         pass
     if scanned is None:  # the status never settled: interpret every remaining iteration

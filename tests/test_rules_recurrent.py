@@ -187,3 +187,23 @@ def test_layers_stacked_with_nn_scan_equal_the_stack_written_out():
     a, b = m(f, x, 1), m(g, x, 1)
     assert float(jnp.abs(b).max()) > 1e-3
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=m.__name__)
+
+
+def test_fori_loop_with_static_bounds_equals_the_loop_written_out():
+  # a fori_loop with Python-int bounds lowers to a scan with no scanned inputs
+  w = jax.random.normal(jax.random.key(8), (5, 5)) * 0.6
+  v = jax.random.normal(jax.random.key(9), (5, 3))
+  step = lambda i, h: jax.nn.relu(h @ w) + 0.5 * h + 0.1 * i
+  f = lambda x: jax.lax.fori_loop(0, 6, step, x) @ v
+
+  def g(x):
+    for i in range(6):
+      x = step(i, x)
+    return x @ v
+
+  x = jax.random.normal(jax.random.key(10), (3, 5))
+  np.testing.assert_allclose(f(x), g(x), rtol=1e-5, atol=1e-6)
+  for m in (rules.wbp, rules.lrp, rules.deeplift):
+    a, b = m(f, x, 2), m(g, x, 2)
+    assert float(jnp.abs(b).max()) > 1e-3
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=m.__name__)
