@@ -37,6 +37,26 @@ def test_max_pool_matches_flax(ties):
   np.testing.assert_array_equal(g, g_ref)
 
 
+def test_max_pool_forward_mode_second_order_and_rank3_match_flax():
+  # the derivative is a custom_jvp (one-hot routing): forward mode, reverse over reverse
+  # (PPI differentiates a saliency map) and an unbatched (H, W, C) input agree with flax
+  x = jax.random.normal(jax.random.key(3), (2, 6, 4, 3))
+  ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
+  tx = jax.random.normal(jax.random.key(4), x.shape)
+  _, t = jax.jvp(models.max_pool_2x2, (x,), (tx,))
+  _, t_ref = jax.jvp(ref, (x,), (tx,))
+  np.testing.assert_array_equal(t, t_ref)
+  w = jax.random.normal(jax.random.key(5), (2, 3, 2, 3))
+  inner = lambda pool: lambda x: jnp.sum(jnp.tanh(pool(x * x)) * w)
+  outer = lambda pool: jax.grad(lambda x: jnp.sum(jax.grad(inner(pool))(x) ** 2))
+  np.testing.assert_allclose(outer(models.max_pool_2x2)(x), outer(ref)(x), rtol=1e-6,
+                             atol=1e-6)
+  assert float(jnp.abs(outer(ref)(x)).max()) > 1e-3
+  np.testing.assert_array_equal(models.max_pool_2x2(x[0]), ref(x[:1])[0])
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(models.max_pool_2x2(v) * w[0]))(x[0]),
+                                jax.grad(lambda v: jnp.sum(ref(v[None])[0] * w[0]))(x[0]))
+
+
 def test_max_pool_propagates_nan_like_flax():
   # a NaN anywhere in a window (first corner or later) gives NaN there, as reduce_window
   x = jnp.arange(32.0).reshape(1, 4, 8, 1)
