@@ -186,6 +186,31 @@ def _call_body(eqn):
   raise _unsupported(eqn, "rule engine", "(call primitive without a readable body)")
 
 
+# primitives that only move, select or compare values: every rule gives them the exact JVP
+_ROUTING_ONLY = ({"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+                  "concatenate", "slice", "dynamic_slice", "gather", "pad", "rev", "copy",
+                  "copy_p", "convert_element_type", "stack", "unstack", "split", "select_n",
+                  "gt", "ge", "lt", "le", "eq", "ne", "and", "or", "not", "is_finite",
+                  "stop_gradient"} | _ROUTE)
+
+
+def _routing_body(jaxpr) -> bool:
+  """True where every equation of ``jaxpr`` (through nested calls) only moves, selects or
+  compares values, so that the rule-modified tangent of the whole body is its exact JVP (a
+  max-pool written with selects, ``jaxplain.models.max_pool_2x2``)."""
+  for e in jaxpr.eqns:
+    if e.primitive.name in _CALLS:
+      try:
+        body, _ = _call_body(e)
+      except UnsupportedPrimitiveError:
+        return False
+      if not _routing_body(body):
+        return False
+    elif e.primitive.name not in _ROUTING_ONLY:
+      return False
+  return True
+
+
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -788,6 +813,10 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
         "that the rule is applied inside the body at every iteration")
   if name in _CALLS:
     body, consts = _call_body(eqn)
+    if name == "custom_jvp_call" and _routing_body(body):
+      # the exact JVP of a pure routing body is the function's own derivative: its custom
+      # rule (e.g. the one-hot routing of max_pool_2x2, cheaper than its selects' transposes)
+      return _linear(eqn, ins, active, rule)
     if (n_act == 1 and len(eqn.outvars) == 1 and _elementwise_body(body, active)
         and tuple(eqn.outvars[0].aval.shape) == tuple(
             eqn.invars[active.index(True)].aval.shape)):

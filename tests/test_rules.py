@@ -437,3 +437,24 @@ def test_stack_unstack_and_split_are_linear_structure():
   np.testing.assert_allclose(rules.wbp(f, x, t), expected, rtol=1e-5, atol=1e-6)
   lrp = rules.lrp(f, x, t, epsilon=1e-9)  # bias-free ReLU network: z-rule = gradient x input
   np.testing.assert_allclose(lrp, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_custom_jvp_routing_function_is_differentiated_by_its_own_rule():
+  # a custom_jvp whose body only moves / selects values (max_pool_2x2's form) gets its exact
+  # JVP, which is its custom rule: the maps follow jax.grad, which uses the same rule. The rule
+  # here deliberately differs from the body's derivative, so reading the body would fail.
+  @jax.custom_jvp
+  def route(v):
+    return jnp.where(v > 0, v, v[:, ::-1])
+
+  route.defjvp(lambda p, t: (route(p[0]), 2.0 * t[0]))
+  w = jax.random.normal(jax.random.key(3), (5, 4))
+  f = lambda x: route(jax.nn.relu(x @ w.T).reshape(x.shape[0], 5)) @ w
+  x = jax.random.normal(jax.random.key(4), (3, 4))
+  t = jnp.array([0, 3, 1])
+  expected = _grad_x_input(f, x, t)
+  assert float(jnp.abs(expected).max()) > 1e-3
+  np.testing.assert_allclose(rules.wbp(f, x, t), expected, rtol=1e-5, atol=1e-6)
+  body_derivative = _grad_x_input(lambda x: jnp.where(
+      x @ w.T > 0, jax.nn.relu(x @ w.T), jax.nn.relu(x @ w.T)[:, ::-1]) @ w, x, t)
+  assert float(jnp.abs(body_derivative - expected).max()) > 1e-3
