@@ -27,7 +27,8 @@ Equations are then classified:
 
 * a canonized layer: ``rule.layer`` (None: the exact map);
 * structural and routing primitives (reshape, transpose, broadcast, slicing, concatenate,
-  pad, max-pooling, select_n, max of two terms, ...): the exact JVP;
+  pad, max-pooling, select_n, max of two terms, ...): the exact JVP; a ``custom_jvp``
+  function whose body is nothing else (``jaxplain.models.max_pool_2x2``): its own rule;
 * sums of several input-dependent terms: ``rule.combine``; elementwise maps by constants not
   merged into a layer: ``rule.unary``;
 * an elementwise nonlinearity ``y = g(v)`` of one input-dependent operand (a primitive, a
