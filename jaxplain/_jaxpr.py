@@ -953,23 +953,21 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
   one = lambda ys: [Val(jnp.asarray(y.p)[None], jnp.asarray(y.r)[None],
                         None if y.t is None else y.t[None], y.dep, False) for y in ys]
   peeled, done = [], 0
+  status = before = [_status(c) for c in carry]
   while done < n:
-    i = n - 1 - done if rev else done
-    before = [_status(c) for c in carry]
-    outs = run(carry, at(i))
+    before = status
+    outs = run(carry, at(n - 1 - done if rev else done))
     carry, done = outs[:nk], done + 1
     peeled.append(one(outs[nk:]))
-    if [_status(c) for c in carry] == before or done >= _MAX_PEEL:
+    status = [_status(c) for c in carry]
+    if status == before or done >= _MAX_PEEL:
       break
   rest = n - done
   if rest:
-    status = [_status(c) for c in carry]
     lo, hi = (0, rest) if rev else (done, n)
     seq = [Val(v.p[lo:hi], v.r[lo:hi], None if v.t is None else v.t[lo:hi], v.dep, False)
            for v in xs]
-    xi_like = [Val(v.p[0], v.r[0], None if v.t is None else v.t[0], v.dep, False)
-               for v in seq]
-    ys_status: list = []
+    y_like: list = []  # the outputs' Vals as traced in the body (their dep flags)
 
     def pack(vals):
       return tuple((v.p, v.r) + (() if v.t is None else (v.t,)) for v in vals)
@@ -979,16 +977,16 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
               for q, v in zip(parts, like)]
 
     def step(c, xi):
-      outs = run(unpack(c, carry), unpack(xi, xi_like))
+      outs = run(unpack(c, carry), unpack(xi, seq))
       if [_status(v) for v in outs[:nk]] != status:
         raise _StatusChanged
-      ys_status.append(outs[nk:])
+      y_like.append(outs[nk:])
       new = tuple(tuple(jnp.asarray(a).astype(jnp.result_type(b)) for a, b in zip(q, q0))
                   for q, q0 in zip(pack(outs[:nk]), pack(carry)))
       return new, pack(outs[nk:])
 
     scanned = None
-    if [_status(c) for c in carry] == before:
+    if status == before:
       try:
         scanned = jax.lax.scan(step, pack(carry), pack(seq), length=rest, reverse=rev)
       except _StatusChanged:
@@ -1000,7 +998,7 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
         peeled.append(one(outs[nk:]))
     else:
       carry = unpack(scanned[0], carry)
-      peeled.append(unpack(scanned[1], ys_status[0]))
+      peeled.append(unpack(scanned[1], y_like[0]))
   if rev:
     peeled = peeled[::-1]
   stacked = _stack_vals(peeled, eqn.outvars[nk:])
