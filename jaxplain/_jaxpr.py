@@ -39,7 +39,9 @@ Equations are then classified:
   divisor), which is then a constant scale; the inlined ``jax.nn.softmax``: ``rule.softmax``;
 * ``scan``: the body at every iteration (static length), the first iterations one by one
   until the carry's static status repeats, the rest as one ``lax.scan`` of the interpreted
-  body; call primitives that are not elementwise: inlined;
+  body; ``while`` whose trip count is known at trace time (the part of the carry that its
+  condition reads, run while tracing): that scan; call primitives that are not
+  elementwise: inlined;
 * anything else that touches an input-dependent value raises
   :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
 
@@ -51,6 +53,8 @@ to the parameters.
 
 from __future__ import annotations
 
+import math
+import types
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -145,7 +149,7 @@ def bind_ref(rule, eqn, vals: Sequence[Array]) -> list[Array]:
   return bind(pairs[id(eqn)] if pairs is not None else eqn, vals)
 
 
-_BODY_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+_BODY_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr", "body_jaxpr", "cond_jaxpr")
 
 
 def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
@@ -808,10 +812,7 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
   if name == "scan":
     return _scan(eqn, ins, rule)
   if name == "while":
-    raise _unsupported(
-        eqn, rule.name, "(a while loop: its trip count is not static). Write the loop as "
-        "jax.lax.scan or jax.lax.fori_loop with Python-int bounds (lowered to a scan), so "
-        "that the rule is applied inside the body at every iteration")
+    return _while(eqn, ins, rule, scope, env)
   if name in _CALLS:
     body, consts = _call_body(eqn)
     if name == "custom_jvp_call" and _routing_body(body):
@@ -1004,6 +1005,125 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
   stacked = _stack_vals(peeled, eqn.outvars[nk:])
   carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
   return carry + stacked
+
+
+_MAX_TRIPS = 1_000_000  # a while loop that runs longer is treated as not terminating
+_MAX_CONST_SIZE = 4096  # largest value folded at trace time to find a trip count
+
+
+def _reads(eqns, outvars) -> set:
+  """Variables that ``outvars`` depend on (through ``eqns``), the outvars included."""
+  kept = dce(eqns, outvars)
+  return ({v for e in kept for v in e.invars if isinstance(v, Var)}
+          | {v for v in outvars if isinstance(v, Var)})
+
+
+def _run_eqns(eqns, env: dict, outvars) -> list:
+  """Evaluate the equations ``outvars`` need, given the values of their free variables."""
+  env = dict(env)
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  for e in dce(eqns, outvars):
+    for v, o in zip(e.outvars, bind(e, [read(v) for v in e.invars])):
+      env[v] = o
+  return [read(v) for v in outvars]
+
+
+def _const(v, val: Val | None, scope: _Scope, env, depth: int = 0):
+  """The trace-time value of ``v`` if it is computed from literals and concrete constants
+  only (folded eagerly, small values only), else None."""
+  if isinstance(v, Literal):
+    return v.val
+  if val is None:
+    val = env.get(v)
+  if val is not None and not val.dep and not isinstance(val.p, jax.core.Tracer):
+    return val.p
+  e = scope.prod.get(v)
+  if (e is None or depth > 32 or e.primitive.name in _CALLS or e.effects
+      or any(math.prod(o.aval.shape) > _MAX_CONST_SIZE for o in e.outvars)):
+    return None
+  vals = [_const(u, None, scope, env, depth + 1) for u in e.invars]
+  if any(a is None for a in vals):
+    return None
+  with jax.ensure_compile_time_eval():
+    return bind(e, vals)[e.outvars.index(v)]
+
+
+def _while_trips(eqn, ins: list[Val], scope: _Scope, env) -> int | None:
+  """The trip count of a while loop whose condition depends only on carries that the body
+  updates from themselves and concrete constants (a counter, ``fori_loop`` with array
+  bounds), found by running that part of the loop at trace time; None if it is dynamic."""
+  prm = eqn.params
+  cj, bj = prm["cond_jaxpr"], prm["body_jaxpr"]
+  ncc, nbc = prm["cond_nconsts"], prm["body_nconsts"]
+  cin, bin_ = cj.jaxpr.invars, bj.jaxpr.invars
+  nk = len(bin_) - nbc
+  cond_reads = _reads(cj.jaxpr.eqns, cj.jaxpr.outvars)
+  part = {i for i in range(nk) if cin[ncc + i] in cond_reads}
+  while True:  # close the part under the body: the carries its updates read
+    r = _reads(bj.jaxpr.eqns, [bj.jaxpr.outvars[i] for i in part])
+    grown = part | {i for i in range(nk) if bin_[nbc + i] in r}
+    if grown == part:
+      break
+    part = grown
+  need = ([k for k in range(ncc) if cin[k] in cond_reads]
+          + [ncc + k for k in range(nbc) if bin_[k] in r]
+          + [ncc + nbc + i for i in sorted(part)])
+  known = {}
+  for k in need:
+    c = _const(eqn.invars[k], ins[k], scope, env)
+    if c is None:
+      return None
+    known[k] = c
+  cenv0 = {v: c for v, c in zip(cj.jaxpr.constvars, cj.consts)}
+  cenv0.update({cin[k]: known[k] for k in range(ncc) if k in known})
+  benv0 = {v: c for v, c in zip(bj.jaxpr.constvars, bj.consts)}
+  benv0.update({bin_[k]: known[ncc + k] for k in range(nbc) if ncc + k in known})
+  order = sorted(part)
+
+  def cond(s):
+    carry, n = s
+    env1 = {**cenv0, **{cin[ncc + i]: c for i, c in zip(order, carry)}}
+    go = _run_eqns(cj.jaxpr.eqns, env1, cj.jaxpr.outvars)[0]
+    return jnp.logical_and(go, n < _MAX_TRIPS)
+
+  def body(s):
+    carry, n = s
+    env1 = {**benv0, **{bin_[nbc + i]: c for i, c in zip(order, carry)}}
+    return (tuple(_run_eqns(bj.jaxpr.eqns, env1, [bj.jaxpr.outvars[i] for i in order])),
+            n + 1)
+
+  init = tuple(known[ncc + nbc + i] for i in order)
+  try:
+    with jax.ensure_compile_time_eval():
+      n = int(jax.lax.while_loop(cond, body, (init, jnp.int32(0)))[1])
+  except jax.errors.ConcretizationTypeError:
+    return None
+  if n >= _MAX_TRIPS:
+    raise _unsupported(eqn, "the rule engine",
+                       f"(a while loop that runs over {_MAX_TRIPS} iterations)")
+  return n
+
+
+def _while(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
+  """``lax.while_loop`` whose trip count is known at trace time (``fori_loop`` with array
+  bounds, a counter compared with a constant): the same loop as a ``lax.scan`` of that
+  length, interpreted through its body (:func:`_scan`). A trip count that depends on traced
+  values (``x``, parameters passed as arguments) raises."""
+  n = _while_trips(eqn, ins, scope, env)
+  if n is None:
+    raise _unsupported(
+        eqn, rule.name, "(a while loop whose trip count depends on traced values: it is "
+        "not known at trace time). Write the loop as jax.lax.scan, jax.lax.fori_loop with "
+        "static bounds, or a while loop over a counter compared with a constant, so that "
+        "the rule is applied inside the body at every iteration")
+  prm = eqn.params
+  ncc, nbc = prm["cond_nconsts"], prm["body_nconsts"]
+  nk = len(eqn.outvars)
+  as_scan = types.SimpleNamespace(
+      outvars=eqn.outvars,
+      params={"length": n, "reverse": False, "jaxpr": prm["body_jaxpr"], "num_consts": nbc,
+              "num_carry": nk})
+  return _scan(as_scan, ins[ncc:], rule)
 
 
 def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:

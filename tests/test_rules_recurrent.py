@@ -1,6 +1,7 @@
 """The rule engine through loops: lax.scan (Flax nn.RNN) is interpreted through its body at
 every step, so GRU / LSTM maps equal those of the same model unrolled by hand in Python; a
-while loop (dynamic trip count) raises a clear error."""
+while loop whose trip count is known at trace time runs as that scan, one whose trip count
+depends on traced values raises a clear error."""
 
 from __future__ import annotations
 
@@ -58,6 +59,66 @@ def test_while_loop_raises_naming_the_loop():
 
   with pytest.raises(rules.UnsupportedPrimitiveError, match="'while'.*trip count"):
     rules.wbp(f, jnp.ones((2, 2)), 0)
+
+
+def _step_and_readout():
+  w = jax.random.normal(jax.random.key(8), (5, 5)) * 0.6
+  v = jax.random.normal(jax.random.key(9), (5, 3))
+  step = lambda i, h: jax.nn.relu(h @ w) + 0.5 * h + 0.1 * jnp.asarray(i, h.dtype)
+  return step, v
+
+
+def _written_out(step, v, n):
+  def g(x):
+    for i in range(n):
+      x = step(i, x)
+    return x @ v
+  return g
+
+
+def test_while_loops_with_a_static_trip_count_equal_the_loop_written_out():
+  step, v = _step_and_readout()
+  counter = lambda i0, n: lambda x: jax.lax.while_loop(
+      lambda c: c[0] < n(), lambda c: (c[0] + 1, step(c[0], c[1])), (i0(), x))[1] @ v
+  loops = {
+      # fori_loop with array bounds lowers to a while loop, not a scan
+      "fori_array_bounds": lambda x: jax.lax.fori_loop(0, jnp.int32(6), step, x) @ v,
+      "counter_literal": counter(lambda: 0, lambda: 6),
+      # counter start and bound computed in the traced function (folded at trace time)
+      "counter_computed": counter(lambda: jnp.zeros((), jnp.int32) + 1, lambda: jnp.asarray(7)),
+  }
+  x = jax.random.normal(jax.random.key(10), (3, 5))
+  for name, f in loops.items():
+    g = _written_out(lambda i, h, s=1 if name == "counter_computed" else 0: step(i + s, h), v, 6)
+    assert jax.make_jaxpr(f)(x).eqns[-2].primitive.name == "while", name
+    np.testing.assert_allclose(f(x), g(x), rtol=1e-5, atol=1e-6)
+    for m in (rules.wbp, rules.lrp, rules.deeplift):
+      b = m(g, x, 2)
+      assert float(jnp.abs(b).max()) > 1e-3
+      for a in (m(f, x, 2), jax.jit(lambda x: m(f, x, 2))(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{name} {m.__name__}")
+
+
+def test_while_loop_that_never_runs_and_one_bounded_by_a_traced_argument():
+  step, v = _step_and_readout()
+  f = lambda x, n: jax.lax.while_loop(
+      lambda c: c[0] < n, lambda c: (c[0] + 1, step(c[0], c[1])), (0, x))[1] @ v
+  x = jax.random.normal(jax.random.key(11), (3, 5))
+  # zero iterations: the map is that of the readout alone (w * x for a linear map)
+  np.testing.assert_allclose(rules.wbp(lambda x: f(x, 0), x, 1), x * v[None, :, 1], rtol=1e-6)
+  # the bound is a jit argument: its value is not known when the rule engine traces
+  with pytest.raises(rules.UnsupportedPrimitiveError, match="'while'.*traced values"):
+    jax.jit(lambda x, n: rules.lrp(lambda z: f(z, n), x, 1))(x, 3)
+
+
+def test_while_loop_that_does_not_terminate_raises(monkeypatch):
+  from jaxplain import _jaxpr
+  monkeypatch.setattr(_jaxpr, "_MAX_TRIPS", 500)
+  step, v = _step_and_readout()
+  f = lambda x: jax.lax.while_loop(
+      lambda c: c[0] >= 0, lambda c: (c[0] + 1, step(0, c[1])), (0, x))[1] @ v
+  with pytest.raises(rules.UnsupportedPrimitiveError, match="over 500 iterations"):
+    rules.wbp(f, jnp.ones((3, 5)), 0)
 
 
 class _BiClassifier(nn.Module):
