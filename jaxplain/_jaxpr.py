@@ -110,7 +110,7 @@ _LINEAR_STRUCT = {
 
 # piecewise-linear primitives whose JVP routes the tangent to the selected element (max-pool).
 _ROUTE = {"reduce_max", "reduce_min", "reduce_window_max", "reduce_window_min", "cummax",
-          "cummin", "argsort"}
+          "cummin", "sort", "top_k"}
 
 # bilinear primitives: linear only when exactly one operand is input-dependent.
 _BILINEAR = {"dot_general", "conv_general_dilated", "mul"}

@@ -298,16 +298,21 @@ class _GradientSpace:
 
 
 class WBP(_GradientSpace):
-  """m = h(v) = (g(v) - g(0)) / v (limit g'(0) at 0), seed 004 Table 1."""
+  """m = h(v) = (g(v) - g(0)) / v (limit g'(0) at 0), seed 004 Table 1. Where g(0) is not
+  finite (log, rsqrt, 1 / v) the spec's literal h(v) = g(v) / v, and where that is not
+  finite either (v = 0) the local slope g'(v), so that the map stays finite."""
   name = "wbp"
 
   def activation(self, act: Activation):
     v = act.v.p
     finfo = jnp.finfo(jnp.result_type(v))
     g0, d0 = jax.jvp(act.g, (jnp.zeros_like(v),), (jnp.ones_like(v),))
+    finite0 = jnp.isfinite(g0) & jnp.isfinite(d0)
+    g0 = jnp.where(finite0, g0, jnp.zeros_like(g0))
     tol = jnp.where(g0 == 0, finfo.tiny, jnp.sqrt(finfo.eps))
     small = jnp.abs(v) <= tol
     m = jnp.where(small, d0, (act.y - g0) / jnp.where(small, jnp.ones_like(v), v))
+    m = jnp.where(jnp.isfinite(m), m, slope(act.g, v))  # v = 0 where g(0) is not finite
     if act.homogeneous:
       # g(v) / v is piecewise constant (ReLU: 1[v > 0]): its exact derivative is zero, so
       # differentiating it (PPI's second order) would only add a backward pass through the

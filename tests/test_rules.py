@@ -410,10 +410,49 @@ def test_lrp_relevance_conserved_through_resnet_skip_connections():
 def test_unsupported_primitive_raises_a_clear_error():
   w = jnp.ones((3, 2))
   x = jnp.ones((2, 3))
-  with pytest.raises(rules.UnsupportedPrimitiveError, match="primitive 'sort'"):
-    J(rules.lrp, lambda x: jnp.sort(x @ w, axis=1), x, 0)
+  with pytest.raises(rules.UnsupportedPrimitiveError, match="primitive 'cumlogsumexp'"):
+    J(rules.lrp, lambda x: jax.lax.cumlogsumexp(x @ w, axis=1), x, 0)
   with pytest.raises(rules.UnsupportedPrimitiveError, match="primitive 'cumprod'"):
     J(rules.wbp, lambda x: jnp.cumprod(x @ w, axis=1), x, 0)
+
+
+def test_wbp_where_g0_is_not_finite_uses_g_over_v():
+  """log has g(0) = -inf: the spec's literal h(v) = g(v) / v, not (g(v) - g(0)) / v = inf."""
+  with jax.enable_x64(True):
+    w1 = jax.random.uniform(jax.random.key(11), (4, 5), jnp.float64)
+    w2 = jax.random.normal(jax.random.key(12), (5, 3), jnp.float64)
+    f = lambda x: jnp.log(x @ w1 + 0.5) @ w2
+    x = jax.random.uniform(jax.random.key(13), (3, 4), jnp.float64)
+    t = np.array([0, 2, 1])
+    s = J(rules.wbp, f, x, jnp.asarray(t))
+    xn, w1n, w2n = (np.asarray(a) for a in (x, w1, w2))
+    v = xn @ w1n + 0.5
+    expected = np.stack([w1n @ (np.log(v[b]) / v[b] * w2n[:, t[b]]) for b in range(3)]) * xn
+    np.testing.assert_allclose(np.asarray(s), expected, rtol=1e-9)
+  # logsumexp pooling (log of a sum of exponentials) in a classifier: a finite map
+  w = jax.random.normal(jax.random.key(14), (6, 8))
+  g = lambda x: jax.nn.logsumexp((x @ w).reshape(-1, 4, 2), axis=-1)
+  m = rules.wbp(g, jax.random.normal(jax.random.key(15), (5, 6)), 1)
+  assert bool(jnp.all(jnp.isfinite(m))) and float(jnp.abs(m).max()) > 1e-3
+
+
+def test_sort_and_top_k_route_like_max_pooling():
+  # sort / top_k move values: in a bias-free ReLU network through them WBP and the z-rule
+  # equal gradient x input, as through max pooling
+  w1 = jax.random.normal(jax.random.key(16), (6, 8))
+  w2 = jax.random.normal(jax.random.key(17), (11, 3))
+
+  def f(x):
+    h = jax.nn.relu(x @ w1)
+    top = jax.lax.top_k(h, 3)[0]
+    return jnp.concatenate([jnp.sort(h, axis=1), top], axis=1) @ w2
+
+  x = jax.random.normal(jax.random.key(18), (4, 6))
+  t = jnp.array([0, 1, 2, 1])
+  expected = _grad_x_input(f, x, t)
+  assert float(jnp.abs(expected).max()) > 1e-3
+  np.testing.assert_allclose(rules.wbp(f, x, t), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rules.lrp(f, x, t, epsilon=1e-9), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_stack_unstack_and_split_are_linear_structure():
