@@ -105,9 +105,15 @@ def test_one_example_is_named_as_such(cnn):
   _, _, f, x = cnn
   one = x[0]  # (6, 6, 3): occlusion used to read it as a batch of 6 images of 6 x 3
   msg = r"x: expected a batch \(B, \.\.\.\); got one example of shape \(6, 6, 3\)"
+  key = jax.random.key(0)
   for method in (jaxplain.gradient, jaxplain.integrated_gradients, jaxplain.wbp,
-                 jaxplain.lrp, jaxplain.occlusion):
-    with pytest.raises(ValueError, match=msg):
+                 jaxplain.lrp, jaxplain.occlusion, jaxplain.feature_ablation,
+                 lambda f, x, t: jaxplain.kernel_shap(f, x, t, key=key, n_samples=8),
+                 lambda f, x, t: jaxplain.lime(f, x, t, key=key, n_samples=8),
+                 lambda f, x, t: jaxplain.rise(f, x, t, key=key, n_masks=8),
+                 lambda f, x, t: jaxplain.shapley_value_sampling(f, x, t, key=key,
+                                                                  n_samples=1)):
+    with pytest.raises(ValueError, match=msg):  # perturbation methods read it as 6 rows
       method(f, one, 0)
   # a batch of one still works, and agrees with the batch
   np.testing.assert_allclose(jaxplain.gradient(f, one[None], 0)[0],
