@@ -434,6 +434,22 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="target"):
     E.evaluate({"a": lambda x, t: x}, {"m": lambda c: c["x"][:, 0]}, (x, np.zeros(2)),
                f=f, key=jax.random.key(0), target="other")
+  # attributions handed to the robustness / randomisation metrics and the map-only metrics
+  ex = lambda x, t: 2.0 * x
+  key = jax.random.key(0)
+  bad_nan = x.at[0, 1].set(jnp.nan)
+  for given, msg in ((jnp.ones((2, 4)), r"explainer's output shape \(2, 3\)"),
+                     (x[:1], r"explainer's output shape"), (bad_nan, "non-finite")):
+    for metric in (E.max_sensitivity, E.avg_sensitivity, E.local_lipschitz):
+      with pytest.raises(ValueError, match=msg):
+        metric(ex, x, 0, key=key, n_samples=2, attributions=given)
+    with pytest.raises(ValueError, match=msg):
+      E.random_logit(ex, x, 0, key=key, num_classes=3, attributions=given,
+                     similarity="spearman")
+  for metric in (E.sparseness, E.complexity, lambda a: E.auc(a, x > 1.0),
+                 lambda a: E.relevance_mass_accuracy(a, x > 1.0)):
+    with pytest.raises(ValueError, match="attributions: contains 1 non-finite"):
+      metric(bad_nan)
 
 
 def test_independent_randomization_leaves_integer_leaves_alone():

@@ -58,6 +58,21 @@ def check_map(a: Any, x_shape: tuple[int, ...], name: str = "attributions") -> A
   return a
 
 
+def given_or_explained(explain: Callable, x: Array, t: Array, attributions: Any,
+                       name: str = "attributions") -> Array:
+  """``explain(x, t)``, or the given ``attributions`` checked against its shape (computed
+  without running it) and for NaN / inf."""
+  if attributions is None:
+    return explain(x, t)
+  a = jnp.asarray(attributions)
+  want = jax.eval_shape(explain, x, t).shape
+  if a.shape != tuple(want):
+    raise ValueError(f"{name}: expected the explainer's output shape {tuple(want)} for x "
+                     f"{tuple(x.shape)}; got {a.shape}")
+  _validate.check_finite(a, name)
+  return a
+
+
 def flat(a: Array) -> Array:
   return a.reshape(a.shape[0], -1)
 

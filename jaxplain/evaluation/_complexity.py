@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxplain import _validate
 from jaxplain.evaluation import _common as C
 
 Array = jax.Array
@@ -24,6 +25,7 @@ def _abs_flat(attributions: Array) -> Array:
                      f"got shape {a.shape}")
   if not jnp.issubdtype(a.dtype, jnp.floating):
     a = a.astype(jnp.float32)
+  _validate.check_finite(a, "attributions")
   return jnp.abs(C.flat(a))
 
 

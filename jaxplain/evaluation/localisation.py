@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxplain import _validate
 from jaxplain.evaluation import _common as C
 
 Array = jax.Array
@@ -27,6 +28,7 @@ def _pair(attributions: Any, mask: Any) -> tuple[Array, Array]:
   m = jnp.asarray(mask)
   if a.ndim < 2:
     raise ValueError(f"attributions: expected (B, ...), got shape {a.shape}")
+  _validate.check_finite(a, "attributions")
   if m.ndim > a.ndim or m.shape != a.shape[:m.ndim] or m.ndim < 2:
     raise ValueError(f"mask: expected a shape that is a leading part of the attributions "
                      f"{a.shape} (with the batch axis), got {m.shape}")

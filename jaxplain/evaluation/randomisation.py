@@ -207,5 +207,5 @@ def random_logit(explain: Callable[[Array, Array], Array], x: Array, target: Any
   x = C.check_x(x)
   t = _validate.check_target(target, x.shape[0], k)
   off = (t + jax.random.randint(key, t.shape, 1, k)) % k
-  a = explain(x, t) if attributions is None else jnp.asarray(attributions)
+  a = C.given_or_explained(explain, x, t, attributions)
   return _similarity(similarity, a, explain(x, off.astype(jnp.int32)))

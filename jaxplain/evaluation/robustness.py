@@ -61,7 +61,7 @@ def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_sample
   C.check_chunk(chunk)
   n = C.check_count(n_samples, "n_samples")
   t = _validate.check_target(target, x.shape[0])
-  a = explain(x, t) if attributions is None else jnp.asarray(attributions)
+  a = C.given_or_explained(explain, x, t, attributions)
   den = _norm(a)
 
   def make(j):
@@ -133,7 +133,7 @@ def local_lipschitz(explain: Explain, x: Array, target: Any, *, key: Array,
   C.check_chunk(chunk)
   n = C.check_count(n_samples, "n_samples")
   t = _validate.check_target(target, x.shape[0])
-  a = explain(x, t) if attributions is None else jnp.asarray(attributions)
+  a = C.given_or_explained(explain, x, t, attributions)
 
   def make(j):
     d = sigma * jax.random.normal(jax.random.fold_in(key, j), x.shape, x.dtype)
