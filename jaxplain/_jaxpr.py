@@ -40,7 +40,8 @@ Equations are then classified:
 * ``scan``: the body at every iteration (static length), the first iterations one by one
   until the carry's static status repeats, the rest as one ``lax.scan`` of the interpreted
   body; ``while`` whose trip count is known at trace time (the part of the carry that its
-  condition reads, run while tracing): that scan; call primitives that are not
+  condition reads, run while tracing): that scan; ``cond`` / ``switch``: every branch, the
+  one selected at ``x`` giving value and tangent; call primitives that are not
   elementwise: inlined;
 * anything else that touches an input-dependent value raises
   :class:`UnsupportedPrimitiveError` naming the primitive and the source line.
@@ -164,6 +165,16 @@ def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
         or len(e.outvars) != len(e1.outvars)):
       return False
     pairs[id(e)] = e1
+    if "branches" in e.params:  # cond / switch
+      bs, bs1 = e.params["branches"], e1.params.get("branches", ())
+      if len(bs) != len(bs1):
+        return False
+      for b, b1 in zip(bs, bs1):
+        if len(b.consts) != len(b1.consts):
+          return False
+        consts.update(zip(b.jaxpr.constvars, b1.consts))
+        if not pair_eqns(b.jaxpr.eqns, b1.jaxpr.eqns, pairs, consts):
+          return False
     for key in _BODY_KEYS:
       if key not in e.params:
         continue
@@ -813,6 +824,8 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
     return _scan(eqn, ins, rule)
   if name == "while":
     return _while(eqn, ins, rule, scope, env)
+  if name == "cond":
+    return _cond(eqn, ins, rule)
   if name in _CALLS:
     body, consts = _call_body(eqn)
     if name == "custom_jvp_call" and _routing_body(body):
@@ -1005,6 +1018,37 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
   stacked = _stack_vals(peeled, eqn.outvars[nk:])
   carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
   return carry + stacked
+
+
+def _cond(eqn, ins: list[Val], rule) -> list[Val]:
+  """``lax.cond`` / ``lax.switch``: every branch is interpreted with the rule and the one the
+  index selects at ``x`` gives the value and the tangent (the modified backward pass of the
+  branch taken); the reference pass takes the branch selected at the reference (DeepLIFT's
+  summation to delta then holds only where x and the reference take the same branch). A
+  constant index interprets only its branch."""
+  branches = eqn.params["branches"]
+  idx, ops = ins[0], ins[1:]
+  n = len(branches)
+  run = lambda b: evaluate(b.jaxpr.eqns, b.jaxpr.invars, b.jaxpr.constvars, b.jaxpr.outvars,
+                           b.consts, ops, rule)
+  static = [None if isinstance(i, jax.core.Tracer) else int(np.clip(np.asarray(i), 0, n - 1))
+            for i in (idx.p, idx.r)]
+  if static[0] is not None and static[0] == static[1]:
+    return run(branches[static[0]])
+  outs = [run(b) for b in branches]
+  pick = lambda i, vals: jax.lax.select_n(
+      jnp.clip(jnp.asarray(i), 0, n - 1).astype(jnp.int32), *vals)
+  res = []
+  for j in range(len(eqn.outvars)):
+    col = [o[j] for o in outs]
+    p = pick(idx.p, [jnp.asarray(c.p) for c in col])
+    shape = jnp.broadcast_shapes(*[np.shape(c.r) for c in col])
+    r = pick(idx.r, [jnp.broadcast_to(c.r, shape) for c in col])
+    t = None
+    if any(c.t is not None for c in col):
+      t = pick(idx.p, [c.t if c.t is not None else jnp.zeros_like(c.p) for c in col])
+    res.append(Val(p, r, t, any(c.dep for c in col), all(c.fresh for c in col)))
+  return res
 
 
 _MAX_TRIPS = 1_000_000  # a while loop that runs longer is treated as not terminating

@@ -1,7 +1,7 @@
 """The rule engine through loops: lax.scan (Flax nn.RNN) is interpreted through its body at
 every step, so GRU / LSTM maps equal those of the same model unrolled by hand in Python; a
 while loop whose trip count is known at trace time runs as that scan, one whose trip count
-depends on traced values raises a clear error."""
+depends on traced values raises a clear error; cond / switch take the branch selected at x."""
 
 from __future__ import annotations
 
@@ -268,3 +268,30 @@ def test_fori_loop_with_static_bounds_equals_the_loop_written_out():
     a, b = m(f, x, 2), m(g, x, 2)
     assert float(jnp.abs(b).max()) > 1e-3
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=m.__name__)
+
+
+def test_cond_and_switch_take_the_branch_selected_at_x():
+  w = jax.random.normal(jax.random.key(12), (4, 4))
+  v = jax.random.normal(jax.random.key(13), (4, 3))
+  a = lambda h: jax.nn.relu(h @ w)
+  b = lambda h: jnp.tanh(h @ w) + 0.3 * h
+  flag = jnp.asarray(1)
+  x = jax.random.normal(jax.random.key(14), (2, 4))
+  sign = lambda x: jnp.sum(x) > 0                     # decided by x: both branches are traced
+  cases = [
+      (lambda x: jax.lax.cond(True, a, b, x) @ v, a, x),
+      (lambda x: jax.lax.switch(flag, [a, b, lambda h: h], x) @ v, b, x),
+      (lambda x: jax.lax.cond(sign(x), a, b, x) @ v, a, jnp.abs(x)),
+      (lambda x: jax.lax.cond(sign(x), a, b, x) @ v, b, -jnp.abs(x)),
+  ]
+  for k, (f, branch, xk) in enumerate(cases):
+    g = lambda x, branch=branch: branch(x) @ v      # the branch written out
+    assert "cond" in {e.primitive.name for e in jax.make_jaxpr(f)(xk).eqns}
+    for m in (rules.wbp, rules.lrp, rules.deeplift):
+      want = m(g, xk, 1)
+      assert float(jnp.abs(want).max()) > 1e-3
+      for got in (m(f, xk, 1), jax.jit(lambda z: m(f, z, 1))(xk)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{k} {m.__name__}")
+  # the two branches really give different maps (so picking the wrong one would fail)
+  assert float(jnp.abs(rules.wbp(lambda x: a(x) @ v, x, 1)
+                       - rules.wbp(lambda x: b(x) @ v, x, 1)).max()) > 1e-2
