@@ -11,7 +11,8 @@ gradient is constant, so
 exactly, and completeness holds to float rounding (SPEC.md section 10).
 
 How the breakpoints are found, in ONE pass over f's jaxpr (traced with a batch of one, calls
-inlined): every value that depends on the input is held at both ends of every current
+inlined, scans of static length unrolled, a cond with a literal index reduced to
+its branch): every value that depends on the input is held at both ends of every current
 segment (rows ``[left ends; right ends]``, each primitive vmapped over the rows), for several
 examples at once (each segment knows its example). Before a piecewise-linear primitive, its
 input is affine on every current segment (all earlier primitives' breakpoints are already
@@ -79,6 +80,14 @@ class NotPiecewiseLinearError(ValueError):
   """
 
 
+_CONTROL_FLOW = {
+    "while": " (a while loop: exact IG inlines scans with a static length, e.g. fori_loop with "
+             "Python-int bounds, not while loops)",
+    "cond": " (a cond / switch whose branch index is not a literal: exact IG inlines only a "
+            "branch fixed when f is traced)",
+}
+
+
 def _not_pl(name, eqn, why=""):
   return NotPiecewiseLinearError(
       "method='exact': f is not piecewise linear along the path: the first "
@@ -114,11 +123,56 @@ def _flatten(jaxpr, consts, in_refs, eqns, const_vals, counter):
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
       continue
+    if name == "scan" and "num_consts" in eqn.params:
+      outs = _unroll_scan(eqn, ins, eqns, const_vals, counter)
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+      continue
+    if name == "cond" and isinstance(ins[0], tuple):  # a literal branch index
+      b = eqn.params["branches"][int(np.clip(ins[0][1], 0, len(eqn.params["branches"]) - 1))]
+      outs = _flatten(b.jaxpr, b.consts, ins[1:], eqns, const_vals, counter)
+      for v, o in zip(eqn.outvars, outs):
+        env[v] = o
+      continue
     outs = [new() for _ in eqn.outvars]
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
     eqns.append((eqn, ins, outs))
   return [ref(v) for v in jaxpr.outvars]
+
+
+def _flatten_fn(fn, avals, in_refs, eqns, const_vals, counter):
+  """Inline the equations of ``fn`` traced at ``avals`` (slicing, stacking) on ``in_refs``."""
+  cj = jax.make_jaxpr(fn)(*[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+  return _flatten(cj.jaxpr, cj.consts, in_refs, eqns, const_vals, counter)
+
+
+def _unroll_scan(eqn, ins, eqns, const_vals, counter):
+  """A scan (static length) inlined iteration by iteration: the body's equations once per
+  step, the scanned inputs sliced and the outputs stacked by inlined equations."""
+  prm = eqn.params
+  n, nc, nk = prm["length"], prm["num_consts"], prm["num_carry"]
+  body = prm["jaxpr"]
+  consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
+  xs_avals = [v.aval for v in eqn.invars[nc + nk:]]
+  ys = []
+  for k in range(n):
+    i = n - 1 - k if prm["reverse"] else k
+    xi = [_flatten_fn(lambda a, i=i: a[i], [av], [r], eqns, const_vals, counter)[0]
+          for av, r in zip(xs_avals, xs)]
+    outs = _flatten(body.jaxpr, body.consts, list(consts) + carry + xi, eqns, const_vals,
+                    counter)
+    carry, y = outs[:nk], outs[nk:]
+    ys.append(y)
+  if prm["reverse"]:
+    ys = ys[::-1]
+  stacked = []
+  for j, ov in enumerate(eqn.outvars[nk:]):
+    col = [y[j] for y in ys]
+    item = jax.ShapeDtypeStruct(ov.aval.shape[1:], ov.aval.dtype)
+    stacked.append(_flatten_fn(lambda *a: jnp.stack(a), [item] * n, col, eqns, const_vals,
+                               counter)[0])
+  return carry + stacked
 
 
 # -- breakpoints within segments -----------------------------------------------------------
@@ -281,7 +335,7 @@ class _Program:
       elif name == "div" and aff[1]:
         raise _not_pl("div", eqn, " by an input-dependent value")
       elif name not in _LINEAR | _SEARCH | {"mul", "div"}:
-        raise _not_pl(name, eqn)
+        raise _not_pl(name, eqn, _CONTROL_FLOW.get(name, ""))
       else:
         outl = _AFF
       if top == _AFF and name in _SEARCH:

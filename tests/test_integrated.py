@@ -636,3 +636,54 @@ def test_exact_ig_through_stack_unstack_and_split():
     np.testing.assert_allclose(np.asarray(ig).sum(1), delta, rtol=1e-10, atol=1e-12)
     fine = jaxplain.integrated_gradients(f, x, 2, steps=4096, baseline=base)
     np.testing.assert_allclose(ig, fine, rtol=1e-3, atol=1e-4)
+
+
+def test_exact_ig_unrolls_scans_like_the_loop_written_out():
+  # a ReLU recurrent net over a sequence (scanned inputs and stacked outputs, forward and
+  # reverse) and a fori_loop: the exact IG and its breakpoints equal those of the same
+  # loops written out in Python (no scan in the trace)
+  from jaxplain import _exact_ig
+  with jax.enable_x64(True):
+    r = np.random.default_rng(12)
+    wx, wh = jnp.asarray(r.normal(size=(3, 4))), jnp.asarray(r.normal(size=(4, 4)) * 0.5)
+    wo = jnp.asarray(r.normal(size=(8, 3)))
+    cell = lambda h, xt: (jax.nn.relu(xt @ wx + h @ wh - 0.3),) * 2
+    step = lambda i, h: jnp.maximum(h @ wh, 0.2 * h) + 0.1
+
+    def scanned(x):                                     # x: (B, L, 3)
+      xs = jnp.swapaxes(x, 0, 1)
+      h0 = jnp.zeros((x.shape[0], 4), x.dtype)
+      h, ys = jax.lax.scan(cell, h0, xs)
+      hb, _ = jax.lax.scan(cell, h0, xs, reverse=True)
+      h = jax.lax.fori_loop(0, 2, step, h + ys.sum(0))
+      return jnp.concatenate([h, hb], axis=1) @ wo
+
+    def written_out(x):
+      h0 = jnp.zeros((x.shape[0], 4), x.dtype)
+      h, ys = h0, []
+      for t in range(x.shape[1]):
+        h, y = cell(h, x[:, t])
+        ys.append(y)
+      hb = h0
+      for t in reversed(range(x.shape[1])):
+        hb, _ = cell(hb, x[:, t])
+      h = h + sum(ys)
+      for i in range(2):
+        h = step(i, h)
+      return jnp.concatenate([h, hb], axis=1) @ wo
+
+    x, base = jnp.asarray(r.normal(size=(2, 5, 3))), jnp.asarray(r.normal(size=(2, 5, 3)))
+    np.testing.assert_allclose(scanned(x), written_out(x), rtol=1e-12)
+    assert "scan" in {e.primitive.name for e in jax.make_jaxpr(scanned)(x).eqns}
+    ig = jaxplain.integrated_gradients(scanned, x, 1, method="exact", baseline=base)
+    want = jaxplain.integrated_gradients(written_out, x, 1, method="exact", baseline=base)
+    np.testing.assert_allclose(ig, want, rtol=1e-9, atol=1e-12)
+    delta = np.asarray(scanned(x)[:, 1] - scanned(base)[:, 1])
+    np.testing.assert_allclose(np.asarray(ig).sum((1, 2)), delta, rtol=1e-10)
+    bp = _exact_ig.breakpoints(scanned, x[:1], base[:1])
+    assert len(bp) > 3
+    np.testing.assert_allclose(bp, _exact_ig.breakpoints(written_out, x[:1], base[:1]),
+                               atol=1e-12)
+  loop = lambda z: jax.lax.while_loop(lambda h: jnp.sum(h) < 10.0, lambda h: h + 1.0, z)
+  with pytest.raises(jaxplain.NotPiecewiseLinearError, match="'while' .a while loop"):
+    jaxplain.integrated_gradients(loop, jnp.ones((1, 4)), 0, method="exact")
