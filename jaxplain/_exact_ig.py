@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxplain import _validate
+from jaxplain import _jaxpr, _validate
 from jaxplain.gradients import _grad_rows
 
 Array = jax.Array
@@ -123,7 +123,7 @@ def _flatten(jaxpr, consts, in_refs, eqns, const_vals, counter):
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
       continue
-    if name == "scan" and "num_consts" in eqn.params:
+    if name == "scan":
       outs = _unroll_scan(eqn, ins, eqns, const_vals, counter)
       for v, o in zip(eqn.outvars, outs):
         env[v] = o
@@ -151,16 +151,16 @@ def _unroll_scan(eqn, ins, eqns, const_vals, counter):
   """A scan (static length) inlined iteration by iteration: the body's equations once per
   step, the scanned inputs sliced and the outputs stacked by inlined equations."""
   prm = eqn.params
-  n, nc, nk = prm["length"], prm["num_consts"], prm["num_carry"]
-  body = prm["jaxpr"]
-  consts, carry, xs = ins[:nc], list(ins[nc:nc + nk]), ins[nc + nk:]
-  xs_avals = [v.aval for v in eqn.invars[nc + nk:]]
+  n = prm["length"]
+  consts, carry, xs, body, body_consts = _jaxpr._scan_parts(prm, list(ins))
+  xs_avals = [v.aval for v in _jaxpr._scan_parts(prm, list(eqn.invars))[2]]
+  nk = len(carry)
   ys = []
   for k in range(n):
     i = n - 1 - k if prm["reverse"] else k
     xi = [_flatten_fn(lambda a, i=i: a[i], [av], [r], eqns, const_vals, counter)[0]
           for av, r in zip(xs_avals, xs)]
-    outs = _flatten(body.jaxpr, body.consts, list(consts) + carry + xi, eqns, const_vals,
+    outs = _flatten(body, body_consts, list(consts) + list(carry) + xi, eqns, const_vals,
                     counter)
     carry, y = outs[:nk], outs[nk:]
     ys.append(y)
