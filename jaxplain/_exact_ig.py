@@ -120,24 +120,16 @@ def _flatten(jaxpr, consts, in_refs, eqns, const_vals, counter):
       sub = eqn.params[_CALLS[name]]
       sub_jaxpr, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
       outs = _flatten(sub_jaxpr, sub_consts, ins, eqns, const_vals, counter)
-      for v, o in zip(eqn.outvars, outs):
-        env[v] = o
-      continue
-    if name == "scan":
+    elif name == "scan":
       outs = _unroll_scan(eqn, ins, eqns, const_vals, counter)
-      for v, o in zip(eqn.outvars, outs):
-        env[v] = o
-      continue
-    if name == "cond" and isinstance(ins[0], tuple):  # a literal branch index
+    elif name == "cond" and isinstance(ins[0], tuple):  # a literal branch index
       b = eqn.params["branches"][int(np.clip(ins[0][1], 0, len(eqn.params["branches"]) - 1))]
       outs = _flatten(b.jaxpr, b.consts, ins[1:], eqns, const_vals, counter)
-      for v, o in zip(eqn.outvars, outs):
-        env[v] = o
-      continue
-    outs = [new() for _ in eqn.outvars]
+    else:
+      outs = [new() for _ in eqn.outvars]
+      eqns.append((eqn, ins, outs))
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
-    eqns.append((eqn, ins, outs))
   return [ref(v) for v in jaxpr.outvars]
 
 
@@ -155,11 +147,13 @@ def _unroll_scan(eqn, ins, eqns, const_vals, counter):
   consts, carry, xs, body, body_consts = _jaxpr._scan_parts(prm, list(ins))
   xs_avals = [v.aval for v in _jaxpr._scan_parts(prm, list(eqn.invars))[2]]
   nk = len(carry)
+  # every step's slice of each scanned input, from one trace per input
+  steps = [_flatten_fn(lambda a: [a[i] for i in range(n)], [av], [r], eqns, const_vals,
+                       counter) for av, r in zip(xs_avals, xs)]
   ys = []
   for k in range(n):
     i = n - 1 - k if prm["reverse"] else k
-    xi = [_flatten_fn(lambda a, i=i: a[i], [av], [r], eqns, const_vals, counter)[0]
-          for av, r in zip(xs_avals, xs)]
+    xi = [s[i] for s in steps]
     outs = _flatten(body, body_consts, list(consts) + list(carry) + xi, eqns, const_vals,
                     counter)
     carry, y = outs[:nk], outs[nk:]

@@ -55,7 +55,6 @@ to the parameters.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -165,20 +164,13 @@ def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
         or len(e.outvars) != len(e1.outvars)):
       return False
     pairs[id(e)] = e1
+    bodies = [(e.params[k], e1.params.get(k)) for k in _BODY_KEYS if k in e.params]
     if "branches" in e.params:  # cond / switch
       bs, bs1 = e.params["branches"], e1.params.get("branches", ())
       if len(bs) != len(bs1):
         return False
-      for b, b1 in zip(bs, bs1):
-        if len(b.consts) != len(b1.consts):
-          return False
-        consts.update(zip(b.jaxpr.constvars, b1.consts))
-        if not pair_eqns(b.jaxpr.eqns, b1.jaxpr.eqns, pairs, consts):
-          return False
-    for key in _BODY_KEYS:
-      if key not in e.params:
-        continue
-      b, b1 = e.params[key], e1.params.get(key)
+      bodies += list(zip(bs, bs1))
+    for b, b1 in bodies:
       if b1 is None or hasattr(b, "jaxpr") != hasattr(b1, "jaxpr"):
         return False
       if hasattr(b, "jaxpr"):  # ClosedJaxpr
@@ -957,8 +949,15 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
   one ``lax.scan`` of the interpreted body (trace and compile time independent of the length).
   """
   prm = eqn.params
-  n, rev = prm["length"], prm["reverse"]
   consts, carry, xs, body, body_consts = _scan_parts(prm, ins)
+  return _loop(prm["length"], prm["reverse"], consts, carry, xs, body, body_consts,
+               eqn.outvars[len(carry):], rule)
+
+
+def _loop(n: int, rev: bool, consts, carry, xs, body, body_consts, y_outvars, rule
+          ) -> list[Val]:
+  """The scan of :func:`_scan` on its parts (also a while loop with a known trip count):
+  returns the final carry and the stacked outputs ``y_outvars``."""
   nk = len(carry)
   run = lambda c, xi: evaluate(body.eqns, body.invars, body.constvars, body.outvars,
                                body_consts, consts + c + xi, rule)
@@ -1015,7 +1014,7 @@ def _scan(eqn, ins: list[Val], rule) -> list[Val]:
       peeled.append(unpack(scanned[1], y_like[0]))
   if rev:
     peeled = peeled[::-1]
-  stacked = _stack_vals(peeled, eqn.outvars[nk:])
+  stacked = _stack_vals(peeled, y_outvars)
   carry = [Val(jnp.asarray(c.p), jnp.asarray(c.r), c.t, c.dep, False) for c in carry]
   return carry + stacked
 
@@ -1161,13 +1160,9 @@ def _while(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
         "static bounds, or a while loop over a counter compared with a constant, so that "
         "the rule is applied inside the body at every iteration")
   prm = eqn.params
-  ncc, nbc = prm["cond_nconsts"], prm["body_nconsts"]
-  nk = len(eqn.outvars)
-  as_scan = types.SimpleNamespace(
-      outvars=eqn.outvars,
-      params={"length": n, "reverse": False, "jaxpr": prm["body_jaxpr"], "num_consts": nbc,
-              "num_carry": nk})
-  return _scan(as_scan, ins[ncc:], rule)
+  ncc, nbc, body = prm["cond_nconsts"], prm["body_nconsts"], prm["body_jaxpr"]
+  return _loop(n, False, ins[ncc:ncc + nbc], list(ins[ncc + nbc:]), [], body.jaxpr,
+               body.consts, [], rule)
 
 
 def _bilinear(eqn, ins: list[Val], rule) -> list[Val]:

@@ -307,8 +307,7 @@ class WBP(_GradientSpace):
     v = act.v.p
     finfo = jnp.finfo(jnp.result_type(v))
     g0, d0 = jax.jvp(act.g, (jnp.zeros_like(v),), (jnp.ones_like(v),))
-    finite0 = jnp.isfinite(g0) & jnp.isfinite(d0)
-    g0 = jnp.where(finite0, g0, jnp.zeros_like(g0))
+    g0 = jnp.where(jnp.isfinite(g0), g0, jnp.zeros_like(g0))
     tol = jnp.where(g0 == 0, finfo.tiny, jnp.sqrt(finfo.eps))
     small = jnp.abs(v) <= tol
     m = jnp.where(small, d0, (act.y - g0) / jnp.where(small, jnp.ones_like(v), v))
