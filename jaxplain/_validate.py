@@ -73,6 +73,28 @@ def check_finite(x: Any, name: str) -> None:
       raise ValueError(f"{name}: contains {bad} non-finite value(s) (NaN or inf)")
 
 
+def accumulation_dtype(dtype: Any) -> Any:
+  """The dtype sums and solves run in: a float ``dtype`` promoted to at least float32
+  (bfloat16 / float16 -> float32; written out because ``jnp.promote_types`` refuses
+  bfloat16 with float32 under ``jax_numpy_dtype_promotion="strict"``).
+
+  >>> import jax.numpy as jnp
+  >>> accumulation_dtype(jnp.bfloat16), accumulation_dtype(jnp.float64)
+  (dtype('float32'), dtype('float64'))
+  """
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def as_float(a: Any) -> jax.Array:
+  """``a`` as a floating array in :func:`accumulation_dtype` (integer / bool -> float32).
+  Metrics accumulate over thousands of elements and ranks: in bfloat16 (8 significant bits)
+  their scores would carry that rounding."""
+  a = jnp.asarray(a)
+  return a.astype(accumulation_dtype(a.dtype if jnp.issubdtype(a.dtype, jnp.floating)
+                                     else jnp.float32))
+
+
 def broadcast_to_x(value: Any, x: jax.Array, name: str) -> jax.Array:
   """``value`` (a scalar, one input (1, ...) or one per example (B, ...)) broadcast to
   ``x.shape`` in ``x``'s dtype; raises ``ValueError`` naming ``name`` if it does not

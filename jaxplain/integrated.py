@@ -255,8 +255,8 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
 
   Returns:
     Attributions shaped like ``x`` ((B, T, ...) for several targets) in the accumulation
-    dtype ``promote_types(x.dtype, float32)``: for bfloat16 inputs the nodes, weights and
-    sum are float32 and so is the result. With ``return_gap``, ``(attributions, gap)`` where
+    dtype, ``x.dtype`` promoted to at least float32: for bfloat16 inputs the nodes, weights
+    and sum are float32 and so is the result. With ``return_gap``, ``(attributions, gap)`` where
     ``gap = sum_i IG_i - (out(x)[t] - out(x')[t])``, (B,) or (B, T).
 
   Raises:
@@ -294,7 +294,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
     per = x.shape[1:]
   # Nodes, weights and the running sum are kept in the accumulation dtype (float32 for
   # bfloat16 / float16 inputs); only the points handed to f are in x's dtype.
-  acc = accumulation_dtype(x.dtype)
+  acc = _validate.accumulation_dtype(x.dtype)
   diff = x.astype(acc) - base.astype(acc)
   base_acc = base.astype(acc)
   m = len(alphas)
@@ -362,7 +362,7 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
                      "or a (B,) array); call once per target column")
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
   t = _validate.check_target(target, x.shape[0], None, "target")
-  acc = accumulation_dtype(x.dtype)
+  acc = _validate.accumulation_dtype(x.dtype)
   base_acc = base.astype(acc)
   diff = x.astype(acc) - base_acc
   if method == "exact":
@@ -394,23 +394,12 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
   return attr
 
 
-def accumulation_dtype(dtype: Any) -> Any:
-  """The dtype IG sums in: ``dtype`` promoted to at least float32 (bfloat16 -> float32).
-
-  >>> import jax.numpy as jnp
-  >>> accumulation_dtype(jnp.bfloat16), accumulation_dtype(jnp.float64)
-  (dtype('float32'), dtype('float64'))
-  """
-  dtype = jnp.dtype(dtype)
-  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
-
-
 def _gap(f: Fn, x: Array, base: Array, t: Array, attr: Array, output: str) -> Array:
   """sum_i attr_i - (out(x)[t] - out(x')[t]): (B,) for t (B,), (B, T) for t (B, T)."""
   b = x.shape[0]
   logits = f(jnp.concatenate([x, base], axis=0))
   _validate.check_logits(logits, 2 * b)
-  acc = accumulation_dtype(attr.dtype)
+  acc = _validate.accumulation_dtype(attr.dtype)
   if t.ndim == 2:
     t2 = _multi_targets(jnp.concatenate([t, t]), 2 * b, logits.shape[-1])
     out = jax.vmap(lambda tc: _output_value(logits, tc, output), in_axes=1, out_axes=1)(t2)

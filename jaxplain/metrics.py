@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxplain import _maps
+from jaxplain import _maps, _validate
 from jaxplain._batching import map_merged
 from jaxplain._validate import call_model, check_batched, check_finite, check_logits
 from jaxplain._validate import check_target, select_target
@@ -71,7 +71,7 @@ def pixel_saliency(attributions: Any, *, reduce: str = "sum_abs") -> jax.Array:
   [[[3.0]]]
   """
   _maps.check_reduce(reduce)
-  a = jnp.asarray(attributions)
+  a = _validate.as_float(attributions)
   if a.ndim == 3:
     return a
   if a.ndim != 4:
@@ -147,7 +147,7 @@ def _class_score(logits: jax.Array, target: jax.Array, output: str) -> jax.Array
     logits = jax.nn.softmax(logits, axis=-1)
   elif output == "log_softmax":
     logits = jax.nn.log_softmax(logits, axis=-1)
-  return select_target(logits, target)
+  return _validate.as_float(select_target(logits, target))
 
 
 def _descending_ranks(s: jax.Array) -> jax.Array:
@@ -233,8 +233,8 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
     output: class score: ``"logit"``, ``"probability"`` (softmax) or ``"log_softmax"``.
     reduce: channel aggregation of ``saliency`` (module docstring; for tabular ``x`` it
       acts on each single value: ``"sum"`` ranks by the signed value, the others by ``|a|``).
-    chunk: evaluate this many steps at a time (``jax.lax.map``) to bound memory; ``None`` =
-      all steps in one vectorised call.
+    chunk: evaluate this many steps at a time (``jax.lax.map``) to bound memory; ``None``:
+      all steps in one vectorised call up to 2^23 input elements, as many as fit otherwise.
 
   Returns:
     ``(B, S)`` scores; column 0 is the unmodified input when the first step is 0.

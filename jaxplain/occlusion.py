@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _validate
+from jaxplain._batching import auto_chunk
 from jaxplain.gradients import _check_output, _output_value
 
 Array = jax.Array
@@ -63,7 +64,8 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
     value: what occluded pixels are set to: a scalar or an array broadcasting to ``x``
       (e.g. a blurred copy, or per-channel means of shape (C,)).
     output: the output whose drop is measured, as in :func:`jaxplain.gradient`.
-    chunk: window positions per call of ``f`` (``chunk * B`` rows); ``None``: all at once.
+    chunk: window positions per call of ``f`` (``chunk * B`` rows); ``None``: all at once up
+      to 2^23 input elements per call, as many as fit under that otherwise.
 
   Returns:
     Attributions shaped like ``x`` (equal across the channels of a pixel).
@@ -91,7 +93,7 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
 
   t = _validate.check_target(target, b, logits.shape[-1], "target")
   ref = _output_value(logits, t, output)
-  c = n if chunk is None else min(int(chunk), n)
+  c = auto_chunk(x.size, n) if chunk is None else min(int(chunk), n)
   drops = []
   for s in range(0, n, c):
     m = masks[s:s + c].reshape((-1,) + mshape[1:])

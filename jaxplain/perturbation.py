@@ -5,7 +5,8 @@ Every method explains ``f(x)[t]`` through the outputs of ``f`` on copies of ``x`
 integer ``feature_mask`` (pixels, superpixels, tokens, tabular columns); by default every
 element of ``x[b]`` is its own feature. All samples of all examples form one vectorised
 computation: ``f`` is called on ``(B, ...)`` batches mapped over the sample axis, all at once
-(``chunk=None``) or ``chunk`` samples at a time (``jax.lax.map``) to bound memory. Randomness
+(``chunk=None``, up to 2^23 input elements per call; beyond that as many samples as fit) or
+``chunk`` samples at a time (``jax.lax.map``) to bound memory. Randomness
 comes from a ``key``; sample ``i`` uses ``fold_in(key, i)``, so the result does not depend on
 ``chunk``. Nothing here calls ``jax.jit``.
 
@@ -85,6 +86,11 @@ def _features(x: Array, feature_mask: Any, num_features: int | None) -> tuple[Ar
   b = x.shape[0]
   n = math.prod(x.shape[1:])
   if feature_mask is None:
+    if num_features is not None and num_features != n:
+      raise ValueError(
+          f"num_features={num_features} without a feature_mask: every element of x[b] is then "
+          f"its own feature ({n} features); give feature_mask= for groups (e.g. "
+          f"jaxplain.perturbation.grid_segments({x.shape[1:3]}, cell) for square superpixels)")
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), n
   m = jnp.asarray(feature_mask)
   if not jnp.issubdtype(m.dtype, jnp.integer):
@@ -176,7 +182,8 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
     num_features: the number of features (static); default ``max(feature_mask) + 1``.
     baseline: replacement value, a scalar or an array broadcasting to ``x``.
     output: ``"logit"``, ``"log_softmax"``, ``"softmax"`` or ``"cross_entropy"``.
-    chunk: features ablated per call of ``f``; ``None``: all at once.
+    chunk: features ablated per call of ``f``; ``None``: all at once up to 2^23 input elements
+      per call of ``f``, as many as fit under that otherwise.
 
   Returns:
     Attributions shaped like ``x`` (each element carries its feature's value).
@@ -213,7 +220,8 @@ def shapley_value_sampling(f: Fn, x: Array, target: Any, *, key: Array, n_sample
       :func:`feature_ablation`.
     key: ``jax.random`` key; order ``p`` uses ``fold_in(key, p)``.
     n_samples: number of random orders.
-    chunk: evaluations (order, step) per call of ``f``; ``None``: all at once.
+    chunk: evaluations (order, step) per call of ``f``; ``None``: all at once up to 2^23 input elements
+      per call of ``f``, as many as fit under that otherwise.
 
   Returns:
     Attributions shaped like ``x``; they sum to ``f(x)[t] - f(baseline)[t]`` over features.
@@ -293,10 +301,12 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
     n_samples: coalitions per example, or ``None`` to enumerate (``F <= 20``).
     reg: ridge term relative to the mean diagonal of ``Z^T W Z``, which keeps the solve finite
       when a feature was never sampled.
-    chunk: coalitions per call of ``f``; ``None``: all at once.
+    chunk: coalitions per call of ``f``; ``None``: all at once up to 2^23 input elements
+      per call of ``f``, as many as fit under that otherwise.
 
   Returns:
-    Attributions shaped like ``x``.
+    Attributions shaped like ``x``, in at least float32 (the weighted
+    least squares is solved in at least float32: bfloat16 / float16 models give float32).
 
   >>> import jax.numpy as jnp
   >>> f = lambda x: jnp.stack([x @ jnp.array([1.0, 2.0, 3.0]), x.prod(1)], 1)
@@ -308,6 +318,7 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
   if nf < 2:
     raise ValueError(f"feature_mask: KernelSHAP needs at least 2 features, got {nf}")
   b = x.shape[0]
+  acc = _validate.accumulation_dtype(x.dtype)   # the solve needs >= float32
   v1 = _output_value(f(x), t, output)
   v0 = _output_value(f(base), t, output)
   if n_samples is None:
@@ -321,8 +332,8 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
     zs_j = jnp.asarray(zs)
     zfn = lambda i: jnp.broadcast_to(zs_j[i], (b, nf))
     s = _scores(f, x, t, base, fm, zfn, zs.shape[0], output, chunk)     # (S, B)
-    z = jnp.broadcast_to(zs_j[None], (b,) + zs.shape).astype(x.dtype)
-    w = jnp.asarray(wts / wts.sum(), x.dtype)
+    z = jnp.broadcast_to(zs_j[None], (b,) + zs.shape).astype(acc)
+    w = jnp.asarray(wts / wts.sum(), acc)
   else:
     if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
       raise ValueError(f"n_samples: expected None or an int >= 1, got {n_samples!r}")
@@ -338,9 +349,9 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
 
     n = int(n_samples)
     s = _scores(f, x, t, base, fm, zfn, n, output, chunk)
-    z = jnp.swapaxes(jax.vmap(zfn)(jnp.arange(n, dtype=jnp.int32)), 0, 1).astype(x.dtype)
-    w = jnp.ones((n,), x.dtype)
-  phi = _constrained_wls(z, (s - v0[None]).T, w, v1 - v0, reg)
+    z = jnp.swapaxes(jax.vmap(zfn)(jnp.arange(n, dtype=jnp.int32)), 0, 1).astype(acc)
+    w = jnp.ones((n,), acc)
+  phi = _constrained_wls(z, (s - v0[None]).T.astype(acc), w, (v1 - v0).astype(acc), reg)
   return _expand(phi, fm, x.shape)
 
 
@@ -392,11 +403,14 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
     n_samples: coalitions per example.
     kernel_width: width of the exponential similarity kernel.
     alpha: ridge penalty on the coefficients (not on the intercept).
-    chunk: coalitions per call of ``f``; ``None``: all at once.
+    chunk: coalitions per call of ``f``; ``None``: all at once up to 2^23 input elements
+      per call of ``f``, as many as fit under that otherwise.
     return_fit: also return the fit's inputs.
 
   Returns:
-    Attributions (the coefficients ``beta``) shaped like ``x``; with ``return_fit`` a dict
+    Attributions (the coefficients ``beta``) shaped like ``x``, in
+    at least float32 (the ridge is solved in at least float32); with
+    ``return_fit`` a dict
     ``{"attributions", "intercept" (B,), "samples" (B, S, F) bool, "scores" (B, S),
     "weights" (B, S)}``.
 
@@ -415,12 +429,13 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
                               chunk)
   b, n = x.shape[0], int(n_samples)
   zfn = lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (b, nf))
-  s = _scores(f, x, t, base, fm, zfn, n, output, chunk).T                 # (B, S)
+  acc = _validate.accumulation_dtype(x.dtype)   # the solve needs >= float32
+  s = _scores(f, x, t, base, fm, zfn, n, output, chunk).T.astype(acc)     # (B, S)
   z = jnp.swapaxes(jax.vmap(zfn)(jnp.arange(n, dtype=jnp.int32)), 0, 1)   # (B, S, F)
-  k = jnp.sum(z, axis=-1).astype(x.dtype)
+  k = jnp.sum(z, axis=-1).astype(acc)
   cos = k / jnp.sqrt(jnp.maximum(k, 1.0) * nf)
   w = jnp.exp(-((1.0 - cos) ** 2) / kernel_width ** 2)
-  beta, b0 = weighted_ridge(z.astype(x.dtype), s, w, alpha)
+  beta, b0 = weighted_ridge(z.astype(acc), s, w, alpha)
   attr = _expand(beta, fm, x.shape)
   if return_fit:
     return {"attributions": attr, "intercept": b0, "samples": z, "scores": s, "weights": w}
@@ -449,7 +464,8 @@ def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: fl
     grid: grid size of the smooth image masks.
     feature_mask: as in :func:`feature_ablation` (binary masks over these features).
     output: the score, default ``"softmax"`` (the paper's class probability).
-    chunk: masks per call of ``f``; ``None``: all at once.
+    chunk: masks per call of ``f``; ``None``: all at once up to 2^23 input elements
+      per call of ``f``, as many as fit under that otherwise.
 
   Returns:
     Saliency shaped like ``x``.

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxplain import evaluation as E
+from jaxplain import _batching, evaluation as E
+from jaxplain import perturbation as P
 from jaxplain._batching import map_merged
 
 RNG = np.random.default_rng(0)
@@ -59,3 +60,26 @@ def test_pixel_flipping_stays_differentiable_through_the_merged_batches():
 
   g = jax.grad(lambda xx: jnp.sum(E.pixel_flipping(model, xx, 1, a, steps=steps, chunk=3)))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(jax.grad(loop)(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_none_is_bounded_by_the_input_elements_per_call(monkeypatch):
+  # chunk=None: all copies at once only while the merged batch stays under AUTO_ELEMENTS;
+  # beyond it, as many copies per call as fit. Values against a plain loop over features.
+  x = jnp.asarray(RNG.normal(size=(2, 6)), jnp.float32)
+  seen = []
+
+  def f(z):
+    seen.append(z.shape[0])
+    return model(z)
+
+  loop = np.stack([np.asarray(model(x))[:, 1] - np.asarray(model(x.at[:, i].set(0.0)))[:, 1]
+                   for i in range(6)], axis=1)
+  monkeypatch.setattr(_batching, "AUTO_ELEMENTS", 50)    # one copy: 2 x 6 = 12 elements -> 4
+  out = P.feature_ablation(f, x, 1)
+  np.testing.assert_allclose(np.asarray(out), loop, rtol=1e-5, atol=1e-6)
+  assert max(seen) * 6 <= 50 and max(seen) > 2 and 12 not in seen, seen  # several per call
+  seen.clear()
+  monkeypatch.setattr(_batching, "AUTO_ELEMENTS", 1 << 23)
+  np.testing.assert_allclose(np.asarray(P.feature_ablation(f, x, 1)), loop, rtol=1e-5,
+                             atol=1e-6)
+  assert 12 in seen, seen                                # all 6 copies in one call

@@ -491,3 +491,40 @@ def test_cascading_randomization_chunks_equal_loop(chunk):
   for stage, q in enumerate([p, {**p, "l2": rp["l2"]}, rp]):         # cascade from the top
     m = np.asarray(ex(q, x, t))[..., 0]
     np.testing.assert_allclose(np.asarray(res["maps_signed"][stage]), m, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_maps_and_models_score_in_float32():
+  # The scores of a bfloat16 model / map are computed in float32 and equal the float32
+  # computation on the same values (a linear model with small integer weights on {0, 1}
+  # inputs computes exactly in bfloat16). Before: sparseness / complexity returned bfloat16
+  # (3e-3 relative off), SSIM (MPRT, random-logit) raised a dtype error in its convolution.
+  r = np.random.default_rng(7)
+  w32 = jnp.asarray(r.integers(-3, 4, size=(8, 8, 1)), jnp.float32)
+  x32 = jnp.asarray(r.integers(0, 2, size=(3, 8, 8, 1)), jnp.float32)
+  a32 = jnp.asarray(r.normal(size=(3, 8, 8, 1)), jnp.bfloat16).astype(jnp.float32)
+  mask = jnp.asarray(r.random((3, 8, 8)) < 0.3)
+  lin = lambda w: (lambda x: jnp.stack([jnp.sum((x * w[None]).reshape(x.shape[0], -1), 1),
+                                        -jnp.sum((x * w[None]).reshape(x.shape[0], -1), 1)],
+                                       axis=1))
+  explain = lambda w: (lambda x, t: jnp.where(t[:, None, None, None] == 0, 1, -1).astype(
+      x.dtype) * x * w[None])
+  k = jax.random.key(0)
+  t = jnp.array([0, 1, 0])
+  runs = {}
+  for dt in (jnp.float32, jnp.bfloat16):
+    w, x, a = w32.astype(dt), x32.astype(dt), a32.astype(dt)
+    runs[dt] = {
+        "sparseness": E.sparseness(a), "complexity": E.complexity(a),
+        "mass": E.relevance_mass_accuracy(a, mask), "auc": E.auc(a, mask),
+        "flip": E.pixel_flipping(lin(w), x, t, a, steps=4),
+        "max_sens": E.max_sensitivity(explain(w), x, t, key=k, n_samples=3),
+        "logit_ssim": E.random_logit(explain(w), x, t, key=k, num_classes=2),
+    }
+  for name, ref in runs[jnp.float32].items():
+    got = runs[jnp.bfloat16][name]
+    assert got.dtype == jnp.float32, name
+    if name == "max_sens":     # its noise is drawn in x's dtype: other perturbed inputs
+      assert np.all(np.isfinite(np.asarray(got)))
+      continue
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-6,
+                               err_msg=name)

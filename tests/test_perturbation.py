@@ -188,6 +188,27 @@ def test_errors_name_the_argument():
     P.kernel_shap(f, x, 0, n_samples=10)
   with pytest.raises(ValueError, match="chunk"):
     P.lime(f, x, 0, key=jax.random.key(0), chunk=0)
+  # without a mask every element is a feature: a different count was silently ignored
+  with pytest.raises(ValueError, match="num_features=3 without a feature_mask"):
+    P.shapley_value_sampling(f, x, 0, key=jax.random.key(0), num_features=3)
+  P.feature_ablation(f, x, 0, num_features=6)             # the element count is consistent
+
+
+def test_regressions_of_a_bfloat16_model_are_solved_in_float32():
+  # a linear bfloat16 model with small integer weights on {0, 1} inputs computes exactly, so
+  # Shapley values and a ridge fit without penalty are w * x (closed form); the solve in
+  # bfloat16 raised NotImplementedError
+  w = jnp.asarray([[1.0, -2.0, 3.0, 0.5, -1.0, 2.0]], jnp.bfloat16).T     # (6, 1)
+  f = lambda z: jnp.concatenate([z @ w, -(z @ w)], axis=1)
+  x = jnp.asarray([[1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1]], jnp.bfloat16)
+  want = np.asarray(x, np.float32) * np.asarray(w, np.float32)[:, 0][None]
+  a = P.kernel_shap(f, x, 0, n_samples=None)
+  assert a.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(a), want, atol=1e-5)
+  fit = P.lime(f, x, 0, key=jax.random.key(0), n_samples=200, alpha=0.0, return_fit=True)
+  assert fit["attributions"].dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(fit["attributions"]) * np.asarray(x, np.float32),
+                             want, atol=1e-4)
 
 
 def test_jit_with_traced_inputs():

@@ -48,9 +48,7 @@ def check_count(v: Any, name: str, low: int = 1) -> int:
 
 def check_map(a: Any, x_shape: tuple[int, ...], name: str = "attributions") -> Array:
   """``a`` shaped like ``x`` or a leading part of it (with the batch axis)."""
-  a = jnp.asarray(a)
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    a = a.astype(jnp.float32)
+  a = _validate.as_float(a)
   if a.ndim < 2 or a.shape != tuple(x_shape[:a.ndim]):
     raise ValueError(f"{name}: expected a shape that is a leading part of x {tuple(x_shape)} "
                      f"with at least (B, features), e.g. {tuple(x_shape[:2])}; got {a.shape}")
@@ -63,8 +61,8 @@ def given_or_explained(explain: Callable, x: Array, t: Array, attributions: Any,
   """``explain(x, t)``, or the given ``attributions`` checked against its shape (computed
   without running it) and for NaN / inf."""
   if attributions is None:
-    return explain(x, t)
-  a = jnp.asarray(attributions)
+    return _validate.as_float(explain(x, t))
+  a = _validate.as_float(attributions)
   want = jax.eval_shape(explain, x, t).shape
   if a.shape != tuple(want):
     raise ValueError(f"{name}: expected the explainer's output shape {tuple(want)} for x "
@@ -94,7 +92,7 @@ def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:
 
 
 def score(f: Fn, x: Array, t: Array, output: str) -> Array:
-  return _output_value(f(x), t, output)
+  return _validate.as_float(_output_value(f(x), t, output))
 
 
 def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None,

@@ -19,12 +19,10 @@ __all__ = ["sparseness", "complexity"]
 
 
 def _abs_flat(attributions: Array) -> Array:
-  a = jnp.asarray(attributions)
+  a = _validate.as_float(attributions)
   if a.ndim < 2:
     raise ValueError(f"attributions: expected a batch (B, ...) with at least one feature axis, "
                      f"got shape {a.shape}")
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    a = a.astype(jnp.float32)
   _validate.check_finite(a, "attributions")
   return jnp.abs(C.flat(a))
 

@@ -22,9 +22,7 @@ __all__ = ["relevance_mass_accuracy", "relevance_rank_accuracy", "pointing_game"
 
 
 def _pair(attributions: Any, mask: Any) -> tuple[Array, Array]:
-  a = jnp.asarray(attributions)
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    a = a.astype(jnp.float32)
+  a = _validate.as_float(attributions)
   m = jnp.asarray(mask)
   if a.ndim < 2:
     raise ValueError(f"attributions: expected (B, ...), got shape {a.shape}")

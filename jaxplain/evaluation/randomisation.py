@@ -37,6 +37,7 @@ _SIMILARITIES = ("spearman", "pearson", "ssim")
 
 
 def _similarity(name: str, a: Array, b: Array) -> Array:
+  a, b = _validate.as_float(a), _validate.as_float(b)
   if name == "spearman":
     return _spearman(a, b)
   if name == "pearson":
