@@ -997,6 +997,7 @@ class _EqxTrainee:
   {"params": its floating-point arrays}`` (nested dicts); it runs per example under
   ``jax.vmap`` in inference mode (``eqx.nn.inference_mode``: dropout off) in training too."""
   framework = "equinox"
+  channels_first = True    # as the wrapped Equinox model: convolutions take (C, H, W)
 
   def __init__(self, module):
     import equinox as eqx  # pylint: disable=import-outside-toplevel

@@ -493,9 +493,15 @@ def _resolve_saliency(saliency: str | SaliencyFn, model: Any, config: PPIConfig)
   def grad_cam(variables, f, x, y):
     del f
     m = as_wrapped(module, variables)       # the model interface (any framework)
+    if m.channels_first:                    # x is PPI's NHWC view; the model takes NCHW
+      x = _to_channels_first(x)
     layer = config.grad_cam_layer or _last_conv_in_order(m, x)
-    return cam.grad_cam(m, x, y, layer=layer)
+    return cam.grad_cam(m, x, y, layer=layer)      # (B, H, W) in either layout
   return grad_cam
+
+
+def _to_channels_first(z: jax.Array) -> jax.Array:
+  return jnp.moveaxis(z, -1, 1)
 
 
 def _last_conv_in_order(m: Any, x: jax.Array) -> str:
@@ -524,13 +530,18 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
       same way with the variables of :func:`jaxplain.train.init_state` (nested dicts;
       ``nnx.BatchNorm`` statistics are the ``"batch_stats"``); ``saliency="grad_cam"`` then
       hooks the NNX layer named by ``PPIConfig.grad_cam_layer`` (attribute path; default, in
-      every framework, the last convolution in execution order).
+      every framework, the last convolution in execution order). An Equinox module (bare or
+      wrapped; stateless) takes its own channels-first images (B, C, H, W): PPI then works on
+      the NHWC view (``x`` moved to channels-last, ``f`` moving it back), so masks cover a
+      pixel's channels in either layout.
     config: :class:`PPIConfig` (default ``PPIConfig()``).
-    saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES``.
+    saliency: a callable ``(f, x, target) -> map`` or a name in ``SALIENCY_NAMES`` (a
+      callable sees the NHWC view: ``f`` and ``x`` channels-last).
 
   Returns:
     ``loss_fn(params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))``
-    with ``batch["image"]`` (B, H, W, C) and ``batch["label"]`` (B,). For ``step <
+    with ``batch["image"]`` (B, H, W, C) ((B, C, H, W) for Equinox) and ``batch["label"]``
+    (B,). For ``step <
     config.warmup_steps`` only ``L_cls`` is computed (the PPI metrics are reported as 0 and
     ``ppi_on`` as 0). A bool ``batch["mask"]`` (B,) (the driver's padded last batch) weights
     every batch mean.
@@ -551,11 +562,15 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   # with linen's init / apply (see jaxplain.train)
   model, _ = train_parts(model, "model")
   sal = _resolve_saliency(saliency, model, config)
+  # PPI masks pixels across channels of NHWC images; a channels-first (Equinox) model is
+  # seen through its NHWC view (x moved to channels-last, f moving it back)
+  to_model = _to_channels_first if getattr(model, "channels_first", False) else (lambda z: z)
 
   def loss_fn(params, model_state, batch, key, step):
     if "image" not in batch or "label" not in batch:
       raise ValueError(f"batch: expected keys 'image' and 'label', got {sorted(batch)}")
-    x = _validate.check_batched(batch["image"], "batch['image']", min_rank=4)
+    x_model = _validate.check_batched(batch["image"], "batch['image']", min_rank=4)
+    x = jnp.moveaxis(x_model, 1, -1) if to_model is _to_channels_first else x_model
     y = _validate.check_target(batch["label"], x.shape[0], None, "batch['label']")
     model_state = dict(model_state or {})
     variables = {"params": params, **model_state}
@@ -565,15 +580,15 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
     mean = lambda v: weighted_mean(v, w)
 
     def f_eval(z):
-      return model.apply(variables, z)
+      return model.apply(variables, to_model(z))
 
     def f_train(z):
       if has_bn:
-        return model.apply(variables, z, train=True, mutable=["batch_stats"])[0]
-      return model.apply(variables, z)
+        return model.apply(variables, to_model(z), train=True, mutable=["batch_stats"])[0]
+      return model.apply(variables, to_model(z))
 
     if has_bn:
-      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      logits, updates = model.apply(variables, x_model, train=True, mutable=["batch_stats"])
       new_state = {**model_state, **dict(updates)}
     else:
       logits, new_state = f_eval(x), model_state

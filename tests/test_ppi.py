@@ -520,3 +520,47 @@ def test_short_ppi_run_on_decoy_digits():
         f"deletion drop at 5 %: baseline {drop_b:.3f}, PPI {drop_p:.3f}")
   assert share_b > 2 * area
   assert drop_p > drop_b + 0.15
+
+
+@pytest.mark.parametrize("saliency", ["wbp", "grad_cam"])
+def test_ppi_loss_of_a_channels_first_equinox_model_masks_pixels_not_columns(saliency):
+  # An Equinox CNN takes (B, C, H, W). Reference, written by hand: the model's NHWC view
+  # (inputs moved to channels-last, the model moving them back) through ppi_objective. Before,
+  # PPI treated W as the channel axis: it summed the map over W and masked whole columns.
+  import equinox as eqx  # pylint: disable=import-outside-toplevel
+  import jaxplain  # pylint: disable=import-outside-toplevel
+
+  class Net(eqx.Module):
+    c1: eqx.nn.Conv2d
+    c2: eqx.nn.Conv2d
+    fc: eqx.nn.Linear
+
+    def __init__(self, key):
+      k1, k2, k3 = jax.random.split(key, 3)
+      self.c1 = eqx.nn.Conv2d(2, 4, 3, padding=1, key=k1)
+      self.c2 = eqx.nn.Conv2d(4, 4, 3, padding=1, key=k2)
+      self.fc = eqx.nn.Linear(4 * 6 * 5, 3, key=k3)
+
+    def __call__(self, x):                                     # (C, H, W)
+      return self.fc(jax.nn.relu(self.c2(jax.nn.relu(self.c1(x)))).reshape(-1))
+
+  net = Net(jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (4, 2, 6, 5))    # C = 2, H = 6, W = 5
+  y = jnp.array([0, 1, 2, 1])
+  config = ppi.PPIConfig()
+  state = train.init_state(net, optax.sgd(0.1), x[:1])
+  loss_fn = ppi.make_ppi_loss(net, config, saliency=saliency)
+  loss, (metrics, _) = loss_fn(state["params"], state["model_state"],
+                               {"image": x, "label": y}, jax.random.key(2), 0)
+
+  f = lambda z: jax.vmap(net)(jnp.transpose(z, (0, 3, 1, 2)))  # NHWC view, by hand
+  xv = jnp.transpose(x, (0, 2, 3, 1))
+  if saliency == "wbp":
+    s = jaxplain.wbp(f, xv, y)
+  else:
+    s = jaxplain.grad_cam(jaxplain.wrap(net), x, y, layer="c2")  # (B, H, W)
+  assert s.shape[:3] == (4, 6, 5)
+  ref, ref_metrics = ppi.ppi_objective(f, xv, y, s, config, logits=f(xv))
+  np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["mask_fraction"]),
+                             float(ref_metrics["mask_fraction"]), rtol=1e-5)
