@@ -284,18 +284,28 @@ def _split(lo, hi, ex, seg, pts):
   return new_lo, new_hi, ex[parent], parent, rl, rr
 
 
-def _interp(v, lv, n_seg, sp, parent, rl, rr):
-  """A live value at the new segments' ends (``parent``, ``rl``, ``rr`` already padded):
-  affine values interpolated along the parent segment ((1 - r) L + r R: exact at r = 0 and
-  1), piecewise-constant ones copied."""
-  v = np.asarray(v)
-  left, right = v[:n_seg][parent], v[sp:sp + n_seg][parent]
+def _interp(v, lv, sp, parent, rl, rr):
+  """A live value at the new segments' ends (``parent``, ``rl``, ``rr`` already padded; the
+  old rows are [left ends; right ends], each block ``sp`` rows): affine values interpolated
+  along the parent segment ((1 - r) L + r R: exact at r = 0 and 1), piecewise-constant ones
+  copied. On the device, jitted: one fused gather and blend per value (the same in NumPy,
+  with its temporaries, was 80 % of exact IG's time on LeNet: 20.9 of 26.1 s for 8 digits)."""
+  v = jnp.asarray(v)
   if lv == _PW:
-    return np.concatenate([left, left])
+    return _interp_rows(v, jnp.asarray(parent, jnp.int32), None, None, sp=sp)
+  dt = v.dtype
+  return _interp_rows(v, jnp.asarray(parent, jnp.int32), jnp.asarray(rl.astype(dt)),
+                      jnp.asarray(rr.astype(dt)), sp=sp)
+
+
+@functools.partial(jax.jit, static_argnames=("sp",))
+def _interp_rows(v, parent, rl, rr, *, sp):
+  left, right = v[parent], v[sp + parent]
+  if rl is None:
+    return jnp.concatenate([left, left])
   shape = (-1,) + (1,) * (v.ndim - 1)
-  a = rl.astype(v.dtype).reshape(shape)
-  b = rr.astype(v.dtype).reshape(shape)
-  return np.concatenate([(1 - a) * left + a * right, (1 - b) * left + b * right])
+  a, b = rl.reshape(shape), rr.reshape(shape)
+  return jnp.concatenate([(1 - a) * left + a * right, (1 - b) * left + b * right])
 
 
 class _Program:
@@ -424,11 +434,11 @@ def segments(prog: _Program, x: Array, base: Array, sep: float
       seg, pts = _search(eqn.primitive.name, eqn, vals, levs, len(lo), sp, lo, hi, sep)
       if pts.size == 0:
         break
-      n_old, sp_old = len(lo), sp
+      sp_old = sp
       lo, hi, ex, parent, rl, rr = _split(lo, hi, ex, seg, pts)
       sp = _bucket(len(lo))
       src = np.concatenate([np.arange(len(lo)), np.zeros(sp - len(lo), int)])
-      env = {r: _interp(v, prog.lev[r], n_old, sp_old, parent[src], rl[src], rr[src])
+      env = {r: _interp(v, prog.lev[r], sp_old, parent[src], rl[src], rr[src])
              for r, v in env.items()}
     prev = i
   return lo, hi, ex
