@@ -171,18 +171,49 @@ def _unroll_scan(eqn, ins, eqns, const_vals, counter):
 
 # -- breakpoints within segments -----------------------------------------------------------
 
-def _crossings(d0: np.ndarray, d1: np.ndarray, lo, hi, sep: float):
-  """Zeros strictly inside segments of affine differences with ends d0, d1 (S, U): returns
-  (segment index, point), dropping those within ``sep`` of the segment's ends (a value at an
-  inserted crossing is zero only up to rounding; a crossing that close is the same one)."""
-  k, u = np.nonzero(((d0 < 0) & (d1 > 0)) | ((d0 > 0) & (d1 < 0)))
-  if k.size == 0:
-    return k, np.zeros(0)
-  a0, a1 = d0[k, u].astype(np.float64), d1[k, u].astype(np.float64)
+def _crossings(k, a0, a1, lo, hi, sep: float):
+  """Zeros strictly inside segments ``k`` of affine differences with ends a0, a1 of opposite
+  signs: returns (segment index, point), dropping those within ``sep`` of the segment's ends
+  (a value at an inserted crossing is zero only up to rounding; a crossing that close is the
+  same one). The point is computed in float64."""
+  a0, a1 = np.asarray(a0, np.float64), np.asarray(a1, np.float64)
   r = a0 / (a0 - a1)
   pts = lo[k] + (hi[k] - lo[k]) * r
   keep = (pts > lo[k] + sep) & (pts < hi[k] - sep)
   return k[keep], pts[keep]
+
+
+def _differences(vals, levs, sp):
+  """The affine differences lhs - rhs of a comparison (or the operand of abs / sign) at the
+  segments' left and right ends, (sp, U) each (traced; constants broadcast)."""
+  shape = next(v.shape[1:] for v, lv in zip(vals, levs) if lv != _CONST)
+
+  def ends(v, lv):
+    if lv == _CONST:
+      v = jnp.broadcast_to(v, (1,) + shape) if jnp.ndim(v) else v
+      return v, v
+    return v[:sp], v[sp:2 * sp]
+  l0, r0 = ends(vals[0], levs[0])
+  if len(vals) > 1:
+    l1, r1 = ends(vals[1], levs[1])
+    l0, r0 = l0 - l1, r0 - r1
+  full = (sp,) + shape
+  return jnp.broadcast_to(l0, full).reshape(sp, -1), jnp.broadcast_to(r0, full).reshape(sp, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("levs", "sp"))
+def _sign_changes(vals, *, levs, sp):
+  """(sp, U) bool: the difference changes sign strictly inside the segment (one fused pass on
+  the device; only this mask comes to the host)."""
+  d0, d1 = _differences(vals, levs, sp)
+  return ((d0 < 0) & (d1 > 0)) | ((d0 > 0) & (d1 < 0))
+
+
+@functools.partial(jax.jit, static_argnames=("levs", "sp"))
+def _difference_at(vals, k, u, *, levs, sp):
+  """The two ends' differences at the entries (k, u) (recomputed there, not materialised)."""
+  d0, d1 = _differences(vals, levs, sp)
+  return d0[k, u], d1[k, u]
 
 
 def _window_patches(x: np.ndarray, dims, strides, padding, init) -> np.ndarray:
@@ -226,14 +257,17 @@ def _search(name, eqn, vals, levs, n_seg, sp, lo, hi, sep):
       return v, v
     return v[:n_seg], v[sp:sp + n_seg]
 
-  if name in _CMP | {"abs", "sign"}:
-    l0, r0 = ends(vals[0], levs[0])
-    if name not in ("abs", "sign"):
-      l1, r1 = ends(vals[1], levs[1])
-      l0, r0 = l0 - l1, r0 - r1  # jaxpr operands: equal shapes or scalars
-    shape = (n_seg,) + next(np.shape(v)[1:] for v, lv in zip(vals, levs) if lv != _CONST)
-    l0, r0 = np.broadcast_to(l0, shape), np.broadcast_to(r0, shape)
-    return _crossings(l0.reshape(n_seg, -1), r0.reshape(n_seg, -1), lo, hi, sep)
+  if name in _CMP | {"abs", "sign"}:   # jaxpr operands: equal shapes or scalars
+    vals = tuple(jnp.asarray(v) for v in vals[:1 if name in ("abs", "sign") else 2])
+    levs = tuple(levs[:len(vals)])
+    k, u = np.nonzero(np.asarray(_sign_changes(vals, levs=levs, sp=sp))[:n_seg])
+    if k.size == 0:
+      return k, np.zeros(0)
+    n = _bucket(k.size)                   # a few call shapes: padded with entry (0, 0)
+    kp, up = (np.concatenate([a, np.zeros(n - a.size, a.dtype)]).astype(np.int32)
+              for a in (k, u))
+    a0, a1 = _difference_at(vals, kp, up, levs=levs, sp=sp)
+    return _crossings(k, np.asarray(a0)[:k.size], np.asarray(a1)[:k.size], lo, hi, sep)
   if name == "reduce_window_max":
     p = eqn.params
     if any(d != 1 for d in p.get("base_dilation", ())) or any(

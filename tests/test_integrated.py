@@ -618,6 +618,40 @@ def test_exact_ig_float64_completeness_and_errors():
         jnp.ones((1, 4)))
 
 
+def test_exact_ig_breakpoints_of_abs_min_and_array_thresholds_in_closed_form():
+  # one affine layer z(a) = z0 + a (z1 - z0) along the path, then abs (kink at z = 0), a
+  # minimum of two affine operands (z = c - z at z = c / 2) and a where against a constant
+  # array (z = c_u; continuous there, or the path integral would miss the jump): every
+  # breakpoint is the closed-form a = (thr - z0) / (z1 - z0) in (0, 1)
+  with jax.enable_x64(True):
+    r = np.random.default_rng(12)
+    w, bias = jnp.asarray(r.normal(size=(5, 9))), jnp.asarray(r.normal(size=9) * 0.3)
+    c = jnp.asarray(r.normal(size=3) * 0.5)
+    head = jnp.asarray(r.normal(size=(9, 2)))
+
+    def f(x):
+      z = x @ w + bias[None]
+      h = jnp.concatenate([jnp.abs(z[:, :3]), jnp.minimum(z[:, 3:6], c[None] - z[:, 3:6]),
+                           jnp.where(z[:, 6:] > c[None], z[:, 6:],
+                                     0.5 * (z[:, 6:] + c[None]))], axis=1)
+      return h @ head
+
+    x, base = jnp.asarray(r.normal(size=(3, 5)) * 2), jnp.asarray(r.normal(size=(3, 5)) * 0.2)
+    ig, info = jaxplain.integrated_gradients(f, x, 1, method="exact", baseline=base,
+                                             return_info=True)
+    delta = np.asarray(f(x)[:, 1] - f(base)[:, 1])
+    np.testing.assert_allclose(np.asarray(ig).sum(1), delta, rtol=1e-10, atol=1e-12)
+    z0, z1 = np.asarray(base @ w + bias[None]), np.asarray(x @ w + bias[None])
+    cn = np.asarray(c)
+    thr = np.concatenate([np.zeros(3), cn / 2, cn])
+    for b in range(3):
+      a = (thr - z0[b]) / (z1[b] - z0[b])
+      want = np.sort(a[(a > 0) & (a < 1)])
+      assert want.size >= 2
+      np.testing.assert_allclose(np.asarray(info["breakpoints"][b]), want, rtol=1e-9,
+                                 atol=1e-12)
+
+
 def test_exact_ig_through_stack_unstack_and_split():
   # these bind primitives of their own in jax 0.10; linear, so the exact path integral still
   # holds completeness to float64 rounding and equals fine Gauss-Legendre IG
