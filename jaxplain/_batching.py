@@ -48,9 +48,9 @@ def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
 
   ``make(k)`` returns ``(args, extra)``: ``args`` a tuple of arrays with the batch axis ``B``
   first (the model's inputs for copy ``k``: perturbed inputs, targets), ``extra`` any pytree.
-  For ``chunk`` copies at a time (``None``: :func:`auto_chunk` of the args' size) the args are stacked to
-  ``(c, B, ...)`` and merged to ``(c * B, ...)``; ``call`` runs once on them and each leaf of
-  its result (leading axis ``c * B``) is split back to ``(c, B, ...)``. ``post(out, extra)``
+  For ``chunk`` copies at a time (``None``: :func:`auto_chunk` of the args' size) the args
+  are stacked to ``(c, B, ...)`` and merged to ``(c * B, ...)``; ``call`` runs once on them
+  and each leaf of its result (leading axis ``c * B``) is split back to ``(c, B, ...)``. ``post(out, extra)``
   (default: ``out`` alone) then sees the chunk's ``(c, B, ...)`` outputs and extras, so a
   reduction there keeps memory per chunk. Full chunks run under ``jax.lax.map``, a remainder
   as one more call.

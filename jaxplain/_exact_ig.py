@@ -502,7 +502,7 @@ def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None)
   if output != "logit":
     raise ValueError(f"output: method='exact' needs output='logit' (a softmax output is not "
                      f"piecewise linear), got {output!r}")
-  acc = x.dtype if jnp.finfo(x.dtype).bits >= 32 else jnp.dtype(jnp.float32)
+  acc = _validate.accumulation_dtype(x.dtype)
   b = x.shape[0]
   prog = _program(f, x[:1])
   sep = 16 * float(jnp.finfo(x.dtype).eps)

@@ -241,7 +241,8 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       reported in ``info["converged"]``.
     driver: with ``tol``, ``"while"`` (a bounded ``lax.while_loop`` over levels; usable
       under ``jit`` and forward-mode ``jax.jvp``, not under ``jax.grad``: JAX cannot reverse a
-      loop whose trip count depends on the data; differentiate IG with a fixed ``steps``; every level computes the whole batch until all examples converged) or
+      loop whose trip count depends on the data, so differentiate IG with a fixed ``steps``;
+      every level computes the whole batch until all examples converged) or
       ``"host"`` (a Python loop over jitted levels that evaluates only the examples not yet
       converged; not under ``jit``). Measured on a 2-core CPU (benchmarks/
       bench_ig_accuracy.md): ``"host"`` 2.5-3.2x faster on a trained LeNet, about even on

@@ -182,8 +182,9 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
     num_features: the number of features (static); default ``max(feature_mask) + 1``.
     baseline: replacement value, a scalar or an array broadcasting to ``x``.
     output: ``"logit"``, ``"log_softmax"``, ``"softmax"`` or ``"cross_entropy"``.
-    chunk: features ablated per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: features ablated per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
 
   Returns:
     Attributions shaped like ``x`` (each element carries its feature's value).
@@ -220,8 +221,9 @@ def shapley_value_sampling(f: Fn, x: Array, target: Any, *, key: Array, n_sample
       :func:`feature_ablation`.
     key: ``jax.random`` key; order ``p`` uses ``fold_in(key, p)``.
     n_samples: number of random orders.
-    chunk: evaluations (order, step) per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: evaluations (order, step) per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
 
   Returns:
     Attributions shaped like ``x``; they sum to ``f(x)[t] - f(baseline)[t]`` over features.
@@ -301,8 +303,9 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
     n_samples: coalitions per example, or ``None`` to enumerate (``F <= 20``).
     reg: ridge term relative to the mean diagonal of ``Z^T W Z``, which keeps the solve finite
       when a feature was never sampled.
-    chunk: coalitions per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: coalitions per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
 
   Returns:
     Attributions shaped like ``x``, in at least float32 (the weighted
@@ -403,8 +406,9 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
     n_samples: coalitions per example.
     kernel_width: width of the exponential similarity kernel.
     alpha: ridge penalty on the coefficients (not on the intercept).
-    chunk: coalitions per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: coalitions per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
     return_fit: also return the fit's inputs.
 
   Returns:
@@ -464,8 +468,9 @@ def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: fl
     grid: grid size of the smooth image masks.
     feature_mask: as in :func:`feature_ablation` (binary masks over these features).
     output: the score, default ``"softmax"`` (the paper's class probability).
-    chunk: masks per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: masks per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
 
   Returns:
     Saliency shaped like ``x``.

@@ -49,8 +49,9 @@ def pixel_flipping(f: C.Fn, x: Array, target: Any, attributions: Array, *, steps
     value: removal value, a scalar or an array broadcasting to ``x`` (random baseline: pass
       ``jax.random.uniform(key, x.shape)``).
     output: ``"logit"``, ``"log_softmax"`` or ``"softmax"``.
-    chunk: steps per call of ``f``; ``None``: all at once up to 2^23 input elements
-      per call of ``f``, as many as fit under that otherwise.
+    chunk: steps per call of ``f``;
+      ``None``: all at once up to 2^23 input elements per call of ``f``, as many as fit
+      under that otherwise.
 
   Returns:
     ``(B, S)`` scores (summarise with :func:`jaxplain.area_under_curve`).
