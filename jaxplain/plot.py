@@ -108,7 +108,9 @@ def colorize(saliency: Any, *, cmap: str = "hot", signed: bool = False) -> np.nd
   """
   s = np.asarray(saliency, dtype=np.float64)
   if s.ndim != 2:
-    raise ValueError(f"saliency: expected one map (H, W), got shape {s.shape}")
+    hint = (" (an attribution with channels: reduce and scale it first, "
+            "normalize(to_grayscale(a)), or use three_panel)" if s.ndim == 3 else "")
+    raise ValueError(f"saliency: expected one map (H, W), got shape {s.shape}{hint}")
   if signed:
     s = (s + 1.0) / 2.0
   return colormaps[cmap](np.clip(s, 0.0, 1.0))[..., :3]

@@ -62,6 +62,8 @@ def test_overlay_blends_hot_colours_at_half_alpha():
     plot.overlay(img, sal, alpha=2)
   with pytest.raises(ValueError, match="saliency: shape"):
     plot.overlay(img, sal[:3])
+  with pytest.raises(ValueError, match=r"reduce and scale it first, normalize\(to_grayscale"):
+    plot.overlay(img, np.repeat(sal[..., None], 3, axis=-1))   # an attribution with channels
 
 
 def test_diverging_is_centred_on_zero():
