@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxplain import _jaxpr, _validate
+from jaxplain import _jaxpr, _progress, _validate
 from jaxplain.gradients import _grad_rows
 
 Array = jax.Array
@@ -494,7 +494,8 @@ def _segment_grads(base, diff, t, ex, mid, length, *, f, output, dtype, nb):
                              num_segments=nb)
 
 
-def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None):
+def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None, *,
+             progress: bool = False):
   """Exact IG for every example: returns (attr, info)."""
   if not all(_validate.is_concrete(v) for v in (x, base, t)):
     raise ValueError("method: 'exact' finds the breakpoints on the host and cannot be traced "
@@ -507,7 +508,9 @@ def exact_ig(f, x: Array, base: Array, t: Array, output: str, chunk: int | None)
   prog = _program(f, x[:1])
   sep = 16 * float(jnp.finfo(x.dtype).eps)
   los, his, exs = [], [], []
-  for s in range(0, b, _GROUP):
+  groups = range(0, b, _GROUP)
+  for s in _progress.iterate(groups, desc=f"exact IG: breakpoints, {_GROUP} examples each",
+                             total=len(groups), disable=not progress or len(groups) < 2):
     lo, hi, ex = segments(prog, x[s:s + _GROUP], base[s:s + _GROUP], sep)
     los.append(lo)
     his.append(hi)

@@ -184,7 +184,8 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
                          tol: float | None = None, atol: float = 1e-6,
                          min_steps: int = 5, max_steps: int = 1025,
                          driver: str = "while",
-                         return_info: bool = False) -> Array | tuple[Array, Any]:
+                         return_info: bool = False,
+                         progress: bool = True) -> Array | tuple[Array, Any]:
   """Integrated Gradients for a batch (Sundararajan et al. 2017, eqs. 1 and 3).
 
   ``IG(x) = (x - x') * sum_k w_k grad out[t](x' + a_k (x - x'))`` with the nodes and weights
@@ -254,6 +255,8 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       non-uniform nodes, and ``max_steps`` bounds their number.
     return_info: also return ``info``, a dict of (B,) arrays: ``"steps"`` (nodes evaluated
       per example), ``"gap"`` (final completeness gap) and ``"converged"``.
+    progress: with ``method="exact"`` and more than 8 examples, report the breakpoint search
+      (groups of 8 examples): a tqdm bar on a terminal, one line per group in a log.
 
   Returns:
     Attributions shaped like ``x`` ((B, T, ...) for several targets) in the accumulation
@@ -275,7 +278,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
                                key=key, output=output, value_range=value_range,
                                blur_sigma=blur_sigma, return_gap=return_gap, tol=tol,
                                atol=atol, min_steps=min_steps, max_steps=max_steps,
-                               driver=driver, return_info=return_info)
+                               driver=driver, return_info=return_info, progress=progress)
   _check_output(output)
   if loop not in ("unroll", "scan"):
     raise ValueError(f"loop: expected 'unroll' or 'scan', got {loop!r}")
@@ -353,7 +356,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
 
 def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, value_range,
                         blur_sigma, return_gap, tol, atol, min_steps, max_steps, driver,
-                        return_info):
+                        return_info, progress):
   """IG to a tolerance (``tol``) or exact IG (``method="exact"``)."""
   _check_output(output)
   if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
@@ -371,7 +374,7 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
     if tol is not None:
       raise ValueError("tol: method='exact' needs no tolerance; pass tol=None")
     from jaxplain import _exact_ig
-    attr, info = _exact_ig.exact_ig(f, x, base, t, output, chunk)
+    attr, info = _exact_ig.exact_ig(f, x, base, t, output, chunk, progress=progress)
   else:
     from jaxplain import _adaptive_ig
     if not float(tol) > 0:

@@ -575,22 +575,29 @@ def test_exact_ig_on_a_relu_maxpool_cnn():
     assert int(info["steps"][b]) == len(bp) + 1
 
 
-def test_exact_ig_batches_of_examples_equal_one_at_a_time():
+def test_exact_ig_batches_of_examples_equal_one_at_a_time(capfd):
   # the search runs 8 examples together (each segment knows its example): 10 examples span
   # two groups; each example's breakpoints and map must equal a call on it alone
   _, f, x, base = _pl_problem(6, 10)
   t = jnp.arange(10) % 3
+  capfd.readouterr()
   ig, info = jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base,
                                            return_info=True)
+  # progress (stderr is not a terminal here): one line per group of 8 examples
+  lines = [ln for ln in capfd.readouterr().err.splitlines() if "exact IG: breakpoints" in ln]
+  assert [ln.split(": ")[2].split(" ")[0] for ln in lines] == ["1/2", "2/2"], lines
   for b in (0, 7, 8, 9):
     ig1, info1 = jaxplain.integrated_gradients(f, x[b:b + 1], t[b:b + 1], method="exact",
                                                baseline=base[b:b + 1], return_info=True)
+    assert "exact IG" not in capfd.readouterr().err     # one group: no progress
     np.testing.assert_allclose(info["breakpoints"][b], info1["breakpoints"][0], atol=1e-6)
     np.testing.assert_allclose(np.asarray(ig[b]), np.asarray(ig1[0]), rtol=1e-4, atol=1e-5)
   y, y0 = np.asarray(f(x), np.float64), np.asarray(f(base), np.float64)
   delta = y[np.arange(10), np.asarray(t)] - y0[np.arange(10), np.asarray(t)]
   gap = np.asarray(ig, np.float64).sum(axis=(1, 2, 3)) - delta
   assert np.all(np.abs(gap) <= 1e-5 * np.abs(delta) + 1e-6), gap
+  jaxplain.integrated_gradients(f, x, t, method="exact", baseline=base, progress=False)
+  assert "exact IG" not in capfd.readouterr().err
 
 
 def test_exact_ig_float64_completeness_and_errors():
