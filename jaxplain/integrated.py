@@ -130,8 +130,10 @@ def make_baseline(x: Array, baseline: Any = "black", *, key: Array | None = None
     x: inputs, (B, ...).
     baseline: ``"black"`` (zeros), ``"white"`` (the input maximum), ``"random"`` (uniform
       between the input minimum and maximum, drawn from ``key``), ``"blur"`` (a Gaussian
-      blur of ``x`` over H and W, Sturmfels et al. 2020) or an array that broadcasts to
-      ``x.shape`` (a scalar, one image (1, ...) or one per example).
+      blur of ``x`` over H and W, Sturmfels et al. 2020: axes 1 and 2 of any x of rank >= 3,
+      axis 1 of (B, D); so a (B, L, E) sequence would be blurred across its embedding too:
+      pass an array baseline there) or an array that broadcasts to ``x.shape`` (a scalar,
+      one image (1, ...) or one per example).
     key: a ``jax.random`` key, required for ``"random"``.
     value_range: ``(lo, hi)`` used for white (``hi``) and random (``U(lo, hi)``); default
       ``None`` takes each example's own minimum and maximum.
