@@ -138,6 +138,53 @@ def test_road_equals_loop():
       assert acc[b, i] == float(np.argmax(logits) == 1)
 
 
+def _impute_tokens(seq, removed):
+  """1-D linear imputation by a dense solve (float64): each removed token equals the mean of
+  its in-range left / right neighbours (weight 1/2 each), known tokens fixed."""
+  n, e = seq.shape
+  ids = {i: k for k, i in enumerate(np.flatnonzero(removed))}
+  a, rhs = np.zeros((len(ids), len(ids))), np.zeros((len(ids), e))
+  for i, v in ids.items():
+    for j in (i - 1, i + 1):
+      if 0 <= j < n:
+        a[v, v] += 0.5
+        if j in ids:
+          a[v, ids[j]] -= 0.5
+        else:
+          rhs[v] += 0.5 * seq[j]
+  out = seq.astype(np.float64).copy()
+  if ids:
+    sol = np.linalg.solve(a, rhs)
+    for i, v in ids.items():
+      out[i] = sol[v]
+  return out
+
+
+def test_road_on_sequences_imputes_tokens_from_their_neighbours():
+  r = np.random.default_rng(13)
+  x = r.normal(size=(2, 7, 3)).astype(np.float32)                # (B, L, E)
+  removed = np.array([[0, 1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1, 0]], bool)
+  got = np.asarray(E.linear_imputation(jnp.asarray(x), jnp.asarray(removed)))
+  for b in range(2):
+    np.testing.assert_allclose(got[b], _impute_tokens(x[b], removed[b]), rtol=1e-4, atol=1e-4)
+  f = _mlp(21, seed=4)
+  tok = r.normal(size=(2, 7)).astype(np.float32)                 # per-token scores
+  key, pct = jax.random.key(1), [0.0, 30.0, 60.0]
+  res = np.asarray(E.road(f, jnp.asarray(x), 2, jnp.asarray(tok), key=key, percentages=pct,
+                          noise=0.05, output="logit"))
+  for i, p in enumerate(pct):
+    noise = np.asarray(0.05 * jax.random.normal(jax.random.fold_in(key, i), x.shape))
+    for b in range(2):
+      rm = np.zeros(7, bool)
+      rm[np.argsort(-tok[b], kind="stable")[:int(round(p / 100 * 7))]] = True
+      xi = _impute_tokens(x[b], rm)
+      xi[rm] += noise[b][rm]
+      want = np.asarray(f(jnp.asarray(xi[None], jnp.float32)))[0, 2]
+      np.testing.assert_allclose(res[b, i], want, rtol=1e-3, atol=1e-3)
+  with pytest.raises(ValueError, match="tabular data have none"):
+    E.road(f, jnp.ones((2, 21)), 0, jnp.ones((2, 21)), key=key)
+
+
 def test_irof_grid_segments_equals_loop():
   r = np.random.default_rng(4)
   x = r.uniform(0.1, 1.0, size=(2, 4, 4, 2)).astype(np.float32)

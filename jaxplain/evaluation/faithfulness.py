@@ -10,12 +10,14 @@ function.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _validate
 from jaxplain._batching import map_merged
 from jaxplain.evaluation import _common as C
 
@@ -80,10 +82,15 @@ def pixel_flipping(f: C.Fn, x: Array, target: Any, attributions: Array, *, steps
 # -- ROAD --------------------------------------------------------------------------------------
 
 _W_DIRECT, _W_DIAG = 1.0 / 6.0, 1.0 / 12.0
+_W_TOKEN = 0.5   # sequences: the left and right neighbour (the 1-D analogue of the stencil)
 
 
 def _neighbour_sum(u: Array) -> Array:
-  """sum_j w_ij u_j over the 8 neighbours (zero outside the image); u (N, H, W, C)."""
+  """sum_j w_ij u_j over the 8 neighbours of a pixel (u (N, H, W, C)) or the 2 of a token
+  (u (N, L, E)), zero outside the image / sequence."""
+  if u.ndim == 3:
+    p = jnp.pad(u, ((0, 0), (1, 1), (0, 0)))
+    return _W_TOKEN * (p[:, :-2] + p[:, 2:])
   p = jnp.pad(u, ((0, 0), (1, 1), (1, 1), (0, 0)))
   h, w = u.shape[1], u.shape[2]
   s = jnp.zeros_like(u)
@@ -104,14 +111,16 @@ def linear_imputation(x: Array, removed: Array, *, tol: float = 1e-6,
   diagonal, neighbours outside the image left out), known pixels fixed: one sparse symmetric
   positive-definite system per image and channel, solved for the whole batch at once by
   conjugate gradients on its convolution form (Quantus solves it exactly with ``spsolve``).
+  Sequences ``(N, L, E)``: a removed token equals the mean of its left and right neighbours
+  (weight 1/2 each; the 1-D analogue, an extension of the paper's image stencil).
 
   Args:
-    x: ``(N, H, W, C)`` images.
-    removed: ``(N, H, W)`` or ``(N, H, W, 1)`` bool, the pixels to impute.
+    x: ``(N, H, W, C)`` images or ``(N, L, E)`` sequences.
+    removed: ``(N, H, W)`` / ``(N, L)`` bool (or with a trailing 1), what to impute.
     tol, maxiter: conjugate-gradient stopping rule.
 
   Returns:
-    ``(N, H, W, C)`` images with the removed pixels imputed.
+    ``x`` with the removed pixels / tokens imputed.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.ones((1, 3, 3, 1)).at[0, 1, 1, 0].set(5.0)
@@ -120,7 +129,10 @@ def linear_imputation(x: Array, removed: Array, *, tol: float = 1e-6,
   1.0
   """
   r = jnp.asarray(removed)
-  if r.ndim == 3:
+  if x.ndim not in (3, 4):
+    raise ValueError(f"x: expected images (N, H, W, C) or sequences (N, L, E), got shape "
+                     f"{x.shape}")
+  if r.ndim == x.ndim - 1:
     r = r[..., None]
   r = jnp.broadcast_to(r, x.shape).astype(x.dtype)
   known = (1.0 - r) * x
@@ -146,11 +158,15 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
   ``int`` (floor) for the count, flattens a channel-broadcast attribution (so counts refer to
   channel-pixels) and an exact sparse solve; on pixel maps the definitions coincide.
 
+  Sequences ``(B, L, E)`` work the same way with tokens for pixels (``round(p / 100 * L)``
+  tokens, imputed from their two neighbours, see :func:`linear_imputation`); tabular
+  ``(B, D)`` inputs have no neighbours to impute from and are rejected.
+
   Args:
     f, target: as in :func:`pixel_flipping`.
-    x: ``(B, H, W, C)`` images.
-    attributions: ``(B, H, W, C)`` (summed over channels into a pixel ranking) or a pixel map
-      ``(B, H, W)``.
+    x: ``(B, H, W, C)`` images or ``(B, L, E)`` sequences.
+    attributions: shaped like ``x`` (summed over the last axis into a pixel / token
+      ranking) or a pixel map ``(B, H, W)`` / token scores ``(B, L)``.
     key: ``jax.random`` key for the imputation noise (percentage ``i``: ``fold_in(key, i)``).
     percentages: percentages of pixels removed, in ``[0, 100]``.
     noise: standard deviation of the noise added to the imputed pixels.
@@ -169,29 +185,30 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
   [[1.0, 1.0]]
   """
   x = C.check_x(x)
-  if x.ndim != 4:
-    raise ValueError(f"x: ROAD needs images (B, H, W, C), got shape {x.shape}")
+  if x.ndim not in (3, 4):
+    raise ValueError(f"x: ROAD needs images (B, H, W, C) or sequences (B, L, E) (it imputes "
+                     f"from neighbours; tabular data have none), got shape {x.shape}")
   if order not in ("morf", "lerf"):
     raise ValueError(f"order: expected 'morf' or 'lerf', got {order!r}")
   if output != "accuracy":
     C.check_output(output)
   C.check_chunk(chunk)
   a = jnp.asarray(attributions)
-  if a.ndim == 4 and a.shape == x.shape:
+  if a.shape == x.shape:
     a = jnp.sum(a, axis=-1)
-  a = C.check_map(a, x.shape[:3])
+  a = C.check_map(a, x.shape[:-1])
   t, _ = C.target_and_logits(f, x, target)
   pct = np.asarray(percentages, np.float64)
   if pct.ndim != 1 or pct.size == 0 or pct.min() < 0 or pct.max() > 100:
     raise ValueError(f"percentages: expected a non-empty 1-D sequence in [0, 100], got "
                      f"{percentages!r}")
-  b, h, w, _ = x.shape
-  counts = jnp.asarray(np.round(pct / 100.0 * h * w).astype(np.int32))
+  n_feat = math.prod(x.shape[1:-1])                      # pixels H * W or tokens L
+  counts = jnp.asarray(np.round(pct / 100.0 * n_feat).astype(np.int32))
   s = C.flat(a)
   ranks = C.descending_ranks(s if order == "morf" else -s)
 
   def make(i):
-    removed = (ranks < counts[i]).reshape(b, h, w, 1)
+    removed = (ranks < counts[i]).reshape(x.shape[:-1] + (1,))
     xi = linear_imputation(x, removed)
     eps = noise * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
     return (jnp.where(removed, xi + eps, x), t), None
@@ -199,8 +216,8 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
   def call(xi, ti):
     logits = f(xi)
     if output == "accuracy":
-      return (jnp.argmax(logits, axis=-1) == ti).astype(x.dtype)
-    return C._output_value(logits, ti, output)
+      return (jnp.argmax(logits, axis=-1) == ti).astype(_validate.accumulation_dtype(x.dtype))
+    return _validate.as_float(C._output_value(logits, ti, output))
 
   return map_merged(make, call, jnp.arange(pct.size), chunk).T
 
