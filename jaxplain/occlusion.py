@@ -77,6 +77,11 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
           [1., 1.]]], dtype=float32)
   """
   _check_output(output)
+  if jnp.ndim(x) == 2:
+    raise ValueError(f"x: expected a batched array of rank >= 3, images (B, H, W[, C]); got "
+                     f"shape {jnp.shape(x)}: one image needs its batch axis (x[None]); for "
+                     f"tabular (B, D) data jaxplain.feature_ablation removes one feature at a "
+                     f"time")
   x = _validate.check_batched(x, "x", min_rank=3)
   if x.ndim not in (3, 4):
     raise ValueError(f"x: expected images (B, H, W, C) or (B, H, W), got shape {x.shape}")

@@ -91,6 +91,8 @@ def test_bad_input_errors_name_the_argument(tiny):
   f, x = tiny
   with pytest.raises(ValueError, match=r"x: expected a batched array of rank >= 3"):
     jaxplain.occlusion(f, x[0, 0], 0)
+  with pytest.raises(ValueError, match=r"tabular \(B, D\) data jaxplain.feature_ablation"):
+    jaxplain.occlusion(f, x[:, 0, 0], 0)
   with pytest.raises(ValueError, match="x: contains 1 non-finite"):
     jaxplain.occlusion(f, x.at[0, 1, 1, 1].set(jnp.nan), 0)
   with pytest.raises(ValueError, match=r"target: class index out of range \[0, 4\)"):
