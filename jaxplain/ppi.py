@@ -541,9 +541,8 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   Returns:
     ``loss_fn(params, model_state, batch, key, step) -> (loss, (metrics, new_model_state))``
     with ``batch["image"]`` (B, H, W, C) ((B, C, H, W) for Equinox) and ``batch["label"]``
-    (B,). For ``step <
-    config.warmup_steps`` only ``L_cls`` is computed (the PPI metrics are reported as 0 and
-    ``ppi_on`` as 0). A bool ``batch["mask"]`` (B,) (the driver's padded last batch) weights
+    (B,). For ``step < config.warmup_steps`` only ``L_cls`` is computed (the PPI metrics are
+    reported as 0 and ``ppi_on`` as 0). A bool ``batch["mask"]`` (B,) (the driver's padded last batch) weights
     every batch mean.
 
   >>> import jax, jax.numpy as jnp
@@ -564,13 +563,14 @@ def make_ppi_loss(model: Any, config: PPIConfig | None = None, *,
   sal = _resolve_saliency(saliency, model, config)
   # PPI masks pixels across channels of NHWC images; a channels-first (Equinox) model is
   # seen through its NHWC view (x moved to channels-last, f moving it back)
-  to_model = _to_channels_first if getattr(model, "channels_first", False) else (lambda z: z)
+  channels_first = getattr(model, "channels_first", False)
+  to_model = _to_channels_first if channels_first else (lambda z: z)
 
   def loss_fn(params, model_state, batch, key, step):
     if "image" not in batch or "label" not in batch:
       raise ValueError(f"batch: expected keys 'image' and 'label', got {sorted(batch)}")
     x_model = _validate.check_batched(batch["image"], "batch['image']", min_rank=4)
-    x = jnp.moveaxis(x_model, 1, -1) if to_model is _to_channels_first else x_model
+    x = jnp.moveaxis(x_model, 1, -1) if channels_first else x_model
     y = _validate.check_target(batch["label"], x.shape[0], None, "batch['label']")
     model_state = dict(model_state or {})
     variables = {"params": params, **model_state}

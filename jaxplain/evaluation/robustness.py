@@ -45,9 +45,9 @@ def sensitivity(explain: Explain, x: Array, target: Any, *, key: Array, n_sample
     attributions: the explanation of ``x`` if already computed (default: ``explain(x, t)``).
     chunk: perturbations explained per call (``jax.lax.map``; bounds memory). ``None``, one
       ``vmap`` over all samples (up to 2^23 input elements; as many as fit beyond that), is
-      the fastest on CPU: XLA runs a backward pass inside its
-      while loop ~2x slower (max-sensitivity, 256 images, 10 samples: 23.8 s vs 51.5 s with
-      ``chunk=5``; peak memory 3.4 vs 1.8 GB).
+      the fastest on CPU: XLA runs a backward pass inside its while loop ~2x slower
+      (max-sensitivity, 256 images, 10 samples: 23.8 s vs 51.5 s with ``chunk=5``; peak
+      memory 3.4 vs 1.8 GB).
 
   Returns:
     ``(B, n_samples)``.
