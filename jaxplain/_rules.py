@@ -216,12 +216,16 @@ class Composite:
   names: tuple = ()
 
   def rule_for(self, layer: Layer):
-    for pattern, rule in self.names:
+    return self.rule_and_pattern(layer)[0]
+
+  def rule_and_pattern(self, layer: Layer) -> tuple[Any, int | None]:
+    """The layer's rule and the index in ``names`` of the pattern that chose it (or None)."""
+    for i, (pattern, rule) in enumerate(self.names):
       if re.fullmatch(pattern, layer.name):
-        return rule
+        return rule, i
     if layer.first and self.first is not None and layer.kind in ("dense", "conv"):
-      return self.first
-    return getattr(self, layer.kind)
+      return self.first, None
+    return getattr(self, layer.kind), None
 
 
 COMPOSITES = ("epsilon", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_plus_flat",
@@ -400,17 +404,43 @@ class LRP:
 
   def __init__(self, composite: Composite):
     self.composite = composite
+    self.layer_names: list[str] = []   # the layers the interpretation met (check_names)
+    self.matched: set[int] = set()      # the composite's name patterns that chose a rule
+
+  def _rule(self, layer: Layer):
+    rule, i = self.composite.rule_and_pattern(layer)
+    self.layer_names.append(layer.name)
+    if i is not None:
+      self.matched.add(i)
+    return rule
 
   def activation(self, act: Activation):
     return act.v.t
 
   def layer(self, layer: Layer):
-    return self.composite.rule_for(layer)(layer)
+    return self._rule(layer)(layer)
 
   def signed_forward(self, layer: Layer) -> bool:
     """True for layer rules that compute the maps of the positive and negative weights of
     the input anyway (alpha-beta, gamma): the forward value is their sum (one map fewer)."""
-    return bool(getattr(self.composite.rule_for(layer), "signed", False))
+    return bool(getattr(self._rule(layer), "signed", False))
+
+  def check_names(self) -> None:
+    """After an interpretation: raise if a name pattern of the composite chose no layer
+    (a typo would otherwise silently leave every layer to its kind's rule)."""
+    unused = [p for i, (p, _) in enumerate(self.composite.names) if i not in self.matched]
+    if not unused or not self.layer_names:
+      return
+    names = sorted({n for n in self.layer_names if n})
+    if not names:
+      raise ValueError(
+          f"composite: name pattern(s) {unused} match no layer: this function's layers carry "
+          "no names (Flax linen and NNX modules name theirs; Equinox, Keras and plain "
+          "functions do not); choose rules by layer kind instead (dense=, conv=, first=, "
+          "pool=, sum=)")
+    raise ValueError(f"composite: name pattern(s) {unused} match no layer (patterns are "
+                     f"re.fullmatch-ed against the layers' name stacks); the layers here: "
+                     f"{names}")
 
   def _norm(self):
     rule = self.composite.sum

@@ -330,8 +330,10 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
   if not float(epsilon) >= 0:
     raise ValueError(f"epsilon: expected a number >= 0, got {epsilon}")
   comp = _rules.make_composite(composite, float(epsilon), low, high)
-  return _modified_backprop(f, x, target, _rules.LRP(comp), output=output,
-                            target_chunk=target_chunk)
+  rule = _rules.LRP(comp)
+  out = _modified_backprop(f, x, target, rule, output=output, target_chunk=target_chunk)
+  rule.check_names()
+  return out
 
 
 @_doc

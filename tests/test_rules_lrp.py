@@ -344,6 +344,13 @@ def test_composite_by_layer_name_and_errors():
       rules.lrp(f, x, 1, composite="zplus_everywhere")
     with pytest.raises(ValueError, match="alpha - beta = 1"):
       rules.AlphaBeta(2.0, 2.0)
+    # a name pattern that chooses no layer is an error naming it and the layers (it used to
+    # leave every layer to its kind's rule, silently), eagerly and under jit
+    typo = rules.Composite(names=((r".*conv1", rules.ZPlus()), (r".*cnov2", rules.ZPlus())))
+    for call in (rules.lrp, jax.jit(rules.lrp, static_argnums=(0, 2),
+                                    static_argnames="composite")):
+      with pytest.raises(ValueError, match=r"\['\.\*cnov2'\] match no layer.*conv2"):
+        call(f, x, 1, composite=typo)
 
 
 # ------------------------------------------------------------------------------------------
