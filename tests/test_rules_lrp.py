@@ -351,6 +351,10 @@ def test_composite_by_layer_name_and_errors():
                                     static_argnames="composite")):
       with pytest.raises(ValueError, match=r"\['\.\*cnov2'\] match no layer.*conv2"):
         call(f, x, 1, composite=typo)
+    w = jnp.ones((32, 3), jnp.float64)
+    plain = lambda z: jax.nn.relu(z.reshape(z.shape[0], -1)) @ w      # no name stack
+    with pytest.raises(ValueError, match="layers carry no names"):
+      rules.lrp(plain, x, 1, composite=rules.Composite(names=(("conv.*", rules.ZPlus()),)))
 
 
 # ------------------------------------------------------------------------------------------
