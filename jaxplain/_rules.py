@@ -204,8 +204,10 @@ class Composite:
 
   Resolution order for a layer: the first ``(pattern, rule)`` of ``names`` whose regex
   ``fullmatch``es the layer's name stack (a Flax linen module path such as ``"CNN/conv1"``,
-  Keras ``"sequential/dense"``, Equinox the class, ``"vmap(eqx.nn.Conv)"``; Flax NNX modules
-  leave none, so choose their rules by kind; a pattern that matches no layer raises),
+  a wrapped Flax NNX module's class and attribute path, ``jaxplain.wrap(net)``:
+  ``"CNN/blocks/0"``, Keras ``"sequential/dense"``, Equinox the class,
+  ``"vmap(eqx.nn.Conv)"``; a bare NNX module or plain function leaves none, so choose by
+  kind there; a pattern that matches no layer raises),
   then ``first`` for the first layer (no layer between ``f``'s input and it), then the rule
   of its kind: ``dense`` (dot_general), ``conv`` (convolution), ``pool`` (average pooling,
   a window sum) and ``sum`` (reduce_sum: global pooling, means).
@@ -437,9 +439,10 @@ class LRP:
     if not names:
       raise ValueError(
           f"composite: name pattern(s) {unused} match no layer: this function's layers carry "
-          "no names (Flax linen, Keras and Equinox name theirs, e.g. 'CNN/conv1', "
-          "'sequential/dense', 'vmap(eqx.nn.Conv)'; Flax NNX modules and plain functions do "
-          "not); choose rules by layer kind instead (dense=, conv=, first=, pool=, sum=)")
+          "no names (Flax linen, Keras, Equinox and wrapped Flax NNX modules name theirs, "
+          "e.g. 'CNN/conv1', 'sequential/dense', 'vmap(eqx.nn.Conv)'; pass an NNX module as "
+          "jaxplain.wrap(module); plain functions carry none); choose rules by layer kind "
+          "instead (dense=, conv=, first=, pool=, sum=)")
     raise ValueError(f"composite: name pattern(s) {unused} match no layer (patterns are "
                      f"re.fullmatch-ed against the layers' name stacks); the layers here: "
                      f"{names}")

@@ -42,8 +42,10 @@ To add a framework, write one adapter class below (``apply``, ``run``, ``linear`
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import sys
+import types
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -250,27 +252,32 @@ def _nnx_get(node, part):
   return node[int(part)] if part.isdigit() else getattr(node, part)
 
 
-class _Proxy:
-  """Stands in for a hooked NNX submodule: calls go through the hook, the rest to the module."""
+# {id(submodule): call wrapper} while an NNX adapter runs its private copy
+_NNX_CALLS = contextvars.ContextVar("jaxplain_nnx_calls", default=None)
+_NNX_SUBCLASSES: dict = {}
 
-  def __init__(self, inner, hook):
-    object.__setattr__(self, "_inner", inner)
-    object.__setattr__(self, "_hook", hook)
 
-  def __call__(self, *args, **kwargs):
-    return self._hook(*args, **kwargs)
+def _nnx_hookable(cls: type) -> type:
+  """A subclass of the NNX module class ``cls`` whose ``__call__`` goes through the wrapper
+  registered for the instance in ``_NNX_CALLS`` (one subclass per class, cached).
 
-  def __getattr__(self, name):
-    return getattr(self._inner, name)
-
-  def __getitem__(self, i):
-    return self._inner[i]
-
-  def __iter__(self):
-    return iter(self._inner)
-
-  def __len__(self):
-    return len(self._inner)
+  The adapter gives its private merged copy's submodules this class instead of replacing
+  them with proxy objects, so a submodule passed as a value (``nnx.scan(body)(x,
+  self.blocks)``, ``nnx.remat``) is still the NNX graph node that lifted transforms expect.
+  Instances that a lifted transform re-creates are not registered: they run as ``cls``.
+  """
+  sub = _NNX_SUBCLASSES.get(cls)
+  if sub is None:
+    def __call__(self, *args, **kwargs):
+      calls = _NNX_CALLS.get()
+      wrapper = None if calls is None else calls.get(id(self))
+      if wrapper is None:
+        return cls.__call__(self, *args, **kwargs)
+      return wrapper(lambda *a, **k: cls.__call__(self, *a, **k), *args, **kwargs)
+    sub = types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
+        __call__=__call__, __module__=cls.__module__, __qualname__=cls.__qualname__))
+    _NNX_SUBCLASSES[cls] = sub
+  return sub
 
 
 class _NNX:
@@ -292,36 +299,45 @@ class _NNX:
                    for path, mod in nnx.iter_modules(copy) if path and callable(mod)]
 
   def apply(self, params, x):
-    from flax import nnx  # pylint: disable=import-outside-toplevel
-    return _select_output(nnx.merge(self.graphdef, params)(x, **self.kw), self.output)
+    return self.run(params, x, {}, {})[0]
 
   def run(self, params, x, hooks, extra):
+    """Run a fresh merged copy; every submodule call records its name in ``order``, runs
+    under ``jax.named_scope`` (so jaxprs carry the attribute path, as linen's module path:
+    ``"CNN/conv1"``, ``"Net/blocks/0/fc"``) and goes through ``hooks``."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    m = nnx.merge(self.graphdef, params)
-    aux, order = {}, []
-    targets = []
+    # Fresh containers: a Variable made outside the current trace makes NNX's lifted
+    # transforms (nnx.scan, nnx.vmap inside the model) raise "different trace level".
+    m = nnx.merge(self.graphdef, jax.tree_util.tree_map(lambda a: a, params))
+    aux, order, active, calls = {}, [], [], {}
+    mods = {"/".join(str(p) for p in path): mod for path, mod in nnx.iter_modules(m)}
     for name in self._names:
-      *parents, last = name.split("/")
-      parent = m
-      for p in parents:
-        parent = _nnx_get(parent, p)
-      targets.append((name, parent, last, _nnx_get(parent, last)))
-    for name, parent, last, inner in targets:
-      def hook(*args, _name=name, _inner=inner, **kwargs):
+      mod = mods[name]
+      object.__setattr__(mod, "__class__", _nnx_hookable(type(mod)))
+
+      def wrapper(call, *args, _name=name, **kwargs):
         if _name not in order:
           order.append(_name)
-        out = _inner(*args, **kwargs)
+        outer = next((a for a in reversed(active) if _name.startswith(a + "/")), None)
+        active.append(_name)
+        try:
+          with jax.named_scope(_name if outer is None else _name[len(outer) + 1:]):
+            out = call(*args, **kwargs)
+        finally:
+          active.pop()
         if _name in hooks:
           if _name in aux:
             raise _twice(_name)
           out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
         return out
-      proxy = _Proxy(inner, hook)
-      if last.isdigit():
-        parent[int(last)] = proxy
-      else:
-        object.__setattr__(parent, last, proxy)  # a private copy: bypass NNX attribute checks
-    return _select_output(m(x, **self.kw), self.output), aux, order
+      calls[id(mod)] = wrapper
+    token = _NNX_CALLS.set(calls)
+    try:
+      with jax.named_scope(type(self.copy).__name__):
+        out = m(x, **self.kw)
+    finally:
+      _NNX_CALLS.reset(token)
+    return _select_output(out, self.output), aux, order
 
   def names(self):
     return list(self._names)
@@ -720,6 +736,11 @@ class Model:
     hooks = dict(hooks)
     logits, aux, order = self.adapter.run(params, x, hooks, extra)
     missing = [h for h in hooks if h not in aux]
+    if missing and missing[0] in (self.adapter.names() or []):
+      raise ValueError(f"layer: {missing[0]!r} is not called as a layer of this forward pass "
+                       "(unused, or run inside a transform that re-creates it, such as "
+                       "nnx.scan / nnx.vmap: such copies cannot be hooked); layers called: "
+                       + ", ".join(repr(n) for n in order))
     if missing:
       raise _unknown(missing[0], order or self.adapter.names() or [])
     return logits, aux

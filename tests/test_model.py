@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 
 import jaxplain  # noqa: E402
 from jaxplain import interventions as iv  # noqa: E402
+from jaxplain import rules  # noqa: E402
 
 B, H, W, C0, C1, C2, K = 3, 6, 6, 2, 3, 4, 5
 T = np.array([0, 3, 1])
@@ -653,3 +654,72 @@ def test_ppi_grad_cam_default_layer_is_the_last_convolution_in_execution_order()
   y = batch["label"]
   assert not np.allclose(jaxplain.grad_cam(m, x, y, layer="conv9"),
                          jaxplain.grad_cam(m, x, y, layer="conv10"))
+
+
+def test_nnx_layers_carry_their_attribute_paths_as_name_stacks(four):
+  """LRP composites choose NNX layers by name as they do linen's: the same patterns on the
+  same weights give the same maps in both frameworks (NNX layers used to carry no names,
+  so any name pattern raised 'match no layer')."""
+  p, x, models = four
+  named = rules.Composite(names=((r".*/conv2", rules.ZPlus()), (r".*/fc", rules.Epsilon(0.3))))
+  maps = {f: np.asarray(rules.lrp(models[f][0], x, T, composite=named))
+          for f in ("linen", "nnx")}
+  np.testing.assert_allclose(maps["nnx"], maps["linen"], rtol=1e-5, atol=1e-6)
+  default = np.asarray(rules.lrp(models["linen"][0], x, T))
+  assert np.abs(maps["nnx"] - default).max() > 1e-3 * np.abs(default).max()  # names chose
+  jaxpr = jax.make_jaxpr(models["nnx"][0])(x)
+  stacks = {str(e.source_info.name_stack) for e in jaxpr.eqns}
+  assert {"NNX/conv1", "NNX/conv2", "NNX/fc"} <= stacks, stacks
+
+
+class _ScanNNX(nnx.Module):
+  """Blocks made by nnx.vmap and run by nnx.scan (the usual NNX layer stack)."""
+
+  def __init__(self, rngs):
+    self.inp = nnx.Linear(4, 6, rngs=rngs)
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(r):
+      return nnx.Linear(6, 6, rngs=r)
+    self.blocks = blocks(rngs)
+    self.out = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(h, blk):
+      return jnp.tanh(blk(h))
+    return self.out(body(self.inp(x), self.blocks))
+
+
+def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside_it():
+  """An NNX model whose __call__ uses nnx.scan raised 'different trace level' under jit /
+  make_jaxpr in every method, and capture raised on a proxy object: now compared with the
+  same network written with jnp on the extracted parameters, and its gradient with jax.grad."""
+  net = _ScanNNX(nnx.Rngs(0))
+  st = nnx.state(net, nnx.Param)
+  P = {jax.tree_util.keystr(path): np.asarray(leaf)
+       for path, leaf in jax.tree_util.tree_leaves_with_path(st)}
+  get = lambda *keys: next(v for k, v in P.items() if all(f"'{q}'" in k for q in keys))
+
+  def hand(x):
+    h = x @ get("inp", "kernel") + get("inp", "bias")[None]
+    hidden = h
+    for i in range(3):
+      h = jnp.tanh(h @ get("blocks", "kernel")[i] + get("blocks", "bias")[i][None])
+    return h @ get("out", "kernel") + get("out", "bias")[None], hidden, h
+
+  x = jax.random.normal(jax.random.key(3), (5, 4))
+  m = jaxplain.wrap(net)
+  want, hidden, last = hand(x)
+  np.testing.assert_allclose(jax.jit(m)(x), want, rtol=1e-5, atol=1e-6)
+  t = jnp.array([0, 2, 1, 1, 0])
+  g = jaxplain.gradient(m, x, t)
+  g_hand = jax.grad(lambda z: jnp.take_along_axis(hand(z)[0], t[:, None], 1).sum())(x)
+  np.testing.assert_allclose(g, g_hand, rtol=1e-5, atol=1e-6)
+  logits, caps = m.capture(x, ["inp", "out"])
+  np.testing.assert_allclose(caps["inp"][1], hidden, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(caps["out"][0], last, rtol=1e-5, atol=1e-6)
+  assert m.layer_names(x) == ("inp", "out")
+  with pytest.raises(ValueError, match=r"'blocks' is not called.*nnx\.scan.*'inp', 'out'"):
+    m.capture(x, "blocks")
