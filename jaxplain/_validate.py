@@ -164,13 +164,32 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
   return out
 
 
-def check_model(f: Callable, x: Any, name: str = "f(x)") -> Any:
+def check_model(f: Callable, x: Any, name: str = "f(x)", *, loops: bool = False) -> Any:
   """Shapes only (``jax.eval_shape``, nothing is computed): ``f(x)`` must be one (B, K)
   logits array for the batch ``x``; returns its ``ShapeDtypeStruct``. For methods that call
   ``f`` on other rows than ``x`` (IG's path points, SmoothGrad's noisy copies), so that a
-  tuple output or one example instead of a batch is reported in terms of ``x``."""
-  out = call_model(lambda: jax.eval_shape(f, x), f, x)
-  return check_logits(out, jnp.shape(x)[0], name, f=f, x=x)
+  tuple output or one example instead of a batch is reported in terms of ``x``.
+
+  ``loops=True``: trace a jaxpr instead (the same cost) and return ``(shape, has_loop)``,
+  whether ``f`` runs a ``scan`` or ``while`` loop (RNNs, scanned layer stacks)."""
+  if not loops:
+    out = call_model(lambda: jax.eval_shape(f, x), f, x)
+    return check_logits(out, jnp.shape(x)[0], name, f=f, x=x)
+  spec = jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
+  closed, out = call_model(lambda: jax.make_jaxpr(f, return_shape=True)(spec), f, x)
+  return check_logits(out, jnp.shape(x)[0], name, f=f, x=x), _has_loop(closed.jaxpr)
+
+
+def _has_loop(jaxpr: Any) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("scan", "while"):
+      return True
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns") and _has_loop(sub):
+          return True
+  return False
 
 
 def select_valid(values: jax.Array, target: jax.Array, num_classes: int) -> jax.Array:

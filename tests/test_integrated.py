@@ -160,6 +160,37 @@ def test_chunk_and_loop_do_not_change_the_result(tiny):
     np.testing.assert_allclose(ig, ref, rtol=1e-5, atol=1e-7, err_msg=f"{chunk} {loop}")
 
 
+def test_auto_loop_scans_the_chunks_of_a_model_that_loops_itself():
+  """loop="auto" unrolls the chunks of a loop-free model and scans those of a model that runs
+  a lax.scan itself (an RNN; also found inside a jitted call), with the same values as the
+  steps summed by a Python loop."""
+  rng = np.random.default_rng(3)
+  wx, wh, wo = (jnp.asarray(rng.normal(size=s) * 0.5, jnp.float32)
+                for s in ((3, 4), (4, 4), (4, 2)))
+
+  def rnn(x):  # (B, L, 3) -> (B, 2)
+    h, _ = jax.lax.scan(lambda h, xt: (jnp.tanh(xt @ wx + h @ wh), None),
+                        jnp.zeros((x.shape[0], 4), x.dtype), jnp.swapaxes(x, 0, 1))
+    return h @ wo
+
+  def flat(x):
+    return jnp.tanh(x.reshape(x.shape[0], -1) @ jnp.tile(wx, (5, 1))) @ wo
+
+  x = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+  t = jnp.array([1, 0])
+  for f, loops in ((rnn, True), (jax.jit(rnn), True), (flat, False)):
+    ig = lambda z, loop: jaxplain.integrated_gradients(f, z, t, steps=12, chunk=2, loop=loop)
+    outer = {loop: sum(e.primitive.name == "scan"
+                       for e in jax.make_jaxpr(functools.partial(ig, loop=loop))(x).eqns)
+             for loop in ("auto", "unroll", "scan")}
+    assert outer["auto"] == outer["scan" if loops else "unroll"], outer
+    assert outer["unroll"] != outer["scan"], outer
+    alphas, weights = jaxplain.integrated.quadrature_rule("gausslegendre", 12)
+    total = sum(w * jax.grad(lambda z: jnp.take_along_axis(f(z), t[:, None], 1).sum())(a * x)
+                for a, w in zip(alphas, weights))
+    np.testing.assert_allclose(ig(x, "auto"), x * total, rtol=1e-5, atol=1e-6)
+
+
 def test_unrolled_chunks_run_in_sequence_so_memory_does_not_grow_with_steps():
   # XLA:CPU keeps independent unrolled chunks all live (LeNet, B = 4: 0.36 MB at 2 steps,
   # 2.7 MB at 16 without the chunk-to-chunk dependency); chained, one chunk's buffers suffice.
