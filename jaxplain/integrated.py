@@ -39,6 +39,7 @@ the path (jaxplain/_exact_ig.py; ExactLine, Sotoudeh & Thakur 2019).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -406,6 +407,15 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
       attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),
                                    float(atol), l0, lmax)
     info = {"steps": steps, "gap": gap, "converged": done}
+    if not return_info and _validate.is_concrete(done) and not bool(np.all(done)):
+      bad = ~np.asarray(done)
+      warnings.warn(
+          f"integrated_gradients: {int(bad.sum())} of {bad.size} examples did not reach "
+          f"tol={tol} within max_steps={max_steps} (largest |gap| "
+          f"{float(np.max(np.abs(np.asarray(gap)[bad]))):.3g}); return_info=True marks them. "
+          "Raise max_steps, try driver='local', or look at the integrand near the baseline "
+          "(a normalisation layer fed an all-zero input has a ~1/sqrt(eps) gradient there)",
+          RuntimeWarning, stacklevel=3)
   if return_info:
     return attr, info
   if return_gap:

@@ -439,6 +439,25 @@ def test_adaptive_ig_meets_tol_on_closed_forms_and_counts_fewer_evaluations():
     np.testing.assert_array_equal(np.asarray(info_q["steps"]), 5)
 
 
+def test_adaptive_ig_warns_when_examples_do_not_converge():
+  """A spike at the baseline (x / sqrt(x^2 + 1e-10): gradient 1e5 at 0) defeats the nested
+  trapezoid within 17 nodes for the example whose path starts there; a warning says so
+  unless return_info is asked for (which reports it), and a converged call is silent."""
+  import warnings
+  spiky = lambda z: jnp.stack([jnp.sum(z / jnp.sqrt(z * z + 1e-10), 1), z.sum(1)], 1)
+  x = jnp.array([[1.0, -2.0], [0.5, 0.5]])
+  base = jnp.array([[0.0, 0.0], [0.4, 0.4]])  # the second path stays away from 0
+  kw = dict(baseline=base, tol=1e-3, max_steps=17)
+  with pytest.warns(RuntimeWarning, match=r"1 of 2 examples did not reach tol=0.001 within "
+                                          r"max_steps=17 .*return_info=True"):
+    jaxplain.integrated_gradients(spiky, x, 0, **kw)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _, info = jaxplain.integrated_gradients(spiky, x, 0, return_info=True, **kw)
+    assert np.asarray(info["converged"]).tolist() == [False, True]
+    jaxplain.integrated_gradients(spiky, x, 1, **kw)  # linear: converges at once
+
+
 def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
   rng = np.random.default_rng(1)
   x, base = rng.normal(size=(3, D)), rng.normal(size=(3, D)) * 0.3
