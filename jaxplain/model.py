@@ -357,6 +357,14 @@ class _NNX:
                        f"one: {[n for n in self._names if f'{n}/kernel/value' in paths]}")
     nd = np.ndim(paths[kpath])
     bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+    want = (2 if isinstance(mod, nnx.Linear) else len(mod.kernel_size) + 2
+            if isinstance(mod, nnx.Conv) else nd)
+    if nd != want:
+      raise ValueError(f"layer: {layer!r} holds a stack of kernels {np.shape(paths[kpath])} "
+                       f"(a {type(mod).__name__} made by nnx.vmap, run by nnx.scan?), not one "
+                       f"{want}-d kernel; sweep_layer / walk / units edit one layer. Edit the stack "
+                       f"with a mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
+                       f"{', '.join(map(str, np.shape(paths[kpath])))})}})")
     if isinstance(mod, nnx.Linear):
       return Linear("dense", kpath, bpath, (0, 1), bshape, dense_op)
     if isinstance(mod, nnx.Conv):

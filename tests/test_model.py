@@ -723,3 +723,18 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
   assert m.layer_names(x) == ("inp", "out")
   with pytest.raises(ValueError, match=r"'blocks' is not called.*nnx\.scan.*'inp', 'out'"):
     m.capture(x, "blocks")
+  # the stacked kernels: units raise (they used to report kernel_shape (3, 6)); a mask over the
+  # stacked leaf through sweep equals the hand-edited network
+  with pytest.raises(ValueError, match=r"'blocks' holds a stack of kernels \(3, 6, 6\).*"
+                                       r"sweep\(m, x, \{'blocks/kernel/value': mask \(N, 3"):
+    jaxplain.units(m, "blocks", "filter")
+  mask = np.zeros((2, 3, 6, 6), bool)
+  mask[0, 1] = True            # every weight of the second block
+  mask[1, :, :, 2] = True      # output unit 2 of every block
+  out = jaxplain.sweep(m, x, {"blocks/kernel/value": mask})
+  for n in range(2):
+    P0 = dict(P)
+    key = next(k for k in P if "'blocks'" in k and "'kernel'" in k)
+    P[key] = np.where(mask[n], 0.0, P0[key])
+    np.testing.assert_allclose(out[n], hand(x)[0], rtol=1e-5, atol=1e-6, err_msg=str(n))
+    P.update(P0)
