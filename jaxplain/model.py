@@ -102,7 +102,9 @@ def _unknown(layer: Any, names: Sequence[str]) -> ValueError:
 
 def _twice(name: str) -> ValueError:
   return ValueError(f"layer: {name!r} is called more than once in one forward pass; a hooked "
-                    "layer must be applied once (give each use its own submodule)")
+                    "layer must be applied once (give each use its own submodule; a layer "
+                    "inside a lifted transform such as nn.scan, whose body is traced more "
+                    "than once, cannot be hooked)")
 
 
 def _lax_padding(padding: Any, nd: int) -> Any:

@@ -738,3 +738,26 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
     P[key] = np.where(mask[n], 0.0, P0[key])
     np.testing.assert_allclose(out[n], hand(x)[0], rtol=1e-5, atol=1e-6, err_msg=str(n))
     P.update(P0)
+
+
+def test_a_layer_inside_linen_scan_cannot_be_hooked_and_the_error_says_why():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return jnp.tanh(nn.Dense(6, name="fc")(h)), None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(6, name="inp")(x)
+      h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)(name="blocks")(h, None)
+      return nn.Dense(3, name="out")(h)
+
+  x = jax.random.normal(jax.random.key(3), (5, 4))
+  net = Net()
+  v = net.init(jax.random.key(0), x)
+  m = jaxplain.wrap(net, v)
+  np.testing.assert_allclose(m.capture(x, "out")[0], net.apply(v, x), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"'blocks/fc' is called more than once.*nn\.scan"):
+    m.capture(x, "blocks/fc")
