@@ -54,6 +54,7 @@ to the parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -722,11 +723,27 @@ def _inactive_outs(ps, rs, dep) -> list[Val]:
   return [Val(p, r, None, dep) for p, r in zip(ps, rs)]
 
 
+_ENCLOSING: list[str] = []  # full name stacks of the loop / call equations being interpreted
+
+
 def _name(eqn) -> str:
+  """The equation's full name stack: a body's equations carry theirs relative to the scan /
+  while / cond / call equation holding the body, whose full name is prepended."""
   try:
-    return str(eqn.source_info.name_stack)
+    own = str(eqn.source_info.name_stack)
   except Exception:  # pragma: no cover - best effort only
-    return ""
+    own = ""
+  return "/".join(p for p in (_ENCLOSING[-1] if _ENCLOSING else "", own) if p)
+
+
+@contextlib.contextmanager
+def _inside(eqn):
+  """While interpreting the body (bodies) of ``eqn``."""
+  _ENCLOSING.append(_name(eqn))
+  try:
+    yield
+  finally:
+    _ENCLOSING.pop()
 
 
 def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) -> Val:
@@ -813,11 +830,14 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
 
   n_act = sum(active)
   if name == "scan":
-    return _scan(eqn, ins, rule)
+    with _inside(eqn):
+      return _scan(eqn, ins, rule)
   if name == "while":
-    return _while(eqn, ins, rule, scope, env)
+    with _inside(eqn):
+      return _while(eqn, ins, rule, scope, env)
   if name == "cond":
-    return _cond(eqn, ins, rule)
+    with _inside(eqn):
+      return _cond(eqn, ins, rule)
   if name in _CALLS:
     body, consts = _call_body(eqn)
     if name == "custom_jvp_call" and _routing_body(body):
@@ -831,8 +851,9 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
       outs = _nonlinearity(eqn, ins, k, lambda v: bind(eqn, _subst(ins, k, v))[0], rule)
       _record_ew(scope, eqn, ins, active)
       return outs
-    return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule,
-                    [isinstance(v, Var) and v in scope.nonneg for v in eqn.invars])
+    with _inside(eqn):
+      return evaluate(body.eqns, body.invars, body.constvars, body.outvars, consts, ins, rule,
+                      [isinstance(v, Var) and v in scope.nonneg for v in eqn.invars])
 
   if name in ("mul", "div") and n_act == 2:
     sm = _softmax_input(scope, eqn) if name == "div" else None

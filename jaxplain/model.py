@@ -254,7 +254,7 @@ def _nnx_get(node, part):
   return node[int(part)] if part.isdigit() else getattr(node, part)
 
 
-# {id(submodule): call wrapper} while an NNX adapter runs its private copy
+# ({id(submodule): call wrapper}, scoped call) while an NNX adapter runs its private copy
 _NNX_CALLS = contextvars.ContextVar("jaxplain_nnx_calls", default=None)
 _NNX_SUBCLASSES: dict = {}
 
@@ -271,11 +271,16 @@ def _nnx_hookable(cls: type) -> type:
   sub = _NNX_SUBCLASSES.get(cls)
   if sub is None:
     def __call__(self, *args, **kwargs):
-      calls = _NNX_CALLS.get()
-      wrapper = None if calls is None else calls.get(id(self))
-      if wrapper is None:
-        return cls.__call__(self, *args, **kwargs)
-      return wrapper(lambda *a, **k: cls.__call__(self, *a, **k), *args, **kwargs)
+      ctx = _NNX_CALLS.get()
+      call = lambda *a, **k: cls.__call__(self, *a, **k)  # noqa: E731
+      if ctx is None:
+        return call(*args, **kwargs)
+      calls, scoped = ctx
+      wrapper = calls.get(id(self))
+      if wrapper is not None:
+        return wrapper(call, *args, **kwargs)
+      path = getattr(self, "_jaxplain_path", None)  # a copy made by a lifted transform
+      return call(*args, **kwargs) if path is None else scoped(path, call, *args, **kwargs)
     sub = types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
         __call__=__call__, __module__=cls.__module__, __qualname__=cls.__qualname__))
     _NNX_SUBCLASSES[cls] = sub
@@ -312,28 +317,34 @@ class _NNX:
     # transforms (nnx.scan, nnx.vmap inside the model) raise "different trace level".
     m = nnx.merge(self.graphdef, jax.tree_util.tree_map(lambda a: a, params))
     aux, order, active, calls = {}, [], [], {}
+
+    def scoped(name, call, *args, **kwargs):
+      outer = next((a for a in reversed(active) if name.startswith(a + "/")), None)
+      active.append(name)
+      try:
+        with jax.named_scope(name if outer is None else name[len(outer) + 1:]):
+          return call(*args, **kwargs)
+      finally:
+        active.pop()
+
     mods = {"/".join(str(p) for p in path): mod for path, mod in nnx.iter_modules(m)}
     for name in self._names:
       mod = mods[name]
       object.__setattr__(mod, "__class__", _nnx_hookable(type(mod)))
+      # a static attribute, so the copies that nnx.scan / nnx.vmap make keep their name
+      object.__setattr__(mod, "_jaxplain_path", name)
 
       def wrapper(call, *args, _name=name, **kwargs):
         if _name not in order:
           order.append(_name)
-        outer = next((a for a in reversed(active) if _name.startswith(a + "/")), None)
-        active.append(_name)
-        try:
-          with jax.named_scope(_name if outer is None else _name[len(outer) + 1:]):
-            out = call(*args, **kwargs)
-        finally:
-          active.pop()
+        out = scoped(_name, call, *args, **kwargs)
         if _name in hooks:
           if _name in aux:
             raise _twice(_name)
           out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
         return out
       calls[id(mod)] = wrapper
-    token = _NNX_CALLS.set(calls)
+    token = _NNX_CALLS.set((calls, scoped))
     try:
       with jax.named_scope(type(self.copy).__name__):
         out = m(x, **self.kw)

@@ -728,6 +728,23 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
   with pytest.raises(ValueError, match=r"'blocks' holds a stack of kernels \(3, 6, 6\).*"
                                        r"sweep\(m, x, \{'blocks/kernel/value': mask \(N, 3"):
     jaxplain.units(m, "blocks", "filter")
+  # the copies nnx.scan makes of the blocks keep their attribute path as a name stack, so a
+  # composite chooses them: the same as on the network written with jnp under those names
+  def named_hand(x):
+    with jax.named_scope("_ScanNNX"):
+      with jax.named_scope("inp"):
+        h = x @ get("inp", "kernel") + get("inp", "bias")[None]
+      for i in range(3):
+        with jax.named_scope("blocks"):
+          h = h @ get("blocks", "kernel")[i] + get("blocks", "bias")[i][None]
+        h = jnp.tanh(h)
+      with jax.named_scope("out"):
+        return h @ get("out", "kernel") + get("out", "bias")[None]
+  comp = rules.Composite(names=((r"_ScanNNX/blocks", rules.Epsilon(0.5)),))
+  want = rules.lrp(named_hand, x, t, composite=comp)
+  np.testing.assert_allclose(rules.lrp(m, x, t, composite=comp), want, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(want - rules.lrp(named_hand, x, t)).max()) > 1e-3 * float(
+      jnp.abs(want).max())
   mask = np.zeros((2, 3, 6, 6), bool)
   mask[0, 1] = True            # every weight of the second block
   mask[1, :, :, 2] = True      # output unit 2 of every block

@@ -357,6 +357,49 @@ def test_composite_by_layer_name_and_errors():
       rules.lrp(plain, x, 1, composite=rules.Composite(names=(("conv.*", rules.ZPlus()),)))
 
 
+def test_composite_names_inside_jit_and_scan_bodies_are_the_full_paths():
+  """A body's equations carry name stacks relative to the jit / scan equation holding it; the
+  engine prepends the enclosing names, so 'outer/fc' chooses the layers inside a jitted call
+  and a lax.scan exactly as in the same network written out flat (it matched nothing there)."""
+  r = np.random.default_rng(21)
+  w0 = jnp.asarray(r.normal(size=(4, 6)), jnp.float32)
+  ws = jnp.asarray(r.normal(size=(3, 6, 6)) * 0.5, jnp.float32)
+  bs = jnp.asarray(r.normal(size=(3, 6)) * 0.1, jnp.float32)
+  wo = jnp.asarray(r.normal(size=(6, 3)), jnp.float32)
+
+  def block(h, w, b):
+    with jax.named_scope("fc"):
+      return jax.nn.relu(h @ w + b[None])
+
+  def flat(x):
+    with jax.named_scope("outer"):
+      h = jax.nn.relu(x @ w0)
+      for i in range(3):
+        h = block(h, ws[i], bs[i])
+      return h @ wo
+
+  def jitted(x):
+    with jax.named_scope("outer"):
+      h = jax.nn.relu(x @ w0)
+      for i in range(3):
+        h = jax.jit(block)(h, ws[i], bs[i])
+      return h @ wo
+
+  def scanned(x):
+    with jax.named_scope("outer"):
+      h = jax.nn.relu(x @ w0)
+      h, _ = jax.lax.scan(lambda h, wb: (block(h, *wb), None), h, (ws, bs))
+      return h @ wo
+
+  x = jnp.asarray(r.normal(size=(2, 4)), jnp.float32)
+  named = rules.Composite(names=((r"outer/fc", rules.ZPlus()),))
+  want = rules.lrp(flat, x, 1, composite=named)
+  assert float(jnp.abs(want - rules.lrp(flat, x, 1)).max()) > 1e-3 * float(jnp.abs(want).max())
+  for f in (jitted, scanned):
+    np.testing.assert_allclose(rules.lrp(f, x, 1, composite=named), want, rtol=1e-5,
+                               atol=1e-6, err_msg=f.__name__)
+
+
 # ------------------------------------------------------------------------------------------
 # guided backprop and deconvnet vs a custom_vjp ReLU
 
