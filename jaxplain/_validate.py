@@ -7,6 +7,7 @@ argument and what was expected.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -162,6 +163,19 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
                      f"got shape {out.shape}")
   return out
+
+
+def warn_if_channels_first(x: Any, name: str = "x") -> None:
+  """Warn when a rank-4 ``x`` looks like (B, C, H, W) (1, 3 or 4 channels first, more than 4
+  values on the last axis): the image metrics read the last axis as channels, so there a
+  'pixel' would be a row of one channel, silently."""
+  s = tuple(jnp.shape(x))
+  if len(s) == 4 and s[1] in (1, 3, 4) and s[3] > 4:
+    warnings.warn(
+        f"{name}: shape {s} looks channels-first (B, C, H, W); jaxplain's image metrics read "
+        "channels last (B, H, W, C), so each 'pixel' here would be a row of one channel. Pass "
+        "jnp.moveaxis(x, 1, -1) (and the maps likewise) with "
+        "f = lambda z: model(jnp.moveaxis(z, -1, 1))", UserWarning, stacklevel=4)
 
 
 def check_model(f: Callable, x: Any, name: str = "f(x)", *, loops: bool = False) -> Any:

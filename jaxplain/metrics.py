@@ -91,6 +91,7 @@ def _pixel_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
 
 def _check_image(x: Any, name: str = "x") -> jax.Array:
   x = check_batched(x, name, min_rank=4)
+  _validate.warn_if_channels_first(x, name)
   if x.ndim != 4:
     raise ValueError(f"{name}: expected an NHWC batch (B, H, W, C), got shape {x.shape}")
   return x
@@ -181,6 +182,7 @@ def _feature_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
 
 def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, insert):
   x = check_batched(x, "x", min_rank=2)
+  _validate.warn_if_channels_first(x)
   if output not in _OUTPUTS:
     raise ValueError(f"output: expected one of {_OUTPUTS}, got {output!r}")
   b = x.shape[0]

@@ -485,6 +485,25 @@ def test_sharded_evaluate_equals_single_device():
     np.testing.assert_allclose(out["4"][k], out["1"][k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+def test_channels_first_images_warn_in_the_image_metrics():
+  """An Equinox-style (B, C, H, W) batch would have its rows of one channel treated as pixels:
+  the metrics warn and say what to pass; channels-last, sequence and tabular inputs do not."""
+  import warnings
+  from jaxplain import metrics
+  f = lambda z: jnp.stack([z.sum(axis=tuple(range(1, z.ndim))), -z.mean(
+      axis=tuple(range(1, z.ndim)))], 1)
+  chw = jnp.ones((2, 3, 8, 8))
+  with pytest.warns(UserWarning, match=r"\(2, 3, 8, 8\) looks channels-first.*moveaxis"):
+    E.pixel_flipping(f, chw, jnp.zeros(2, jnp.int32), chw, steps=2)
+  with pytest.warns(UserWarning, match="looks channels-first"):
+    metrics.deletion_curve(f, chw, 0, chw, steps=2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for x in (jnp.ones((2, 8, 8, 3)), jnp.ones((2, 3, 8)), jnp.ones((2, 5))):
+      E.pixel_flipping(f, x, jnp.zeros(2, jnp.int32), x, steps=2)
+      metrics.deletion_curve(f, x, 0, x, steps=2)
+
+
 def test_errors_name_the_argument():
   f = _linear(np.ones((3,), np.float32))
   x = jnp.ones((2, 3))

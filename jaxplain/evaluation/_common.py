@@ -26,7 +26,9 @@ OUTPUTS = ("logit", "log_softmax", "softmax")
 
 
 def check_x(x: Any, name: str = "x") -> Array:
-  return _validate.check_batched(x, name, min_rank=2)
+  x = _validate.check_batched(x, name, min_rank=2)
+  _validate.warn_if_channels_first(x, name)
+  return x
 
 
 def check_output(output: str) -> None:
