@@ -93,7 +93,10 @@ def _image_rgb(image: Any) -> np.ndarray:
   if img.ndim == 2:
     img = np.repeat(img[..., None], 3, axis=-1)
   if img.ndim != 3 or img.shape[-1] != 3:
-    raise ValueError(f"image: expected (H, W), (H, W, 1) or (H, W, 3), got shape {img.shape}")
+    hint = ("; channels first (an Equinox image)? pass np.moveaxis(image, 0, -1) and the "
+            "attribution likewise" if img.ndim == 3 and img.shape[0] in (1, 3) else "")
+    raise ValueError(f"image: expected (H, W), (H, W, 1) or (H, W, 3), got shape "
+                     f"{img.shape}{hint}")
   if img.min() < 0 or img.max() > 1:
     span = img.max() - img.min()
     img = (img - img.min()) / span if span > 0 else np.zeros_like(img)

@@ -99,3 +99,11 @@ def test_figures_and_png_files(tmp_path):
   np.testing.assert_allclose(matplotlib.image.imread(q)[..., :3], arr, atol=1 / 255 + 1e-6)
   with pytest.raises(ValueError, match=r"maps\['ig'\]: expected 3 maps"):
     plot.method_grid(img[None].repeat(3, 0), {"ig": maps["ig"][:2]})
+
+
+def test_a_channels_first_image_is_refused_with_the_moveaxis_hint():
+  img = np.random.default_rng(0).uniform(size=(3, 8, 8))
+  with pytest.raises(ValueError, match=r"got shape \(3, 8, 8\); channels first.*np\.moveaxis"):
+    plot.overlay(img, np.ones((8, 8)))
+  with pytest.raises(ValueError, match=r"got shape \(8, 8, 5\)$"):
+    plot.overlay(np.ones((8, 8, 5)), np.ones((8, 8)))
