@@ -531,7 +531,6 @@ class _Equinox:
 
 class _Keras:
   framework = "keras"
-  channels_first = False
 
   def __init__(self, model, output):
     import keras  # pylint: disable=import-outside-toplevel
@@ -563,6 +562,10 @@ class _Keras:
       self.keys.append((v, "_other", f"{j}"))
     self.params = params
     self.by_name = {l.name: l for l in self.layers}
+    # convolutions / pooling with data_format="channels_first" take (B, C, ...): then every
+    # intermediate of rank >= 3 is read channels-last and written back (as for Equinox)
+    self.channels_first = any(getattr(l, "data_format", None) == "channels_first"
+                              for l in self.layers if not isinstance(l, keras.layers.Flatten))
 
   def apply(self, params, x):
     import keras  # pylint: disable=import-outside-toplevel
@@ -587,7 +590,13 @@ class _Keras:
           if _name in hooks:
             if _name in aux:
               raise _twice(_name)
-            out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
+            inp = args[0] if args else None
+            flip = self.channels_first and getattr(out, "ndim", 0) >= 3
+            if self.channels_first and getattr(inp, "ndim", 0) >= 3:
+              inp = jnp.moveaxis(inp, 1, -1)
+            new, aux[_name] = hooks[_name](inp, jnp.moveaxis(out, 1, -1) if flip else out,
+                                           extra.get(_name))
+            out = jnp.moveaxis(new, -1, 1) if flip else new
           return out
         object.__setattr__(layer, "call", call)
         patched.append(layer)
@@ -616,7 +625,8 @@ class _Keras:
         l, (keras.layers.Conv2DTranspose, keras.layers.DepthwiseConv2D,
             keras.layers.SeparableConv2D)):
       if l.data_format != "channels_last":
-        raise ValueError(f"layer: {layer!r} is channels_first; not supported")
+        raise ValueError(f"layer: {layer!r} is channels_first; sweep_layer / walk / units "
+                         "need channels-last convolutions: use sweep (the general path)")
       nd = l.rank
       op = conv_op(nd, l.strides, l.padding, l.dilation_rate, l.groups)
       return Linear("conv", f"{layer}/kernel", bpath, tuple(range(nd + 2)), bshape, op, act)

@@ -778,3 +778,37 @@ def test_a_layer_inside_linen_scan_cannot_be_hooked_and_the_error_says_why():
   np.testing.assert_allclose(m.capture(x, "out")[0], net.apply(v, x), rtol=1e-6)
   with pytest.raises(ValueError, match=r"'blocks/fc' is called more than once.*nn\.scan"):
     m.capture(x, "blocks/fc")
+
+
+def test_keras_channels_first_layers_are_read_channels_last():
+  """A Keras CNN with data_format="channels_first" gave Grad-CAM maps of the wrong shape
+  ((B, C, H) read off (B, C, H, W)) and raw (B, C, H, W) captures; now both equal those of the
+  same weights in a channels-last Keras model (Keras keeps one kernel layout for both)."""
+  def build(fmt, shape):
+    return keras.Sequential([
+        keras.Input(shape),
+        keras.layers.Conv2D(4, 3, padding="same", data_format=fmt, name="conv"),
+        keras.layers.ReLU(name="relu"),
+        keras.layers.AveragePooling2D(2, data_format=fmt, name="pool"),
+        keras.layers.GlobalAveragePooling2D(data_format=fmt, name="gap"),
+        keras.layers.Dense(3, name="fc")])
+  last, first = build("channels_last", (6, 6, 2)), build("channels_first", (2, 6, 6))
+  first.set_weights(last.get_weights())
+  x = jax.random.normal(jax.random.key(5), (3, 6, 6, 2))
+  ml, mf = jaxplain.wrap(last), jaxplain.wrap(first)
+  xf = jnp.transpose(x, (0, 3, 1, 2))
+  np.testing.assert_allclose(mf(xf), ml(x), rtol=1e-5, atol=1e-6)
+  assert mf.channels_first and not ml.channels_first
+  t = jnp.array([0, 2, 1])
+  for layer in ("conv", "relu", "pool"):
+    np.testing.assert_allclose(jaxplain.grad_cam(mf, xf, t, layer=layer),
+                               jaxplain.grad_cam(ml, x, t, layer=layer), rtol=1e-4, atol=1e-6,
+                               err_msg=layer)
+  _, cf = mf.capture(xf, ["conv", "gap"])
+  _, cl = ml.capture(x, ["conv", "gap"])
+  for k in ("conv", "gap"):
+    for a, b in zip(cf[k], cl[k]):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=k)
+  # a replaced output is written back in the layer's own layout
+  np.testing.assert_allclose(mf.replace(xf, "relu", cl["conv"][1]),
+                             ml.replace(x, "relu", cl["conv"][1]), rtol=1e-5, atol=1e-6)
