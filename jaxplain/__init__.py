@@ -31,6 +31,7 @@ _API = {
     # -- the model interface (model) ------------------------------------------------------------
     'Model': ('jaxplain.model', 'Model'),
     'wrap': ('jaxplain.model', 'wrap'),
+    'at_layer': ('jaxplain.model', 'at_layer'),
     # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
     'gradient': ('jaxplain.gradients', 'gradient'),
     'gradient_x_input': ('jaxplain.gradients', 'gradient_x_input'),

@@ -921,6 +921,59 @@ def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
                   f"a (features, head) pair of functions; got {type(obj).__name__}")
 
 
+def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array], Array]:
+  """The model as a function of one layer's output, and that output at ``x``: ``(f_h, h)``.
+
+  Any attribution method then explains the layer instead of the input (Captum's
+  ``LayerIntegratedGradients`` / ``LayerGradientXActivation``, for one): token ids cannot be
+  differentiated, their embeddings can. ``f_h(h_rows)`` runs ``model`` with ``layer``'s output
+  replaced by ``h_rows`` (channels-last, as :meth:`Model.capture` gives it), for any number
+  of rows: what the model computes after ``layer`` must depend on ``x`` only through that
+  output, which is checked (a padding mask read from token ids, or a skip connection around
+  ``layer``, raises: explain a layer that every path crosses, or write the function yourself).
+
+  Args:
+    model: anything :func:`wrap` takes (or a wrapped ``Model``).
+    x: the input batch (B, ...), any dtype (token ids included).
+    layer: the layer's name (see ``Model.layer_names(x)``).
+
+  Returns:
+    ``f_h`` (rows, ...) -> logits (rows, K) and ``h`` (B, ...), the layer's output at ``x``.
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> class Tok(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, ids):
+  ...     return nn.Dense(2, name="head")(nn.Embed(5, 3, name="embed")(ids).mean(1))
+  >>> ids = jnp.array([[1, 2, 0], [4, 4, 3]])
+  >>> m = wrap(Tok(), Tok().init(jax.random.key(0), ids))
+  >>> f_h, h = at_layer(m, ids, "embed")
+  >>> h.shape, bool(jnp.allclose(f_h(h), m(ids)))
+  ((2, 3, 3), True)
+  """
+  from jaxplain import _jaxpr  # pylint: disable=import-outside-toplevel
+  m = model if isinstance(model, Model) else wrap(model)
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"x: expected a batch (B, ...), got shape {x.shape}")
+  _, caps = m.capture(x, [layer])
+  h = caps[layer][1]
+  closed = jax.make_jaxpr(lambda xx, hh: m.replace(xx, layer, hh))(x, h)
+  jx = closed.jaxpr
+  live = _jaxpr.dce(jx.eqns, jx.outvars)
+  xvar = jx.invars[0]
+  if xvar in jx.outvars or any(v is xvar for e in live for v in e.invars):
+    raise ValueError(f"layer: the model reads x again after {layer!r} (a mask computed from "
+                     "the input, or a connection around the layer), so it is not a function "
+                     "of that layer's output alone; choose a layer every path from x crosses, "
+                     "or write f(h) yourself")
+  row = x[:1]
+
+  def f_h(hr: Array) -> Array:
+    return m.replace(jnp.broadcast_to(row, (hr.shape[0],) + x.shape[1:]), layer, hr)
+  return f_h, h
+
+
 def _key_str(k: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(k, attr):

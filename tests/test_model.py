@@ -812,3 +812,59 @@ def test_keras_channels_first_layers_are_read_channels_last():
   # a replaced output is written back in the layer's own layout
   np.testing.assert_allclose(mf.replace(xf, "relu", cl["conv"][1]),
                              ml.replace(x, "relu", cl["conv"][1]), rtol=1e-5, atol=1e-6)
+
+
+class _TokNet(nn.Module):
+  masked: bool = False
+
+  def setup(self):
+    self.embed = nn.Embed(20, 6)
+    self.rnn = nn.RNN(nn.GRUCell(6))
+    self.head = nn.Dense(3)
+
+  def rest(self, h, ids=None):
+    z = self.rnn(h)
+    if ids is not None:   # a padding mask read from the token ids
+      z = z * (ids != 0)[..., None].astype(z.dtype)
+    return self.head(z.mean(axis=1))
+
+  def __call__(self, ids):
+    return self.rest(self.embed(ids), ids if self.masked else None)
+
+
+def test_at_layer_explains_an_embedding_like_the_hand_split_model():
+  """IG, SmoothGrad (whose rows interleave examples differently) and LRP of the model as a
+  function of its embedding equal those of the same network split by hand; a model that reads
+  the token ids again after the layer (a padding mask) is refused."""
+  ids = jnp.array([[3, 7, 1, 0], [5, 5, 19, 2], [0, 11, 4, 8]])
+  net = _TokNet()
+  v = net.init(jax.random.key(0), ids)
+  f_h, h = jaxplain.at_layer(jaxplain.wrap(net, v), ids, "embed")
+  h_hand = net.apply(v, ids, method=lambda mod, i: mod.embed(i))
+  rest = lambda z: net.apply(v, z, method=_TokNet.rest)  # noqa: E731
+  np.testing.assert_allclose(h, h_hand, rtol=1e-6)
+  np.testing.assert_allclose(f_h(h), net.apply(v, ids), rtol=1e-5, atol=1e-6)
+  t = jnp.array([0, 2, 1])
+  for name, method in (
+      ("ig", lambda f, z: jaxplain.integrated_gradients(f, z, t, steps=8)),
+      ("smoothgrad", lambda f, z: jaxplain.smoothgrad(f, z, t, key=jax.random.key(1),
+                                                     num_samples=4, chunk=2)),
+      ("lrp", lambda f, z: jaxplain.lrp(f, z, t))):
+    np.testing.assert_allclose(jax.jit(lambda z, method=method: method(f_h, z))(h),
+                               method(rest, h_hand), rtol=2e-4, atol=1e-6, err_msg=name)
+  masked = _TokNet(masked=True)
+  with pytest.raises(ValueError, match=r"reads x again after 'embed'"):
+    jaxplain.at_layer(jaxplain.wrap(masked, masked.init(jax.random.key(0), ids)), ids, "embed")
+
+
+def test_at_layer_in_every_framework(four):
+  p, x, models = four
+  ref = np.asarray(hand_logits(p, x))
+  a2 = np.asarray(hand_features(p, x))   # conv2's output, before its ReLU
+  for name, (m, xm) in models.items():
+    f_h, h = jaxplain.at_layer(m, xm, "conv2")
+    np.testing.assert_allclose(h, a2, rtol=1e-5, atol=1e-6, err_msg=name)
+    both = jnp.concatenate([h, 2 * h])    # any number of rows
+    np.testing.assert_allclose(f_h(both)[:B], ref, rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(f_h(both)[B:], hand_head(p, 2 * a2), rtol=1e-5, atol=1e-5,
+                               err_msg=name)
