@@ -268,6 +268,82 @@ def method_grid(images: Any, maps: Mapping[str, Any], *, signed: Sequence[str] =
   return fig
 
 
+def tokens(words: Sequence[Sequence[str]], scores: Any, *, signed: bool = True,
+           percentile: float = 99.0, row_titles: Sequence[str] | None = None,
+           line_chars: int = 72, cmap: str | None = None) -> Figure:
+  """Token attributions as coloured text, one block per example (Captum's
+  ``visualize_text``): each token on a background coloured by its score.
+
+  Args:
+    words: B sequences of token strings (ragged: example b shows ``len(words[b])`` tokens,
+      from the start of its row of ``scores``).
+    scores: (B, L) per-token scores, or (B, L, E) attributions of token embeddings, reduced
+      over E by the signed sum (``signed``) or the sum of ``|.|``.
+    signed: red positive, blue negative, white 0, each example scaled by the ``percentile``
+      of its ``|score|``; otherwise ``|score|`` in ``'Reds'`` (or ``cmap``) from 0 to that
+      percentile.
+    percentile: the clip percentile of each example's ``|score|``.
+    row_titles: a title per example (e.g. "label 3, predicted 3").
+    line_chars: characters per line before a block wraps.
+    cmap: the colour map (default ``'RdBu_r'`` signed, ``'Reds'`` unsigned).
+
+  Returns:
+    A matplotlib ``Figure``.
+
+  >>> fig = tokens([["a", "good", "film"]], np.array([[0.1, 2.0, -0.5]]))
+  >>> [t.get_text() for t in fig.axes[0].texts]
+  ['a', 'good', 'film']
+  """
+  s = np.asarray(scores, dtype=np.float64)
+  if s.ndim == 3:
+    s = s.sum(-1) if signed else np.abs(s).sum(-1)
+  if s.ndim != 2:
+    raise ValueError(f"scores: expected (B, L) or (B, L, E), got shape {np.shape(scores)}")
+  if len(words) != s.shape[0]:
+    raise ValueError(f"words: expected {s.shape[0]} token sequences (one per row of scores), "
+                     f"got {len(words)}")
+  for b, w in enumerate(words):
+    if len(w) > s.shape[1]:
+      raise ValueError(f"words[{b}]: {len(w)} tokens, more than the {s.shape[1]} scores per "
+                       "example")
+  if not np.all(np.isfinite(s)):
+    raise ValueError("scores: contains non-finite values")
+  if row_titles is not None and len(row_titles) != len(words):
+    raise ValueError(f"row_titles: expected {len(words)}, got {len(row_titles)}")
+  cm = colormaps[cmap or ("RdBu_r" if signed else "Reds")]
+  placed, lines = [], 0   # (example, line, start, token, colour value)
+  for b, w in enumerate(words):
+    row = s[b, :len(w)]
+    scale = np.percentile(np.abs(row), percentile) if len(w) else 0.0
+    scale = scale if scale > 0 else 1.0
+    val = (np.clip(row / scale, -1, 1) + 1) / 2 if signed else np.clip(np.abs(row) / scale, 0, 1)
+    lines += 1 if row_titles is not None else 0
+    x = 0
+    for tok, v in zip(w, val):
+      if x > 0 and x + len(tok) > line_chars:
+        lines, x = lines + 1, 0
+      placed.append((b, lines, x, tok, v))
+      x += len(tok) + 1
+    lines += 2  # the block's last line and a gap
+  width = max([x + len(tok) for _, _, x, tok, _ in placed] + [16])
+  fig = _new_figure((max(width * 0.1, 1.6), max(lines * 0.28, 0.6)))
+  ax = fig.add_axes((0.01, 0.01, 0.98, 0.98))
+  ax.set_xlim(-0.5, width + 0.5)
+  ax.set_ylim(lines - 0.5, -1.0)
+  ax.axis("off")
+  done = set()
+  for b, line, x, tok, v in placed:
+    if row_titles is not None and b not in done:
+      ax.text(0, line - 1, row_titles[b], fontsize=8, fontweight="bold", va="center")
+      done.add(b)
+    r, g, bl, _ = cm(v)
+    dark = 0.299 * r + 0.587 * g + 0.114 * bl < 0.5   # white text on a dark background
+    ax.text(x, line, tok, family="monospace", fontsize=9, va="center",
+            color="white" if dark else "black",
+            bbox={"facecolor": cm(v), "edgecolor": "none", "pad": 1.5})
+  return fig
+
+
 def save_png(fig_or_image: Any, path: str | os.PathLike, *, dpi: int = 100) -> str:
   """Write a ``Figure`` or an RGB/grayscale array ((H, W[, 3]) in [0, 1]) as a PNG.
 

@@ -107,3 +107,33 @@ def test_a_channels_first_image_is_refused_with_the_moveaxis_hint():
     plot.overlay(img, np.ones((8, 8)))
   with pytest.raises(ValueError, match=r"got shape \(8, 8, 5\)$"):
     plot.overlay(np.ones((8, 8, 5)), np.ones((8, 8)))
+
+
+def test_tokens_colours_scores_and_wraps(tmp_path):
+  words = [["the", "plot", "was", "dull"], ["great", "acting"]]
+  scores = np.array([[0.0, 1.0, 0.0, -1.0], [2.0, 0.5, 9.0, 9.0]])  # row 2: 2 of 4 shown
+  fig = plot.tokens(words, scores, row_titles=["neg", "pos"])
+  texts = fig.axes[0].texts
+  tok = {t.get_text(): t for t in texts}
+  assert [t.get_text() for t in texts] == ["neg", "the", "plot", "was", "dull", "pos",
+                                          "great", "acting"]
+  face = lambda w: np.asarray(tok[w].get_bbox_patch().get_facecolor())  # noqa: E731
+  assert face("plot")[0] > face("plot")[2] + 0.2        # positive: red
+  assert face("dull")[2] > face("dull")[0] + 0.2        # negative: blue
+  assert np.all(face("the")[:3] > 0.9)                  # zero: near white
+  assert tok["dull"].get_color() == "white" and tok["the"].get_color() == "black"
+  # (B, L, E) embedding attributions, unsigned: |.| summed, darker red for larger
+  emb = np.stack([scores, -scores], -1)
+  f2 = plot.tokens(words, emb, signed=False)
+  t2 = {t.get_text(): t for t in f2.axes[0].texts}
+  g = lambda w: t2[w].get_bbox_patch().get_facecolor()[1]  # noqa: E731
+  assert g("plot") < g("the") and g("great") < g("acting")
+  long = [[f"w{i}" for i in range(40)]]
+  f3 = plot.tokens(long, np.ones((1, 40)), line_chars=20)
+  ys = sorted({t.get_position()[1] for t in f3.axes[0].texts})
+  assert len(ys) >= 6                                   # 40 tokens of 3-4 chars in 20-char lines
+  plot.save_png(fig, tmp_path / "t.png")
+  with pytest.raises(ValueError, match="expected 2 token sequences"):
+    plot.tokens(words[:1], scores)
+  with pytest.raises(ValueError, match=r"words\[0\]: 5 tokens"):
+    plot.tokens([words[0] + ["x"], words[1]], scores)
