@@ -104,8 +104,9 @@ per image; Quantus's MPRT explains the original twice, 7 explanations against ou
   non-negative ``|a|`` as integer bit patterns (11 vs 47 ms for 32 maps, 73 vs 319 ms for
   256), and on the CPU with NumPy's sort through a callback (2026-12-06, ``--metrics
   sparseness --rounds 4``: 6.1 vs 30.7 ms for 256 maps, Quantus / jaxplain 44.2; XLA:CPU's
-  sort of 256 x 3072 integers took 27 ms, NumPy's 3.8 ms). Compile times are not in the timings: MPRT's first call compiles for ~30 s under
-  load (most of it the Gaussian draws of the ten weight leaves).
+  sort of 256 x 3072 integers took 27 ms, NumPy's 3.8 ms). Compile times are not in the
+  timings: MPRT's first call compiles for ~30 s under load (most of it the Gaussian draws of
+  the ten weight leaves).
 """
 
 

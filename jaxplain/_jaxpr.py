@@ -55,6 +55,7 @@ to the parameters.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -723,7 +724,8 @@ def _inactive_outs(ps, rs, dep) -> list[Val]:
   return [Val(p, r, None, dep) for p, r in zip(ps, rs)]
 
 
-_ENCLOSING: list[str] = []  # full name stacks of the loop / call equations being interpreted
+# the full name stack of the loop / call equation whose body is being interpreted
+_ENCLOSING = contextvars.ContextVar("jaxplain_enclosing_name", default="")
 
 
 def _name(eqn) -> str:
@@ -733,17 +735,17 @@ def _name(eqn) -> str:
     own = str(eqn.source_info.name_stack)
   except Exception:  # pragma: no cover - best effort only
     own = ""
-  return "/".join(p for p in (_ENCLOSING[-1] if _ENCLOSING else "", own) if p)
+  return "/".join(p for p in (_ENCLOSING.get(), own) if p)
 
 
 @contextlib.contextmanager
 def _inside(eqn):
   """While interpreting the body (bodies) of ``eqn``."""
-  _ENCLOSING.append(_name(eqn))
+  token = _ENCLOSING.set(_name(eqn))
   try:
     yield
   finally:
-    _ENCLOSING.pop()
+    _ENCLOSING.reset(token)
 
 
 def _layer(head, chain, ins: list[Val], rule, impl, read, nonneg=frozenset()) -> Val:

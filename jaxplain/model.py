@@ -373,11 +373,12 @@ class _NNX:
     want = (2 if isinstance(mod, nnx.Linear) else len(mod.kernel_size) + 2
             if isinstance(mod, nnx.Conv) else nd)
     if nd != want:
-      raise ValueError(f"layer: {layer!r} holds a stack of kernels {np.shape(paths[kpath])} "
-                       f"(a {type(mod).__name__} made by nnx.vmap, run by nnx.scan?), not one "
-                       f"{want}-d kernel; sweep_layer / walk / units edit one layer. Edit the stack "
-                       f"with a mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
-                       f"{', '.join(map(str, np.shape(paths[kpath])))})}})")
+      shape = np.shape(paths[kpath])
+      raise ValueError(f"layer: {layer!r} holds a stack of kernels {shape} (a "
+                       f"{type(mod).__name__} made by nnx.vmap, run by nnx.scan?), not one "
+                       f"{want}-d kernel; sweep_layer / walk / units edit one layer. Edit the "
+                       f"stack with a mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
+                       f"{', '.join(map(str, shape))})}})")
     if isinstance(mod, nnx.Linear):
       return Linear("dense", kpath, bpath, (0, 1), bshape, dense_op)
     if isinstance(mod, nnx.Conv):
