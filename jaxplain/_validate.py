@@ -7,6 +7,8 @@ argument and what was expected.
 
 from __future__ import annotations
 
+import functools
+import sys
 import warnings
 from typing import Any, Callable, TypeVar
 
@@ -163,6 +165,23 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
                      f"got shape {out.shape}")
   return out
+
+
+def accepts_nnx(fn: Callable) -> Callable:
+  """Decorator of the methods that take a function ``f(x) -> logits`` first: a Flax NNX
+  module given as ``f`` is used through ``jaxplain.wrap`` (a private copy in ``.eval()``
+  mode, as the layer-level methods use it). Called directly, a module fresh from its
+  constructor is in training mode, and its batch norm / dropout raise NNX's "Cannot mutate
+  ... from a different trace level" under every transform; one that runs ``nnx.scan`` inside
+  raises that too."""
+  @functools.wraps(fn)
+  def wrapper(f, *args, **kwargs):
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(f, nnx.Module):
+      from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
+      f = wrap(f)
+    return fn(f, *args, **kwargs)
+  return wrapper
 
 
 def warn_if_channels_first(x: Any, name: str = "x") -> None:

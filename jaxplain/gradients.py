@@ -153,6 +153,7 @@ def _grad_rows_multi(f: Fn, x: Array, target: Any, output: str,
   return logits, jnp.moveaxis(g, 0, 1)
 
 
+@_validate.accepts_nnx
 def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
              target_chunk: int | None = None) -> Array:
   """Gradient saliency d out[t] / dx for a batch (Simonyan et al. 2014, eq. 2).
@@ -189,6 +190,7 @@ def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
   return g
 
 
+@_validate.accepts_nnx
 def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
                      target_chunk: int | None = None) -> Array:
   """Gradient times input, ``x * d out[t] / dx`` (Shrikumar et al. 2016).
@@ -221,6 +223,7 @@ def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
 SMOOTHGRAD_FORMS = ("mean", "squared", "vargrad")
 
 
+@_validate.accepts_nnx
 def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 32,
                noise_level: float = 0.15, form: str = "mean",
                multiply_by_input: bool = False, output: str = "logit",

@@ -182,6 +182,7 @@ def make_baseline(x: Array, baseline: Any = "black", *, key: Array | None = None
   return _validate.broadcast_to_x(baseline, x, "baseline")
 
 
+@_validate.accepts_nnx
 def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black",
                          steps: int = 32, method: str = "gausslegendre",
                          chunk: int | None = 4, loop: str = "auto",
@@ -440,6 +441,7 @@ def _gap(f: Fn, x: Array, base: Array, t: Array, attr: Array, output: str) -> Ar
   return jnp.sum(attr.reshape(b, -1).astype(acc), axis=1) - delta
 
 
+@_validate.accepts_nnx
 def completeness_gap(f: Fn, x: Array, target: Any, attributions: Array, *,
                      baseline: Any = "black", key: Array | None = None,
                      output: str = "logit",

@@ -209,6 +209,7 @@ def _curve(f, x, target, saliency, *, steps, value, output, reduce, chunk, inser
   return scores.T
 
 
+@_validate.accepts_nnx
 def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                    saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
                    output: str = "logit", reduce: str = "sum_abs",
@@ -254,6 +255,7 @@ def deletion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: An
                 reduce=reduce, chunk=chunk, insert=False)
 
 
+@_validate.accepts_nnx
 def insertion_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any,
                     saliency: jax.Array, *, steps: Any = 20, value: Any = 0.0,
                     output: str = "logit", reduce: str = "sum_abs",
@@ -291,6 +293,7 @@ def random_saliency(key: jax.Array, x: jax.Array) -> jax.Array:
   return jax.random.uniform(key, x.shape if x.ndim == 2 else x.shape[:-1])
 
 
+@_validate.accepts_nnx
 def random_order_curve(f: Callable[[jax.Array], jax.Array], x: jax.Array, target: Any, *,
                        key: jax.Array, num_orders: int = 4, kind: str = "deletion",
                        **kwargs: Any) -> jax.Array:
@@ -521,6 +524,7 @@ def map_similarity(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs",
 
 # -- input-shift invariance (seed 003) ----------------------------------------------------------
 
+@_validate.accepts_nnx
 def shift_invariance(f: Callable[[jax.Array], jax.Array],
                      explain: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
                      target: Any, shift: Any, *, reduce: str = "sum_abs",

@@ -50,6 +50,7 @@ def window_masks(height: int, width: int, patch: Any, stride: Any = None) -> np.
   return masks
 
 
+@_validate.accepts_nnx
 def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any = 4,
               stride: Any = None, value: Any = 0.0, output: str = "logit",
               chunk: int | None = None) -> Array:

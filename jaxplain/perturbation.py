@@ -168,6 +168,7 @@ def _ranks(key: Array, b: int, nf: int) -> Array:
 
 # -- feature ablation ----------------------------------------------------------------------
 
+@_validate.accepts_nnx
 def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
                      num_features: int | None = None, baseline: Any = 0.0,
                      output: str = "logit", chunk: int | None = None) -> Array:
@@ -206,6 +207,7 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
 
 # -- Shapley value sampling ----------------------------------------------------------------
 
+@_validate.accepts_nnx
 def shapley_value_sampling(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 25,
                            feature_mask: Any = None, num_features: int | None = None,
                            baseline: Any = 0.0, output: str = "logit",
@@ -281,6 +283,7 @@ def _constrained_wls(z: Array, y: Array, w: Array, total: Array, reg: float) -> 
   return jnp.linalg.solve(kkt, rhs[..., None])[..., :nf, 0]
 
 
+@_validate.accepts_nnx
 def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
                 n_samples: int | None = 256, feature_mask: Any = None,
                 num_features: int | None = None, baseline: Any = 0.0, output: str = "logit",
@@ -387,6 +390,7 @@ def weighted_ridge(z: Array, y: Array, weights: Array, alpha: float) -> tuple[Ar
   return theta[:, :nf], theta[:, nf]
 
 
+@_validate.accepts_nnx
 def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
          feature_mask: Any = None, num_features: int | None = None, baseline: Any = 0.0,
          output: str = "logit", kernel_width: float = 0.25, alpha: float = 1.0,
@@ -448,6 +452,7 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
 
 # -- RISE ------------------------------------------------------------------------------------
 
+@_validate.accepts_nnx
 def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: float = 0.5,
          grid: int = 7, feature_mask: Any = None, num_features: int | None = None,
          baseline: Any = 0.0, output: str = "softmax", chunk: int | None = None) -> Array:

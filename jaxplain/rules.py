@@ -210,6 +210,7 @@ def _one_row_reference(f, x, ref, rule, traced):
   return ref
 
 
+@_validate.accepts_nnx
 @_doc
 def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
         target_chunk: int | None = None) -> Array:
@@ -238,6 +239,7 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "lo
                             target_chunk=target_chunk)
 
 
+@_validate.accepts_nnx
 @_doc
 def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
              reference: Array | None = None, output: str = "logit",
@@ -288,6 +290,7 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
                             target_chunk=target_chunk)
 
 
+@_validate.accepts_nnx
 @_doc
 def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 1e-6,
         composite: Any = None, low: Any = None, high: Any = None, output: str = "logit",
@@ -336,6 +339,7 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
   return out
 
 
+@_validate.accepts_nnx
 @_doc
 def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
                     output: str = "logit", target_chunk: int | None = None) -> Array:
@@ -362,6 +366,7 @@ def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
                             target_chunk=target_chunk)
 
 
+@_validate.accepts_nnx
 @_doc
 def deconvnet(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
               target_chunk: int | None = None) -> Array:

@@ -868,3 +868,41 @@ def test_at_layer_in_every_framework(four):
     np.testing.assert_allclose(f_h(both)[:B], ref, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(f_h(both)[B:], hand_head(p, 2 * a2), rtol=1e-5, atol=1e-5,
                                err_msg=name)
+
+
+def test_function_level_methods_take_a_bare_nnx_module_in_training_mode():
+  """A fresh NNX module (training mode: batch norm updates its statistics) given as f raised
+  NNX's 'Cannot mutate BatchStat from a different trace level' in every method; it is now
+  used as wrap() uses it (an eval-mode copy): the same maps as a lambda over an eval-mode
+  clone, and the user's module is left in training mode, unchanged."""
+  from jaxplain import evaluation as E
+
+  class BN(nnx.Module):
+    def __init__(self, r):
+      self.conv = nnx.Conv(2, 3, (3, 3), rngs=r)
+      self.bn = nnx.BatchNorm(3, rngs=r)
+      self.out = nnx.Linear(3 * 6 * 6, 4, rngs=r)
+
+    def __call__(self, x):
+      h = nnx.relu(self.bn(self.conv(x)))
+      return self.out(h.reshape(h.shape[0], -1))
+
+  net = BN(nnx.Rngs(0))
+  ev = nnx.clone(net)
+  ev.eval()
+  plain = lambda z: ev(z)  # noqa: E731  (not a Module: used as given)
+  x = jax.random.normal(jax.random.key(2), (3, 6, 6, 2))
+  t = jnp.array([0, 3, 1])
+  calls = {
+      "gradient": lambda f: jaxplain.gradient(f, x, t),
+      "smoothgrad": lambda f: jaxplain.smoothgrad(f, x, t, key=jax.random.key(0),
+                                                  num_samples=4),
+      "ig": lambda f: jaxplain.integrated_gradients(f, x, t, steps=8),
+      "lrp": lambda f: jaxplain.lrp(f, x, t, composite="epsilon_plus"),
+      "occlusion": lambda f: jaxplain.occlusion(f, x, t, patch=3, stride=3),
+      "pixel_flipping": lambda f: E.pixel_flipping(f, x, t, x, steps=3),
+  }
+  for name, call in calls.items():
+    np.testing.assert_allclose(call(net), call(plain), rtol=1e-5, atol=1e-6, err_msg=name)
+  assert net.bn.use_running_average is False
+  np.testing.assert_allclose(net.bn.mean[...], 0.0)   # the statistics were not updated

@@ -31,6 +31,7 @@ def _counts(steps: Any, n: int) -> np.ndarray:
   return np.round(step_fractions(steps, n) * n).astype(np.int64)
 
 
+@_validate.accepts_nnx
 def pixel_flipping(f: C.Fn, x: Array, target: Any, attributions: Array, *, steps: Any = 20,
                    value: Any = 0.0, output: str = "logit",
                    chunk: int | None = None) -> Array:
@@ -147,6 +148,7 @@ def linear_imputation(x: Array, removed: Array, *, tol: float = 1e-6,
   return known + r * sol
 
 
+@_validate.accepts_nnx
 def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
          percentages: Sequence[float] = tuple(range(1, 100, 2)), noise: float = 0.01,
          order: str = "morf", output: str = "accuracy", chunk: int | None = None) -> Array:
@@ -224,6 +226,7 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
 
 # -- IROF --------------------------------------------------------------------------------------
 
+@_validate.accepts_nnx
 def irof(f: C.Fn, x: Array, target: Any, attributions: Array, *, segments: Any,
          num_segments: int | None = None, value: Any = "mean", output: str = "softmax",
          chunk: int | None = None) -> dict[str, Array]:
@@ -289,6 +292,7 @@ def irof(f: C.Fn, x: Array, target: Any, attributions: Array, *, segments: Any,
 
 # -- infidelity ----------------------------------------------------------------------------------
 
+@_validate.accepts_nnx
 def infidelity(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
                n_samples: int = 64, sigma: float = 0.1, normalize: bool = False,
                output: str = "logit", chunk: int | None = None) -> Array:
@@ -344,6 +348,7 @@ def infidelity(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Arra
 
 # -- faithfulness correlation ----------------------------------------------------------------
 
+@_validate.accepts_nnx
 def faithfulness_correlation(f: C.Fn, x: Array, target: Any, attributions: Array, *,
                              key: Array, n_runs: int = 100, subset_size: int = 224,
                              value: Any = 0.0, output: str = "logit",
