@@ -350,9 +350,23 @@ class Activation(NamedTuple):
   homogeneous: bool
 
 
+def value_and_slope(g: Callable, v: Array) -> tuple[Array, Array]:
+  """``g(v)`` and the elementwise derivative ``g'(v)`` (``g`` elementwise, so a JVP with ones
+  gives the diagonal). A ``jax.custom_vjp`` function (a user's activation with its own
+  backward) has no forward mode: there the VJP with ones gives the same diagonal."""
+  ones = jnp.ones_like(v)
+  try:
+    return jax.jvp(g, (v,), (ones,))
+  except TypeError as err:
+    if "custom_vjp" not in str(err):
+      raise
+    y, pull = jax.vjp(g, v)
+    return y, pull(jnp.ones_like(y))[0]
+
+
 def slope(g: Callable, v: Array) -> Array:
-  """Elementwise derivative g'(v) (g elementwise, so a JVP with ones gives the diagonal)."""
-  return jax.jvp(g, (v,), (jnp.ones_like(v),))[1]
+  """Elementwise derivative g'(v) (see :func:`value_and_slope`)."""
+  return value_and_slope(g, v)[1]
 
 
 class Layer:

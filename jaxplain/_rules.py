@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxplain._jaxpr import Activation, Layer, slope
+from jaxplain._jaxpr import Activation, Layer, slope, value_and_slope
 
 Array = Any
 
@@ -314,7 +314,7 @@ class WBP(_GradientSpace):
   def activation(self, act: Activation):
     v = act.v.p
     finfo = jnp.finfo(jnp.result_type(v))
-    g0, d0 = jax.jvp(act.g, (jnp.zeros_like(v),), (jnp.ones_like(v),))
+    g0, d0 = value_and_slope(act.g, jnp.zeros_like(v))
     g0 = jnp.where(jnp.isfinite(g0), g0, jnp.zeros_like(g0))
     tol = jnp.where(g0 == 0, finfo.tiny, jnp.sqrt(finfo.eps))
     small = jnp.abs(v) <= tol

@@ -497,3 +497,27 @@ def test_a_custom_jvp_routing_function_is_differentiated_by_its_own_rule():
   body_derivative = _grad_x_input(lambda x: jnp.where(
       x @ w.T > 0, jax.nn.relu(x @ w.T), jax.nn.relu(x @ w.T)[:, ::-1]) @ w, x, t)
   assert float(jnp.abs(body_derivative - expected).max()) > 1e-3
+
+
+def test_a_custom_vjp_activation_gets_the_rules_of_the_same_builtin():
+  """A user's leaky ReLU written as a jax.custom_vjp has no forward mode: WBP, DeepLIFT and
+  guided backprop raised "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
+  Its slope now comes from its VJP; the maps equal those of jax.nn.leaky_relu."""
+  @jax.custom_vjp
+  def leaky(v):
+    return jnp.where(v > 0, v, 0.1 * v)
+
+  leaky.defvjp(lambda v: (leaky(v), v), lambda v, g: (g * jnp.where(v > 0, 1.0, 0.1),))
+  w1 = jax.random.normal(jax.random.key(5), (4, 6))
+  w2 = jax.random.normal(jax.random.key(6), (6, 3))
+  b1 = 0.3 * jax.random.normal(jax.random.key(7), (6,))
+  net = lambda act: lambda x: act(x @ w1 + b1[None]) @ w2  # noqa: E731
+  x = jax.random.normal(jax.random.key(8), (5, 4))
+  t = jnp.array([0, 2, 1, 1, 0])
+  builtin = net(lambda v: jax.nn.leaky_relu(v, 0.1))
+  for method in (rules.wbp, rules.deeplift, rules.guided_backprop, rules.deconvnet,
+                 rules.lrp):
+    want = method(builtin, x, t)
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(method(net(leaky), x, t), want, rtol=1e-5, atol=1e-6,
+                               err_msg=method.__name__)
