@@ -184,7 +184,24 @@ class _Linen:
     self.mods: dict[str, Any] = {}
 
   def apply(self, params, x):
-    return _select_output(self.module.apply(params, x, **self.kw), self.output)
+    import flax.errors  # pylint: disable=import-outside-toplevel
+    try:
+      return _select_output(self.module.apply(params, x, **self.kw), self.output)
+    except (flax.errors.InvalidRngError, flax.errors.ModifyScopeVariableError) as err:
+      raise ValueError(f"{err}\n\njaxplain.wrap runs the module as given: it is in training "
+                      f"mode here (dropout / batch-norm statistics). Pass its inference flag, "
+                      f"e.g. wrap(module, variables, apply_kwargs={self._flag_hint()})") from err
+
+  def _flag_hint(self) -> str:
+    import inspect  # pylint: disable=import-outside-toplevel
+    try:
+      sig = inspect.signature(type(self.module).__call__)
+    except (TypeError, ValueError):  # pragma: no cover
+      sig = None
+    for p in (sig.parameters.values() if sig else ()):
+      if isinstance(p.default, bool) and p.name not in self.kw:
+        return "{" + repr(p.name) + ": " + repr(not p.default) + "}"
+    return "{'train': False}"
 
   def run(self, params, x, hooks, extra):
     import flax.linen as nn  # pylint: disable=import-outside-toplevel

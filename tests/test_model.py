@@ -906,3 +906,18 @@ def test_function_level_methods_take_a_bare_nnx_module_in_training_mode():
     np.testing.assert_allclose(call(net), call(plain), rtol=1e-5, atol=1e-6, err_msg=name)
   assert net.bn.use_running_average is False
   np.testing.assert_allclose(net.bn.mean[...], 0.0)   # the statistics were not updated
+
+
+def test_a_linen_module_in_training_mode_gets_the_inference_flag_in_the_error():
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool = False):
+      x = nn.Dropout(0.5, deterministic=deterministic)(nn.Dense(8)(x))
+      return nn.Dense(3)(nn.BatchNorm(use_running_average=deterministic)(x))
+
+  x = jnp.ones((4, 5))
+  v = M().init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match=r"training mode.*apply_kwargs=\{'deterministic': True\}"):
+    jaxplain.gradient(jaxplain.wrap(M(), v), x, 0)
+  m = jaxplain.wrap(M(), v, apply_kwargs={"deterministic": True})
+  np.testing.assert_allclose(m(x), M().apply(v, x, deterministic=True), rtol=1e-6)
