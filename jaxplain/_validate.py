@@ -176,12 +176,17 @@ def accepts_nnx(fn: Callable) -> Callable:
   raises that too."""
   @functools.wraps(fn)
   def wrapper(f, *args, **kwargs):
-    nnx = sys.modules.get("flax.nnx")
-    if nnx is not None and isinstance(f, nnx.Module):
-      from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
-      f = wrap(f)
-    return fn(f, *args, **kwargs)
+    return fn(nnx_as_function(f), *args, **kwargs)
   return wrapper
+
+
+def nnx_as_function(f: Any) -> Any:
+  """``jaxplain.wrap(f)`` for a Flax NNX module (see :func:`accepts_nnx`), else ``f``."""
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is not None and isinstance(f, nnx.Module):
+    from jaxplain.model import wrap  # pylint: disable=import-outside-toplevel
+    return wrap(f)
+  return f
 
 
 def warn_if_channels_first(x: Any, name: str = "x") -> None:

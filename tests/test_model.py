@@ -904,6 +904,12 @@ def test_function_level_methods_take_a_bare_nnx_module_in_training_mode():
   }
   for name, call in calls.items():
     np.testing.assert_allclose(call(net), call(plain), rtol=1e-5, atol=1e-6, err_msg=name)
+  grad = lambda z, tt: jaxplain.gradient(plain, z, tt)  # noqa: E731
+  ms = {"sparseness": lambda c: E.sparseness(c["attributions"])}
+  res = [E.evaluate({"g": grad}, ms, (x, t), f=fm, key=jax.random.key(0), batch_size=3,
+                    target="predicted", progress=False)["scores"]["g"]["sparseness"]
+         for fm in (net, plain)]
+  np.testing.assert_allclose(res[0], res[1], rtol=1e-6)
   assert net.bn.use_running_average is False
   np.testing.assert_allclose(net.bn.mean[...], 0.0)   # the statistics were not updated
 

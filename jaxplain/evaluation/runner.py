@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxplain import _validate
 from jaxplain.evaluation._complexity import complexity as _complexity
 from jaxplain.evaluation._complexity import sparseness as _sparseness
 from jaxplain.evaluation.faithfulness import faithfulness_correlation as _faith_corr
@@ -162,6 +163,7 @@ def evaluate(explainers: Mapping[str, Callable[[Array, Array], Array]],
   """
   if target not in ("label", "predicted"):
     raise ValueError(f"target: expected 'label' or 'predicted', got {target!r}")
+  f = _validate.nnx_as_function(f)   # a bare NNX module: its eval-mode copy
   if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
   if not explainers or not metrics:
