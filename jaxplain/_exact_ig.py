@@ -50,14 +50,10 @@ _LINEAR = {
     "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "reduce_sum", "slice",
     "concatenate", "stack", "unstack", "split", "pad", "copy", "copy_p", "rev",
     "convert_element_type", "reduce_precision", "select_n", "dynamic_slice", "gather",
-    "cumsum", "real",
+    "cumsum", "real", "reduce_window_sum",
     "sharding_constraint", "optimization_barrier", "dynamic_update_slice", "scatter-add",
 }
 _CMP = {"ge", "gt", "le", "lt", "max", "min"}  # breakpoints where lhs - rhs changes sign
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
-          "remat": "jaxpr", "checkpoint": "jaxpr"}
 _PWCONST_OUT = {"ge", "gt", "le", "lt", "eq", "ne", "argmax", "argmin", "sign", "and", "or",
                 "not", "stop_gradient", "floor", "ceil", "round"}
 _CONST, _PW, _AFF = 0, 1, 2  # constant; piecewise constant along the path; affine on segments
@@ -116,9 +112,8 @@ def _flatten(jaxpr, consts, in_refs, eqns, const_vals, counter):
   for eqn in jaxpr.eqns:
     ins = [ref(v) for v in eqn.invars]
     name = eqn.primitive.name
-    if name in _CALLS and _CALLS[name] in eqn.params:
-      sub = eqn.params[_CALLS[name]]
-      sub_jaxpr, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
+    if name in _jaxpr.CALLS:  # jit, custom_jvp / custom_vjp, checkpoint (remat)
+      sub_jaxpr, sub_consts = _jaxpr.call_body(eqn)
       outs = _flatten(sub_jaxpr, sub_consts, ins, eqns, const_vals, counter)
     elif name == "scan":
       outs = _unroll_scan(eqn, ins, eqns, const_vals, counter)
@@ -349,7 +344,15 @@ class _Program:
   elementwise work; row counts are powers of two, so few compiles)."""
 
   def __init__(self, f: Callable, x1: Array):
-    closed = jax.make_jaxpr(f)(x1)
+    try:
+      closed = jax.make_jaxpr(f)(x1)
+    except Exception as err:
+      err.add_note("jaxplain: method='exact' traces f on one example at a time (a batch of "
+                   "one row); f must keep the batch axis for any number of rows (e.g. no "
+                   "`.squeeze()` of it)")
+      raise
+    _validate.check_logits(closed.out_avals[0] if len(closed.out_avals) == 1
+                           else tuple(closed.out_avals), 1, "f(x[:1])")
     eqns, consts, counter = [], {}, [1]  # id 1: the input
     outs_f = _flatten(closed.jaxpr, closed.consts, [1], eqns, consts, counter)
     lev = {1: _AFF}

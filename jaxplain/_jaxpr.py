@@ -82,7 +82,7 @@ class Val(NamedTuple):
 # ------------------------------------------------------------------------------------------
 # primitive tables
 
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
           "custom_vjp_call_jaxpr", "remat", "checkpoint", "remat2", "custom_lin"}
 
 # elementwise and linear in the input-dependent operands (for mul/div: see _classify).
@@ -185,7 +185,7 @@ def pair_eqns(eqns, eqns1, pairs: dict, consts: dict) -> bool:
   return True
 
 
-def _call_body(eqn):
+def call_body(eqn):
   """(jaxpr, consts) of a call primitive's body."""
   for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
     if key in eqn.params:
@@ -209,9 +209,9 @@ def _routing_body(jaxpr) -> bool:
   compares values, so that the rule-modified tangent of the whole body is its exact JVP (a
   max-pool written with selects, ``jaxplain.models.max_pool_2x2``)."""
   for e in jaxpr.eqns:
-    if e.primitive.name in _CALLS:
+    if e.primitive.name in CALLS:
       try:
-        body, _ = _call_body(e)
+        body, _ = call_body(e)
       except UnsupportedPrimitiveError:
         return False
       if not _routing_body(body):
@@ -238,8 +238,8 @@ def _elementwise_body(jaxpr, active: Sequence[bool]) -> bool:
     if not any(ins):
       continue
     name = eqn.primitive.name
-    if name in _CALLS:
-      body, _ = _call_body(eqn)
+    if name in CALLS:
+      body, _ = call_body(eqn)
       if not _elementwise_body(body, ins):
         return False
     elif name not in _ELEMENTWISE:
@@ -281,8 +281,8 @@ def _homogeneous_eqn(eqn, kinds: list) -> str | None:
     return _EXT
   if _EXT in kinds:
     return None
-  if name in _CALLS:
-    body, _ = _call_body(eqn)
+  if name in CALLS:
+    body, _ = call_body(eqn)
     return _homogeneous_body(body, kinds)
   if all(k in (_INV, _CONST) for k in kinds):
     return _INV if name in _ELEMENTWISE else None  # e.g. convert(v > 0) * 2
@@ -608,9 +608,9 @@ def nonneg_vars(eqns, invars, flags: Sequence[bool]) -> set:
   for e in eqns:
     name = e.primitive.name
     ins = [is_nn(v) for v in e.invars]
-    if name in _CALLS:
+    if name in CALLS:
       try:
-        body, _ = _call_body(e)
+        body, _ = call_body(e)
       except UnsupportedPrimitiveError:
         continue
       inner = nonneg_vars(body.eqns, body.invars, ins)
@@ -854,8 +854,8 @@ def _eval_eqn(eqn, ins: list[Val], rule, scope: _Scope, env) -> list[Val]:
   if name == "cond":
     with _inside(eqn):
       return _cond(eqn, ins, rule)
-  if name in _CALLS:
-    body, consts = _call_body(eqn)
+  if name in CALLS:
+    body, consts = call_body(eqn)
     if name == "custom_jvp_call" and _routing_body(body):
       # the exact JVP of a pure routing body is the function's own derivative: its custom
       # rule (e.g. the one-hot routing of max_pool_2x2, cheaper than its selects' transposes)
@@ -1118,7 +1118,7 @@ def _const(v, val: Val | None, scope: _Scope, env, depth: int = 0):
   if val is not None and not val.dep and not isinstance(val.p, jax.core.Tracer):
     return val.p
   e = scope.prod.get(v)
-  if (e is None or depth > 32 or e.primitive.name in _CALLS or e.effects
+  if (e is None or depth > 32 or e.primitive.name in CALLS or e.effects
       or any(math.prod(o.aval.shape) > _MAX_CONST_SIZE for o in e.outvars)):
     return None
   vals = [_const(u, None, scope, env, depth + 1) for u in e.invars]
@@ -1380,7 +1380,7 @@ def unwrap_single_call(invars, constvars, consts, eqns, outvars):
   while (len(eqns) == 1 and eqns[0].primitive.name in ("pjit", "jit", "closed_call")
          and list(eqns[0].outvars) == list(outvars) and len(invars) == 1):
     eqn = eqns[0]
-    body, bconsts = _call_body(eqn)
+    body, bconsts = call_body(eqn)
     outer = dict(zip(constvars, consts))
     pos = [i for i, v in enumerate(eqn.invars) if isinstance(v, Var) and v is invars[0]]
     if len(pos) != 1:
@@ -1418,7 +1418,7 @@ def strip_output_normalisation(eqns, outvar):
     return outvar, None
   name = e.primitive.name
   cname = str(e.params.get("name", ""))
-  if name in _CALLS and cname in ("log_softmax", "softmax", "_softmax"):
+  if name in CALLS and cname in ("log_softmax", "softmax", "_softmax"):
     return e.invars[0], "log_softmax" if cname == "log_softmax" else "softmax"
   if name in ("sub", "div"):
     first = e.invars[0]
@@ -1430,6 +1430,24 @@ def strip_output_normalisation(eqns, outvar):
     if s is not None and s.primitive.name == "sub" and pname(s.invars[1]) == "stop_gradient":
       return s.invars[0], "softmax" if name == "div" else "log_softmax"
   return outvar, None
+
+
+def needed_inputs(jaxpr, used_outputs: Sequence[bool]) -> list[bool]:
+  """Which of ``jaxpr``'s inputs its used outputs depend on, looking inside calls (jit,
+  checkpoint / remat, custom_jvp / custom_vjp bodies), so an input that a call takes but
+  never reads for a used output does not count."""
+  live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and isinstance(v, Var)}
+  for e in reversed(jaxpr.eqns):
+    used = [o in live for o in e.outvars]
+    if not any(used):
+      continue
+    ins = [True] * len(e.invars)
+    if e.primitive.name in CALLS:
+      body, _ = call_body(e)
+      if len(body.invars) == len(e.invars) and len(body.outvars) == len(e.outvars):
+        ins = needed_inputs(body, used)
+    live.update(v for v, n in zip(e.invars, ins) if n and isinstance(v, Var))
+  return [v in live for v in jaxpr.invars]
 
 
 def dce(eqns, outvars) -> list:

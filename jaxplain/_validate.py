@@ -162,9 +162,16 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
     lead_ok = out.ndim >= 1 and out.shape[0] == batch  # a batch, but not (B, K) logits
     if not lead_ok and f is not None and x is not None and _accepts_one_example(f, x):
       raise one_example_error(x)
+    hint = (FIXED_BATCH_HINT if out.ndim == 2 and out.shape[0] != batch else "")
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
-                     f"got shape {out.shape}")
+                     f"got shape {out.shape}{hint}")
   return out
+
+
+FIXED_BATCH_HINT = (
+    ". f must keep the batch axis for any number of rows (methods call it on more rows "
+    "than x: path points, noisy copies, perturbations); does it fix the batch size, e.g. "
+    "`.reshape(4, -1)`? Write `.reshape(x.shape[0], -1)`")
 
 
 def accepts_nnx(fn: Callable) -> Callable:
@@ -210,12 +217,29 @@ def check_model(f: Callable, x: Any, name: str = "f(x)", *, loops: bool = False)
 
   ``loops=True``: trace a jaxpr instead (the same cost) and return ``(shape, has_loop)``,
   whether ``f`` runs a ``scan`` or ``while`` loop (RNNs, scanned layer stacks)."""
-  if not loops:
-    out = call_model(lambda: jax.eval_shape(f, x), f, x)
-    return check_logits(out, jnp.shape(x)[0], name, f=f, x=x)
-  spec = jax.ShapeDtypeStruct(jnp.shape(x), x.dtype)
-  closed, out = call_model(lambda: jax.make_jaxpr(f, return_shape=True)(spec), f, x)
-  return check_logits(out, jnp.shape(x)[0], name, f=f, x=x), _has_loop(closed.jaxpr)
+  b = jnp.shape(x)[0]
+  # traced on twice x's rows, as those methods call it: a model that fixes the batch size
+  # fails there, not at x (the factor 2 keeps a batch that sharding needs even)
+  spec = jax.ShapeDtypeStruct((2 * b,) + tuple(jnp.shape(x)[1:]), x.dtype)
+  trace = ((lambda: jax.make_jaxpr(f, return_shape=True)(spec)) if loops
+           else (lambda: (None, jax.eval_shape(f, spec))))
+  try:
+    closed, out = call_model(trace, f, x)
+    ok = hasattr(out, "ndim") and out.ndim == 2 and out.shape[0] == 2 * b
+  except Exception as err:  # pylint: disable=broad-except
+    closed, out, ok, failure = None, None, False, err
+  else:
+    failure = None
+  if not ok:
+    # the model at x itself: its own errors first; if it works there, it fixes the batch
+    own = check_logits(call_model(lambda: jax.eval_shape(f, x), f, x), b, name, f=f, x=x)
+    raise ValueError(f"{name}: f returns {tuple(own.shape)} for x's {b} rows but "
+                     + (f"fails on {2 * b} rows ({type(failure).__name__}: "
+                        f"{str(failure).splitlines()[0][:200]})" if failure is not None
+                        else f"returns {getattr(out, 'shape', type(out).__name__)} for "
+                             f"{2 * b} rows") + FIXED_BATCH_HINT) from failure
+  out = jax.ShapeDtypeStruct((b,) + tuple(out.shape[1:]), out.dtype)
+  return (out, _has_loop(closed.jaxpr)) if loops else out
 
 
 def _has_loop(jaxpr: Any) -> bool:

@@ -381,8 +381,9 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
   if _is_multi(target):
     raise ValueError("target: tol= and method='exact' take one target per example (an int "
                      "or a (B,) array); call once per target column")
+  k = _validate.check_model(f, x).shape[1]
   base = make_baseline(x, baseline, key=key, value_range=value_range, blur_sigma=blur_sigma)
-  t = _validate.check_target(target, x.shape[0], None, "target")
+  t = _validate.check_target(target, x.shape[0], k, "target")
   acc = _validate.accumulation_dtype(x.dtype)
   base_acc = base.astype(acc)
   diff = x.astype(acc) - base_acc

@@ -130,8 +130,7 @@ def _setup(f, x, target, baseline, output, feature_mask, num_features, chunk):
   _check_output(output)
   _check_chunk(chunk)
   x = _validate.check_batched(x, "x", min_rank=2)
-  logits = _validate.call_model(lambda: jax.eval_shape(f, x), f, x)  # x may be one example
-  _validate.check_logits(logits, x.shape[0], f=f, x=x)
+  logits = _validate.check_model(f, x)  # shapes only; x may be one example
   t = _validate.check_target(target, x.shape[0], logits.shape[-1])
   fm, nf = _features(x, feature_mask, num_features)
   return x, t, _baseline(x, baseline), fm, nf

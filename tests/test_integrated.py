@@ -778,3 +778,42 @@ def test_exact_ig_unrolls_scans_like_the_loop_written_out():
   loop = lambda z: jax.lax.while_loop(lambda h: jnp.sum(h) < 10.0, lambda h: h + 1.0, z)
   with pytest.raises(jaxplain.NotPiecewiseLinearError, match="'while' .a while loop"):
     jaxplain.integrated_gradients(loop, jnp.ones((1, 4)), 0, method="exact")
+
+
+def test_exact_ig_through_average_pooling_and_checkpoint():
+  # average pooling (reduce_window_sum, as linen's avg_pool) inside jax.checkpoint (remat:
+  # a call primitive of its own) against the same network with the pooling written as a
+  # reshape-mean and no checkpoint: the same breakpoints and maps, completeness to float64
+  # rounding
+  from jaxplain import _exact_ig
+  with jax.enable_x64(True):
+    r = np.random.default_rng(21)
+    w = jnp.asarray(r.normal(size=(3, 3, 2, 4)))
+    head = jnp.asarray(r.normal(size=(16, 3)))
+    conv = lambda z: jax.nn.relu(jax.lax.conv_general_dilated(
+        z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) - 0.2)
+
+    def pooled(x):
+      pool = lambda z: jax.lax.reduce_window(z, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
+                                             "VALID") / 4.0
+      h = jax.checkpoint(lambda z: pool(conv(z)))(x)
+      return jax.nn.relu(h).reshape(x.shape[0], -1) @ head
+
+    def written(x):
+      h = conv(x).reshape(x.shape[0], 2, 2, 2, 2, 4).mean((2, 4))
+      return jax.nn.relu(h).reshape(x.shape[0], -1) @ head
+
+    x, base = jnp.asarray(r.normal(size=(2, 4, 4, 2))), jnp.zeros((2, 4, 4, 2))
+    names = {e.primitive.name for e in jax.make_jaxpr(pooled)(x).eqns}
+    assert "remat2" in names or "checkpoint" in names, names
+    np.testing.assert_allclose(pooled(x), written(x), rtol=1e-12)
+    ig = jaxplain.integrated_gradients(pooled, x, 2, method="exact", baseline=base)
+    want = jaxplain.integrated_gradients(written, x, 2, method="exact", baseline=base)
+    np.testing.assert_allclose(ig, want, rtol=1e-9, atol=1e-12)
+    delta = np.asarray(pooled(x)[:, 2] - pooled(base)[:, 2])
+    np.testing.assert_allclose(np.asarray(ig).sum((1, 2, 3)), delta, rtol=1e-10)
+    bp = _exact_ig.breakpoints(pooled, x[:1], base[:1])
+    assert len(bp) > 3
+    np.testing.assert_allclose(bp, _exact_ig.breakpoints(written, x[:1], base[:1]),
+                               atol=1e-12)
+

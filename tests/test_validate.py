@@ -185,3 +185,31 @@ def test_normalisations_mean_the_same_in_plot_and_ppi():
   with pytest.raises(ValueError, match=r"method: expected one of \('relu_max', 'abs_max', "
                                        r"'minmax'\) \(maps in \[0, 1\]\)"):
     ppi.normalize_saliency(jnp.ones((1, 2)), "signed_max")
+
+
+def test_a_model_with_a_fixed_batch_size_is_named_as_such():
+  # f works on x's 4 rows but fixes the batch; every method that calls it on other row
+  # counts (IG's path points, SmoothGrad's noise, perturbations, metrics) says so up front
+  # instead of failing inside f with a shape error of its own
+  from jaxplain import evaluation
+  w = jnp.ones((12, 3))
+  f = lambda x: jax.nn.relu(x).reshape(4, -1) @ w
+  x = jnp.ones((4, 2, 2, 3))
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_allclose(f(x), jnp.full((4, 3), 12.0))  # fine at x itself
+  calls = {
+      "ig exact": lambda: jaxplain.integrated_gradients(f, x, 0, method="exact"),
+      "ig tol": lambda: jaxplain.integrated_gradients(f, x, 0, tol=0.01),
+      "ig": lambda: jaxplain.integrated_gradients(f, x, 0, steps=8),
+      "smoothgrad": lambda: jaxplain.smoothgrad(f, x, 0, key=key),
+      "feature_ablation": lambda: jaxplain.feature_ablation(f, x, 0),
+      "kernel_shap": lambda: jaxplain.kernel_shap(f, x, 0, key=key),
+      "pixel_flipping": lambda: evaluation.pixel_flipping(f, x, 0, x),
+  }
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=r"fails on 8 rows .*reshape\(x.shape\[0\], -1\)"):
+      call()
+  # a model returning the wrong rows (no error inside f) is named the same way
+  g = lambda x: jnp.ones((4, 3)) * x.sum()
+  with pytest.raises(ValueError, match=r"4 rows but returns \(4, 3\) for 8 rows.*reshape"):
+    jaxplain.integrated_gradients(g, x, 0)

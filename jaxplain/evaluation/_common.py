@@ -88,8 +88,7 @@ def baseline(x: Array, value: Any, name: str = "value") -> Array:
 
 
 def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:
-  out = jax.eval_shape(f, x)
-  _validate.check_logits(out, x.shape[0])
+  out = _validate.check_model(f, x)
   return _validate.check_target(target, x.shape[0], out.shape[-1]), out.shape[-1]
 
 
