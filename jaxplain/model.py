@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import sys
 import types
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -170,6 +171,9 @@ def _select_output(out: Any, output: Any) -> Any:
 # -- adapters --------------------------------------------------------------------------------
 
 
+_LINEN_AUX = "jaxplain_hooks"  # the variable collection linen hooks hand their values out in
+
+
 class _Linen:
   framework = "linen"
   channels_first = False
@@ -184,9 +188,12 @@ class _Linen:
     self.mods: dict[str, Any] = {}
 
   def apply(self, params, x):
+    return _select_output(self._apply_checked(params, x, **self.kw), self.output)
+
+  def _apply_checked(self, params, x, **kw):
     import flax.errors  # pylint: disable=import-outside-toplevel
     try:
-      return _select_output(self.module.apply(params, x, **self.kw), self.output)
+      return self.module.apply(params, x, **kw)
     except (flax.errors.InvalidRngError, flax.errors.ModifyScopeVariableError) as err:
       raise ValueError(f"{err}\n\njaxplain.wrap runs the module as given: it is in training "
                       f"mode here (dropout / batch-norm statistics). Pass its inference flag, "
@@ -205,7 +212,7 @@ class _Linen:
 
   def run(self, params, x, hooks, extra):
     import flax.linen as nn  # pylint: disable=import-outside-toplevel
-    aux, order = {}, []
+    seen, order = set(), []
 
     def interceptor(next_fun, args, kwargs, ctx):
       if ctx.method_name != "__call__":
@@ -215,15 +222,29 @@ class _Linen:
         order.append(name)
       out = next_fun(*args, **kwargs)
       if name in hooks:
-        if name in aux:
+        if name in seen:
           raise _twice(name)
+        seen.add(name)
         self.mods[name] = ctx.module.clone(parent=None)
-        out, aux[name] = hooks[name](args[0] if args else None, out, extra.get(name))
+        out, aux = hooks[name](args[0] if args else None, out, extra.get(name))
+        # out of the module through its variables: a layer inside a lifted transform
+        # (nn.remat, nn.jit) hands its values back through them, where a Python side
+        # effect would leak that transform's tracers
+        ctx.module.sow(_LINEN_AUX, "aux", aux, init_fn=lambda: None,
+                       reduce_fn=lambda _, v: v)
       return out
 
+    from flax import traverse_util  # pylint: disable=import-outside-toplevel
+    kw = dict(self.kw)
+    user = kw.pop("mutable", False)  # apply_kwargs may ask for mutable collections too
+    mutable = True if user is True else (
+        ([user] if isinstance(user, str) else list(user or [])) + [_LINEN_AUX])
     with nn.intercept_methods(interceptor):
-      logits = self.apply(params, x)
-    return logits, aux, order
+      out, state = self._apply_checked(params, x, mutable=mutable, **kw)
+    state = dict(state)
+    found = traverse_util.flatten_dict(dict(state.pop(_LINEN_AUX, {})), sep="/")
+    aux = {name[: -len("/aux")]: v for name, v in found.items()}
+    return _select_output(out if user is False else (out, state), self.output), aux, order
 
   def names(self):
     return None  # linen submodules exist only while the model runs: probe
@@ -271,37 +292,46 @@ def _nnx_get(node, part):
   return node[int(part)] if part.isdigit() else getattr(node, part)
 
 
-# ({id(submodule): call wrapper}, scoped call) while an NNX adapter runs its private copy
+# the hook of a named submodule call (module, its name, the call, args, kwargs) while an NNX
+# adapter runs its private copy
 _NNX_CALLS = contextvars.ContextVar("jaxplain_nnx_calls", default=None)
 _NNX_SUBCLASSES: dict = {}
+_NNX_AUX = "_jaxplain_hook_aux"  # the Variable attribute a hook hands its value out in
 
 
 def _nnx_hookable(cls: type) -> type:
-  """A subclass of the NNX module class ``cls`` whose ``__call__`` goes through the wrapper
-  registered for the instance in ``_NNX_CALLS`` (one subclass per class, cached).
+  """A subclass of the NNX module class ``cls`` whose ``__call__`` goes through the hook in
+  ``_NNX_CALLS`` when the instance carries a ``_jaxplain_path`` (one subclass per class,
+  cached).
 
   The adapter gives its private merged copy's submodules this class instead of replacing
   them with proxy objects, so a submodule passed as a value (``nnx.scan(body)(x,
-  self.blocks)``, ``nnx.remat``) is still the NNX graph node that lifted transforms expect.
-  Instances that a lifted transform re-creates are not registered: they run as ``cls``.
+  self.blocks)``, ``nnx.remat``) is still the NNX graph node that lifted transforms expect;
+  the copies those transforms make keep the class and the (static) path, so they are hooked
+  too.
   """
   sub = _NNX_SUBCLASSES.get(cls)
   if sub is None:
     def __call__(self, *args, **kwargs):
-      ctx = _NNX_CALLS.get()
+      hook = _NNX_CALLS.get()
       call = lambda *a, **k: cls.__call__(self, *a, **k)  # noqa: E731
-      if ctx is None:
+      path = getattr(self, "_jaxplain_path", None)
+      if hook is None or path is None:
         return call(*args, **kwargs)
-      calls, scoped = ctx
-      wrapper = calls.get(id(self))
-      if wrapper is not None:
-        return wrapper(call, *args, **kwargs)
-      path = getattr(self, "_jaxplain_path", None)  # a copy made by a lifted transform
-      return call(*args, **kwargs) if path is None else scoped(path, call, *args, **kwargs)
+      return hook(self, path, call, *args, **kwargs)
     sub = types.new_class(cls.__name__, (cls,), exec_body=lambda ns: ns.update(
         __call__=__call__, __module__=cls.__module__, __qualname__=cls.__qualname__))
     _NNX_SUBCLASSES[cls] = sub
   return sub
+
+
+@functools.cache
+def _nnx_aux_variable() -> type:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class HookAux(nnx.Variable):
+    """A jaxplain hook's value, handed out of the module run."""
+  return HookAux
 
 
 class _NNX:
@@ -333,7 +363,7 @@ class _NNX:
     # Fresh containers: a Variable made outside the current trace makes NNX's lifted
     # transforms (nnx.scan, nnx.vmap inside the model) raise "different trace level".
     m = nnx.merge(self.graphdef, jax.tree_util.tree_map(lambda a: a, params))
-    aux, order, active, calls = {}, [], [], {}
+    shapes, order, active = {}, [], []
 
     def scoped(name, call, *args, **kwargs):
       outer = next((a for a in reversed(active) if name.startswith(a + "/")), None)
@@ -344,29 +374,43 @@ class _NNX:
       finally:
         active.pop()
 
+    def hook(mod, name, call, *args, **kwargs):
+      if name not in order:
+        order.append(name)
+      out = scoped(name, call, *args, **kwargs)
+      if name in hooks:
+        if name in shapes:
+          raise _twice(name)
+        out, aux = hooks[name](args[0] if args else None, out, extra.get(name))
+        shapes[name] = jax.tree_util.tree_map(jnp.shape, aux)
+        # out through a Variable: a copy made by a lifted transform (nnx.remat) hands it
+        # back to the original module, where a Python side effect would leak the
+        # transform's tracers
+        setattr(mod, _NNX_AUX, _nnx_aux_variable()(aux))
+      return out
+
     mods = {"/".join(str(p) for p in path): mod for path, mod in nnx.iter_modules(m)}
     for name in self._names:
       mod = mods[name]
       object.__setattr__(mod, "__class__", _nnx_hookable(type(mod)))
-      # a static attribute, so the copies that nnx.scan / nnx.vmap make keep their name
+      # a static attribute, so the copies that nnx.remat / nnx.scan make keep their name
       object.__setattr__(mod, "_jaxplain_path", name)
-
-      def wrapper(call, *args, _name=name, **kwargs):
-        if _name not in order:
-          order.append(_name)
-        out = scoped(_name, call, *args, **kwargs)
-        if _name in hooks:
-          if _name in aux:
-            raise _twice(_name)
-          out, aux[_name] = hooks[_name](args[0] if args else None, out, extra.get(_name))
-        return out
-      calls[id(mod)] = wrapper
-    token = _NNX_CALLS.set((calls, scoped))
+    token = _NNX_CALLS.set(hook)
     try:
       with jax.named_scope(type(self.copy).__name__):
         out = m(x, **self.kw)
     finally:
       _NNX_CALLS.reset(token)
+    aux = {}
+    for name, shape in shapes.items():
+      var = getattr(mods[name], _NNX_AUX, None)
+      value = None if var is None else var.get_value()
+      if var is None or jax.tree_util.tree_map(jnp.shape, value) != shape:
+        raise ValueError(f"layer: {name!r} runs inside a transform that maps it over an axis "
+                         "(nnx.scan / nnx.vmap over a stack of layers): its values come back "
+                         "stacked, so a hook cannot reach one call of it; hook a layer outside "
+                         "the stack")
+      aux[name] = value
     return _select_output(out, self.output), aux, order
 
   def names(self):
@@ -787,8 +831,8 @@ class Model:
     missing = [h for h in hooks if h not in aux]
     if missing and missing[0] in (self.adapter.names() or []):
       raise ValueError(f"layer: {missing[0]!r} is not called as a layer of this forward pass "
-                       "(unused, or run inside a transform that re-creates it, such as "
-                       "nnx.scan / nnx.vmap: such copies cannot be hooked); layers called: "
+                       "(unused, or run inside a transform that re-creates it without the "
+                       "module, e.g. jax.vmap of a pure function); layers called: "
                        + ", ".join(repr(n) for n in order))
     if missing:
       raise _unknown(missing[0], order or self.adapter.names() or [])
@@ -977,10 +1021,7 @@ def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array]
   _, caps = m.capture(x, [layer])
   h = caps[layer][1]
   closed = jax.make_jaxpr(lambda xx, hh: m.replace(xx, layer, hh))(x, h)
-  jx = closed.jaxpr
-  live = _jaxpr.dce(jx.eqns, jx.outvars)
-  xvar = jx.invars[0]
-  if xvar in jx.outvars or any(v is xvar for e in live for v in e.invars):
+  if _jaxpr.needed_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]:
     raise ValueError(f"layer: the model reads x again after {layer!r} (a mask computed from "
                      "the input, or a connection around the layer), so it is not a function "
                      "of that layer's output alone; choose a layer every path from x crosses, "

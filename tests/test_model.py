@@ -720,8 +720,9 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
   logits, caps = m.capture(x, ["inp", "out"])
   np.testing.assert_allclose(caps["inp"][1], hidden, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(caps["out"][0], last, rtol=1e-5, atol=1e-6)
-  assert m.layer_names(x) == ("inp", "out")
-  with pytest.raises(ValueError, match=r"'blocks' is not called.*nnx\.scan.*'inp', 'out'"):
+  assert m.layer_names(x) == ("inp", "blocks", "out")  # the copies nnx.scan runs count too
+  with pytest.raises(ValueError, match=r"'blocks' runs inside a transform that maps it over "
+                                       r"an axis \(nnx\.scan"):
     m.capture(x, "blocks")
   # the stacked kernels: units raise (they used to report kernel_shape (3, 6)); a mask over the
   # stacked leaf through sweep equals the hand-edited network
@@ -755,6 +756,91 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
     P[key] = np.where(mask[n], 0.0, P0[key])
     np.testing.assert_allclose(out[n], hand(x)[0], rtol=1e-5, atol=1e-6, err_msg=str(n))
     P.update(P0)
+
+
+class _RematBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Conv(4, (3, 3))(x))
+
+
+class _RematLinen(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.remat(_RematBlock)(name="b1")(x)
+    x = nn.remat(_RematBlock)(name="b2")(x)
+    return nn.Dense(3, name="head")(x.mean((1, 2)))
+
+
+class _RematNNXBlock(nnx.Module):
+  def __init__(self, cin, rngs):
+    self.conv = nnx.Conv(cin, 4, (3, 3), rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.conv(x))
+
+
+class _RematNNX(nnx.Module):
+  def __init__(self, rngs):
+    self.b1, self.b2 = _RematNNXBlock(2, rngs), _RematNNXBlock(4, rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    run = nnx.remat(lambda blk, h: blk(h))
+    return self.head(run(self.b2, run(self.b1, x)).mean((1, 2)))
+
+
+def _hand_cnn(k1, c1, k2, c2, kh, ch):
+  """The two-block CNN above written with jnp, as functions: logits of the b2 output, b1
+  output of x, b2 output of the b1 output."""
+  conv = lambda z, k, c: jax.lax.conv_general_dilated(
+      z, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + c[None, None, None]
+  a1 = lambda x: jax.nn.relu(conv(x, k1, c1))
+  b2 = lambda h: jax.nn.relu(conv(h, k2, c2))
+  head = lambda a: a.mean((1, 2)) @ kh + ch[None]
+  return head, a1, b2
+
+
+def test_layers_inside_remat_are_hooked_in_linen_and_nnx():
+  """Grad-CAM, capture and at_layer on a layer inside nn.remat / nnx.remat raised JAX's
+  UnexpectedTracerError (linen: the hook's value leaked out of jax.checkpoint) or 'not called'
+  (NNX: the copy nnx.remat makes was not hooked). Now each equals the network written with
+  jnp on the same weights, Grad-CAM computed by hand (Selvaraju et al. eqs. 1-2)."""
+  x = jax.random.normal(jax.random.key(1), (3, 6, 6, 2))
+  t = jnp.array([0, 2, 1])
+  lin = _RematLinen()
+  v = lin.init(jax.random.key(0), x)
+  p = v["params"]
+  nx = _RematNNX(nnx.Rngs(0))
+  q = nnx.state(nx, nnx.Param)
+  cases = {
+      "linen": (jaxplain.wrap(lin, v), "b1/Conv_0", "b2",
+                _hand_cnn(p["b1"]["Conv_0"]["kernel"], p["b1"]["Conv_0"]["bias"],
+                          p["b2"]["Conv_0"]["kernel"], p["b2"]["Conv_0"]["bias"],
+                          p["head"]["kernel"], p["head"]["bias"])),
+      "nnx": (jaxplain.wrap(nx), "b1/conv", "b2",
+              _hand_cnn(q["b1"]["conv"]["kernel"][...], q["b1"]["conv"]["bias"][...],
+                        q["b2"]["conv"]["kernel"][...], q["b2"]["conv"]["bias"][...],
+                        q["head"]["kernel"][...], q["head"]["bias"][...])),
+  }
+  for name, (m, conv1, block2, (head, a1, b2)) in cases.items():
+    a2 = lambda z: b2(a1(z))
+    names = {e.primitive.name for e in jax.make_jaxpr(m)(x).eqns}
+    assert names & {"remat2", "checkpoint"}, (name, names)
+    np.testing.assert_allclose(m(x), head(a2(x)), rtol=1e-5, atol=1e-6, err_msg=name)
+    _, caps = jax.jit(lambda z: m.capture(z, [conv1, block2]))(x)
+    np.testing.assert_allclose(jax.nn.relu(caps[conv1][1]), a1(x), rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+    np.testing.assert_allclose(caps[block2][1], a2(x), rtol=1e-5, atol=1e-6, err_msg=name)
+    A = a2(x)
+    dA = jax.grad(lambda a: jnp.take_along_axis(head(a), t[:, None], 1).sum())(A)
+    cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", A, dA.mean((1, 2))))
+    got = jax.jit(lambda z: jaxplain.grad_cam(m, z, t, layer=block2, upsample=None))(x)
+    np.testing.assert_allclose(got, cam, rtol=1e-4, atol=1e-6, err_msg=name)
+    f_h, h = jaxplain.at_layer(m, x, "b1")
+    np.testing.assert_allclose(h, a1(x), rtol=1e-5, atol=1e-6, err_msg=name)
+    h2 = h * 0.5
+    np.testing.assert_allclose(f_h(h2), head(b2(h2)), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_a_layer_inside_linen_scan_cannot_be_hooked_and_the_error_says_why():
