@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxplain import _pack
 from jaxplain import _validate
 from jaxplain.gradients import _check_output, _cotangent
 from jaxplain.model import wrap
@@ -58,7 +59,9 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
     model: anything :func:`jaxplain.wrap` accepts (a ``Model``, an NNX / Equinox / Keras
       model, a ``(features, head)`` pair with ``head(features(x))`` the logits; a linen module
       goes with its variables: ``grad_cam(wrap(module, variables), x, t, layer=...)``).
-    *args: ``x, target``: inputs (B, ...) (any dtype: token ids too) and an int or (B,) ints.
+    *args: ``x, target``: inputs (B, ...) (any dtype: token ids too) and an int or (B,) ints;
+      ``x`` may be a tuple / list / dict of batches for a model with several inputs (the map
+      is upsampled to the first input of its kind).
     layer: the framework's layer name (``"conv3"``, ``"stage3_block1/conv2"``,
       ``"blocks/0"``, ``"mixed10"``; ``"features"`` or ``None`` for a ``(features, head)`` pair).
       Its output must be (B, ..., C) channels-last (Equinox maps are moved for you).
@@ -91,15 +94,20 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   m = wrap(model, args[0], **kw) if len(args) == 3 else wrap(model, **kw)
   x, target = args[-2:]
   layer = m.default_layer if layer is None else layer
-  x = jnp.asarray(x)
-  if x.ndim < 2:
-    raise ValueError(f"x: expected a batch (B, ...); got shape {x.shape}")
+  # several inputs (a tuple / list / dict of batches) go to the model as they are
+  xs = [jnp.asarray(v) for v in (jax.tree_util.tree_leaves(x) if _pack.is_several(x) else [x])]
+  x = x if _pack.is_several(x) else xs[0]
+  for v in xs:
+    if v.ndim < 2:
+      raise ValueError(f"x: expected a batch (B, ...); got shape {v.shape}")
+    if jnp.issubdtype(v.dtype, jnp.inexact):
+      _validate.check_finite(v, "x")
+  if len({v.shape[0] for v in xs}) != 1:
+    raise ValueError(f"x: the inputs have different batch sizes {[v.shape for v in xs]}")
   if not isinstance(layer, str):
     raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
                      f"layers: {list(m.layer_names(x))}")
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    _validate.check_finite(x, "x")
-  b = x.shape[0]
+  b = xs[0].shape[0]
   a_shape = jax.eval_shape(lambda z: m.capture(z, [layer])[1][layer][1], x)
   if not hasattr(a_shape, "shape") or len(a_shape.shape) < 2 or a_shape.shape[0] != b:
     shape = getattr(a_shape, "shape", type(a_shape).__name__)
@@ -123,10 +131,10 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   if upsample is None:
     return cam
   spatial = cam.ndim - 1
-  if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == cam.ndim:   # token ids (B, L)
-    size = x.shape[1:]
-  elif x.ndim == spatial + 2:                                    # (B, *spatial, C) inputs
-    size = x.shape[2:] if m.channels_first else x.shape[1:-1]
-  else:
-    return cam
-  return jax.image.resize(cam, (b,) + tuple(size), method=upsample)
+  for v in xs:  # the input the map is upsampled to: the first of the map's kind
+    if jnp.issubdtype(v.dtype, jnp.integer) and v.ndim == cam.ndim:   # token ids (B, L)
+      return jax.image.resize(cam, (b,) + v.shape[1:], method=upsample)
+    if v.ndim == spatial + 2:                                        # (B, *spatial, C)
+      size = v.shape[2:] if m.channels_first else v.shape[1:-1]
+      return jax.image.resize(cam, (b,) + tuple(size), method=upsample)
+  return cam

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _pack
 from jaxplain import _validate
 
 Array = jax.Array
@@ -154,13 +155,15 @@ def _grad_rows_multi(f: Fn, x: Array, target: Any, output: str,
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
              target_chunk: int | None = None) -> Array:
   """Gradient saliency d out[t] / dx for a batch (Simonyan et al. 2014, eq. 2).
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating.
+    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+      with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array of classes in [0, K); or ``"all"`` (every class
       0..K-1, T = K) or a (B, T) int array (T targets per example), which return one map
       per target, (B, T, ...), from one shared forward pass (the T output cotangents are
@@ -191,13 +194,15 @@ def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
                      target_chunk: int | None = None) -> Array:
   """Gradient times input, ``x * d out[t] / dx`` (Shrikumar et al. 2016).
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating.
+    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+      with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
       target (see :func:`gradient`).
     output: as in :func:`gradient`.
@@ -224,6 +229,7 @@ SMOOTHGRAD_FORMS = ("mean", "squared", "vargrad")
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 32,
                noise_level: float = 0.15, form: str = "mean",
                multiply_by_input: bool = False, output: str = "logit",
@@ -232,7 +238,8 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
 
   For n = 1..N, ``g_n = grad out[t](x + e_n)`` with ``e_n ~ N(0, sigma^2)`` and
   ``sigma = noise_level * (max(x_b) - min(x_b))``, the range taken per example (the paper's
-  "noise level relative to the input range"). Then
+  "noise level relative to the input range"; over all its inputs together when ``x`` is a
+  tuple of several). Then
 
   - ``form="mean"``: ``mean_n g_n`` (SmoothGrad);
   - ``form="squared"``: ``mean_n g_n ** 2`` (SmoothGrad^2, Hooker et al. 2019);
@@ -243,7 +250,8 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating.
+    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+      with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
       target, (B, T, ...) (see :func:`gradient`); the noisy samples are shared by the targets.
     key: a ``jax.random`` key; the same key gives the same result.

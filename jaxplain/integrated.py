@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.special
 
+from jaxplain import _pack
 from jaxplain import _validate
 from jaxplain._exact_ig import NotPiecewiseLinearError as NotPiecewiseLinearError
 from jaxplain.gradients import (_check_output, _check_target_chunk, _grad_rows,
@@ -183,6 +184,7 @@ def make_baseline(x: Array, baseline: Any = "black", *, key: Array | None = None
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", strings=("black",))
 def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black",
                          steps: int = 32, method: str = "gausslegendre",
                          chunk: int | None = 4, loop: str = "auto",
@@ -215,7 +217,9 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating.
+    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+      with several inputs: the maps come back in that structure, each shaped like its
+      input; ``baseline`` is then ``"black"``, a scalar or the same structure).
     target: an int or a (B,) int array; ``"all"`` (every class, T = K) or a (B, T) int
       array for one map per target, (B, T, ...): each path point's forward pass is shared
       by the T targets (their cotangents are vmapped through one linearisation).
@@ -443,6 +447,7 @@ def _gap(f: Fn, x: Array, base: Array, t: Array, attr: Array, output: str) -> Ar
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("attributions", "baseline", strings=("black",), returns_map=False)
 def completeness_gap(f: Fn, x: Array, target: Any, attributions: Array, *,
                      baseline: Any = "black", key: Array | None = None,
                      output: str = "logit",

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _pack
 from jaxplain import _validate
 from jaxplain._batching import map_merged
 from jaxplain.gradients import _check_output, _output_value
@@ -168,6 +169,7 @@ def _ranks(key: Array, b: int, nf: int) -> Array:
 # -- feature ablation ----------------------------------------------------------------------
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", ids=("feature_mask",))
 def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
                      num_features: int | None = None, baseline: Any = 0.0,
                      output: str = "logit", chunk: int | None = None) -> Array:
@@ -175,7 +177,9 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
 
   Args:
     f: pure batched model, ``(B, ...) -> (B, K)`` logits.
-    x: ``(B, ...)`` inputs of any rank (images, sequences, tabular).
+    x: ``(B, ...)`` inputs of any rank (images, sequences, tabular); or a tuple / list /
+      dict of such batches (several inputs; ``feature_mask`` then one mask per input, ids
+      shared across inputs, and ``baseline`` a scalar or the same structure).
     target: an int or ``(B,)`` ints.
     feature_mask: int feature ids shaped like a leading part of ``x[b]`` (e.g. ``(H, W)``
       superpixels shared by the channels) or of ``x`` (per example); ``None``: every element.
@@ -207,6 +211,7 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
 # -- Shapley value sampling ----------------------------------------------------------------
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", ids=("feature_mask",))
 def shapley_value_sampling(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 25,
                            feature_mask: Any = None, num_features: int | None = None,
                            baseline: Any = 0.0, output: str = "logit",
@@ -283,6 +288,7 @@ def _constrained_wls(z: Array, y: Array, w: Array, total: Array, reg: float) -> 
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", ids=("feature_mask",))
 def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
                 n_samples: int | None = 256, feature_mask: Any = None,
                 num_features: int | None = None, baseline: Any = 0.0, output: str = "logit",
@@ -390,6 +396,7 @@ def weighted_ridge(z: Array, y: Array, weights: Array, alpha: float) -> tuple[Ar
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", ids=("feature_mask",))
 def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
          feature_mask: Any = None, num_features: int | None = None, baseline: Any = 0.0,
          output: str = "logit", kernel_width: float = 0.25, alpha: float = 1.0,
@@ -452,6 +459,7 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
 # -- RISE ------------------------------------------------------------------------------------
 
 @_validate.accepts_nnx
+@_pack.several_inputs("baseline", ids=("feature_mask",))
 def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: float = 0.5,
          grid: int = 7, feature_mask: Any = None, num_features: int | None = None,
          baseline: Any = 0.0, output: str = "softmax", chunk: int | None = None) -> Array:

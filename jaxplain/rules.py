@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxplain import _jaxpr
+from jaxplain import _pack
 from jaxplain import _rules
 from jaxplain import _validate
 from jaxplain._jaxpr import UnsupportedPrimitiveError as UnsupportedPrimitiveError
@@ -88,7 +89,8 @@ f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from 
       primitives; see the module docstring). Its output is explained as given, as by
       :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
       propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...).
+    x: input, shape (B, ...); or a tuple / list / dict of such batches (a model with
+      several inputs: the maps come back in that structure, each shaped like its input).
     target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
       per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map
       has shape (B, T, ...) and the forward pass is shared.
@@ -211,6 +213,7 @@ def _one_row_reference(f, x, ref, rule, traced):
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 @_doc
 def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
         target_chunk: int | None = None) -> Array:
@@ -240,6 +243,7 @@ def wbp(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "lo
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("reference")
 @_doc
 def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
              reference: Array | None = None, output: str = "logit",
@@ -291,6 +295,7 @@ def deeplift(f: Callable[[Array], Array], x: Array, target: Any, *,
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs("low", "high")
 @_doc
 def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 1e-6,
         composite: Any = None, low: Any = None, high: Any = None, output: str = "logit",
@@ -340,6 +345,7 @@ def lrp(f: Callable[[Array], Array], x: Array, target: Any, *, epsilon: float = 
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 @_doc
 def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
                     output: str = "logit", target_chunk: int | None = None) -> Array:
@@ -367,6 +373,7 @@ def guided_backprop(f: Callable[[Array], Array], x: Array, target: Any, *,
 
 
 @_validate.accepts_nnx
+@_pack.several_inputs()
 @_doc
 def deconvnet(f: Callable[[Array], Array], x: Array, target: Any, *, output: str = "logit",
               target_chunk: int | None = None) -> Array:
