@@ -1,4 +1,4 @@
-"""Models with several inputs: ``x`` a tuple, list or dict of (B, ...) arrays.
+"""Models with several inputs: ``x`` a tuple or dict of (B, ...) arrays.
 
 The attribution methods work on one array. For a model ``f((image, features))`` they run
 on the inputs packed into one (B, D) array, each input flattened after its batch axis and
@@ -78,7 +78,9 @@ def _leaves_like(p: Packing, tree: Any, name: str) -> list:
 
 
 def is_several(x: Any) -> bool:
-  return isinstance(x, (tuple, list, dict))
+  """A tuple or dict of inputs. A list stays one array (``[[0., 1.], [2., 3.]]`` is a batch,
+  as ``jnp.asarray`` reads it)."""
+  return isinstance(x, (tuple, dict))
 
 
 def packing(x: Any) -> Packing:
@@ -102,7 +104,7 @@ def packing(x: Any) -> Packing:
 
 def several_inputs(*x_like: str, strings: Sequence[str] = (), ids: Sequence[str] = (),
                    returns_map: bool = True) -> Callable:
-  """Decorator of ``method(f, x, target, ...)``: a tuple / list / dict ``x`` runs packed
+  """Decorator of ``method(f, x, target, ...)``: a tuple or dict ``x`` runs packed
   (see the module docstring). ``x_like`` name the arguments given like ``x`` (a tree of the
   same structure; a scalar stays as it is), ``strings`` the string values of them that mean
   the same for packed inputs (``"black"``: zeros), ``ids`` the feature-id masks (one per

@@ -60,7 +60,7 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
       model, a ``(features, head)`` pair with ``head(features(x))`` the logits; a linen module
       goes with its variables: ``grad_cam(wrap(module, variables), x, t, layer=...)``).
     *args: ``x, target``: inputs (B, ...) (any dtype: token ids too) and an int or (B,) ints;
-      ``x`` may be a tuple / list / dict of batches for a model with several inputs (the map
+      ``x`` may be a tuple or dict of batches for a model with several inputs (the map
       is upsampled to the first input of its kind).
     layer: the framework's layer name (``"conv3"``, ``"stage3_block1/conv2"``,
       ``"blocks/0"``, ``"mixed10"``; ``"features"`` or ``None`` for a ``(features, head)`` pair).
@@ -94,7 +94,7 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
   m = wrap(model, args[0], **kw) if len(args) == 3 else wrap(model, **kw)
   x, target = args[-2:]
   layer = m.default_layer if layer is None else layer
-  # several inputs (a tuple / list / dict of batches) go to the model as they are
+  # several inputs (a tuple or dict of batches) go to the model as they are
   xs = [jnp.asarray(v) for v in (jax.tree_util.tree_leaves(x) if _pack.is_several(x) else [x])]
   x = x if _pack.is_several(x) else xs[0]
   for v in xs:

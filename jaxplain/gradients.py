@@ -162,7 +162,7 @@ def gradient(f: Fn, x: Array, target: Any, *, output: str = "logit",
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+    x: inputs, (B, ...) floating; or a tuple or dict of such batches (a model
       with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array of classes in [0, K); or ``"all"`` (every class
       0..K-1, T = K) or a (B, T) int array (T targets per example), which return one map
@@ -201,7 +201,7 @@ def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+    x: inputs, (B, ...) floating; or a tuple or dict of such batches (a model
       with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
       target (see :func:`gradient`).
@@ -250,7 +250,7 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+    x: inputs, (B, ...) floating; or a tuple or dict of such batches (a model
       with several inputs: the maps come back in that structure, each shaped like its input).
     target: an int or a (B,) int array; ``"all"`` or a (B, T) int array for one map per
       target, (B, T, ...) (see :func:`gradient`); the noisy samples are shared by the targets.

@@ -217,7 +217,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
 
   Args:
     f: pure batched model, (B, ...) -> logits (B, K).
-    x: inputs, (B, ...) floating; or a tuple / list / dict of such batches (a model
+    x: inputs, (B, ...) floating; or a tuple or dict of such batches (a model
       with several inputs: the maps come back in that structure, each shaped like its
       input; ``baseline`` is then ``"black"``, a scalar or the same structure).
     target: an int or a (B,) int array; ``"all"`` (every class, T = K) or a (B, T) int

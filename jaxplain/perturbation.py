@@ -177,8 +177,8 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
 
   Args:
     f: pure batched model, ``(B, ...) -> (B, K)`` logits.
-    x: ``(B, ...)`` inputs of any rank (images, sequences, tabular); or a tuple / list /
-      dict of such batches (several inputs; ``feature_mask`` then one mask per input, ids
+    x: ``(B, ...)`` inputs of any rank (images, sequences, tabular); or a tuple or dict
+      of such batches (several inputs; ``feature_mask`` then one mask per input, ids
       shared across inputs, and ``baseline`` a scalar or the same structure).
     target: an int or ``(B,)`` ints.
     feature_mask: int feature ids shaped like a leading part of ``x[b]`` (e.g. ``(H, W)``

@@ -89,7 +89,7 @@ f: pure batched function ``(B, ...) -> (B, K)`` logits (any JAX code built from 
       primitives; see the module docstring). Its output is explained as given, as by
       :func:`jaxplain.gradient`: a trailing ``jax.nn.softmax`` / ``log_softmax`` is not
       propagated by the rule but differentiated exactly (see the module docstring).
-    x: input, shape (B, ...); or a tuple / list / dict of such batches (a model with
+    x: input, shape (B, ...); or a tuple or dict of such batches (a model with
       several inputs: the maps come back in that structure, each shaped like its input).
     target: an int, a (B,) int array (one class per example), a (B, T) int array (T classes
       per example) or ``"all"`` (every class 0..K-1, T = K). With several targets the map

@@ -1,4 +1,4 @@
-"""Models with several inputs (x a tuple / list / dict of batches), as Captum's tuple inputs."""
+"""Models with several inputs (x a tuple or dict of batches), as Captum's tuple inputs."""
 
 from __future__ import annotations
 
@@ -209,3 +209,10 @@ def test_a_wrapped_linen_model_with_two_inputs_gradient_and_grad_cam():
   cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", A, dA.mean((1, 2))))
   np.testing.assert_allclose(jaxplain.grad_cam(m, x, t, layer="conv"), cam, rtol=1e-4,
                              atol=1e-6)
+
+
+def test_a_nested_list_is_still_one_batch():
+  # a list is read as one array (as jnp.asarray does), not as several inputs
+  f = lambda x: jnp.stack([x.sum(1), (x ** 2).sum(1)], axis=1)
+  g = jaxplain.gradient(f, [[1.0, 2.0], [3.0, 4.0]], 1)
+  np.testing.assert_allclose(g, [[2.0, 4.0], [6.0, 8.0]])
