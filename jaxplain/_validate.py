@@ -162,7 +162,17 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
     lead_ok = out.ndim >= 1 and out.shape[0] == batch  # a batch, but not (B, K) logits
     if not lead_ok and f is not None and x is not None and _accepts_one_example(f, x):
       raise one_example_error(x)
-    hint = (FIXED_BATCH_HINT if out.ndim == 2 and out.shape[0] != batch else "")
+    if out.ndim == 2 and out.shape[0] != batch:
+      hint = FIXED_BATCH_HINT
+    elif out.ndim == 1 and lead_ok:
+      hint = (": one value per example (a regression or a score) goes as (B, 1), e.g. "
+              "`lambda x: f(x)[:, None]` with target=0")
+    elif out.ndim > 2 and lead_ok:
+      hint = (f": a value per position (B, {', '.join(map(str, out.shape[1:-1]))}, K) goes "
+              "one position at a time, e.g. `lambda x: f(x)[:, i]`, or summed over the "
+              "positions you explain")
+    else:
+      hint = ""
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
                      f"got shape {out.shape}{hint}")
   return out

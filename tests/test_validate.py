@@ -213,3 +213,16 @@ def test_a_model_with_a_fixed_batch_size_is_named_as_such():
   g = lambda x: jnp.ones((4, 3)) * x.sum()
   with pytest.raises(ValueError, match=r"4 rows but returns \(4, 3\) for 8 rows.*reshape"):
     jaxplain.integrated_gradients(g, x, 0)
+
+
+def test_outputs_that_are_not_logits_get_the_reshaping_that_fits():
+  x = jnp.ones((3, 4))
+  with pytest.raises(ValueError, match=r"got shape \(3,\): one value per example .*"
+                                       r"f\(x\)\[:, None\]` with target=0"):
+    jaxplain.gradient(lambda z: z.sum(1), x, 0)
+  with pytest.raises(ValueError, match=r"got shape \(3, 4, 2\): a value per position "
+                                       r"\(B, 4, K\) .*f\(x\)\[:, i\]"):
+    jaxplain.integrated_gradients(lambda z: jnp.stack([z, 2 * z], -1), x, 0)
+  # the fix the first message gives works, and equals the closed form
+  g = jaxplain.gradient(lambda z: (z ** 2).sum(1)[:, None], x * 3, 0)
+  np.testing.assert_allclose(g, 6 * x)
