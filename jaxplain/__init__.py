@@ -32,6 +32,7 @@ _API = {
     'Model': ('jaxplain.model', 'Model'),
     'wrap': ('jaxplain.model', 'wrap'),
     'at_layer': ('jaxplain.model', 'at_layer'),
+    'to_layer': ('jaxplain.model', 'to_layer'),
     # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
     'gradient': ('jaxplain.gradients', 'gradient'),
     'gradient_x_input': ('jaxplain.gradients', 'gradient_x_input'),

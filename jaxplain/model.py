@@ -1033,6 +1033,47 @@ def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array]
   return f_h, h
 
 
+def to_layer(model: Any, layer: str, *, per: str = "unit") -> Callable[[Array], Array]:
+  """The model up to one layer, as a function of ``x`` whose "logits" are that layer's units:
+  ``f(x) -> (B, N)``. Any method then explains a hidden unit or channel (``target`` = its
+  index) instead of a class: Captum's ``NeuronGradient`` / ``NeuronIntegratedGradients``,
+  Zennit's relevance of an intermediate neuron, a filter's input pattern. The layers after
+  ``layer`` are dead code under ``jax.jit`` and for the rule methods.
+
+  Args:
+    model: anything :func:`wrap` takes (or a wrapped ``Model``).
+    layer: the layer's name (see ``Model.layer_names(x)``).
+    per: ``"unit"``: the output (B, ..., C) flattened after the batch axis, channels-last
+      (the unit at position (i, j) of channel c of a conv layer is
+      ``np.ravel_multi_index((i, j, c), out_shape[1:])``); ``"channel"``: summed over every
+      axis but the last, (B, C) (a filter's total activation).
+
+  Returns:
+    ``f``: (B, ...) inputs -> (B, N) the layer's units.
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxplain
+  >>> net = nn.Sequential([nn.Dense(4, use_bias=False), nn.relu, nn.Dense(2)])
+  >>> x = jnp.ones((3, 2))
+  >>> f = to_layer(wrap(net, net.init(jax.random.key(0), x)), "layers_0")
+  >>> f(x).shape, jaxplain.gradient(f, x, 1).shape    # unit 1 of the first dense layer
+  ((3, 4), (3, 2))
+  """
+  if per not in ("unit", "channel"):
+    raise ValueError(f"per: expected 'unit' or 'channel', got {per!r}")
+  m = model if isinstance(model, Model) else wrap(model)
+
+  def f(x: Array) -> Array:
+    out = m.capture(x, [layer])[1][layer][1]
+    if not hasattr(out, "ndim") or out.ndim < 2:
+      raise ValueError(f"layer: the output of {layer!r} is "
+                       f"{getattr(out, 'shape', type(out).__name__)}; expected one (B, ...) "
+                       "array of units")
+    if per == "unit":
+      return out.reshape(out.shape[0], -1)
+    return out.sum(axis=tuple(range(1, out.ndim - 1))) if out.ndim > 2 else out
+  return f
+
+
 def _key_str(k: Any) -> str:
   for attr in ("key", "name", "idx"):
     if hasattr(k, attr):

@@ -1013,3 +1013,44 @@ def test_a_linen_module_in_training_mode_gets_the_inference_flag_in_the_error():
     jaxplain.gradient(jaxplain.wrap(M(), v), x, 0)
   m = jaxplain.wrap(M(), v, apply_kwargs={"deterministic": True})
   np.testing.assert_allclose(m(x), M().apply(v, x, deterministic=True), rtol=1e-6)
+
+
+def test_to_layer_explains_hidden_units_and_channels():
+  """to_layer(model, layer) as the function explained: a unit's gradient, IG and LRP equal
+  those of the network up to that layer written with jnp (IG completeness and LRP
+  conservation of the unit's activation on a bias-free net); per='channel' sums the units."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(3, (3, 3), use_bias=False, name="c1")(x))
+      h = nn.Conv(4, (3, 3), use_bias=False, name="c2")(h)
+      return nn.Dense(2, name="head")(nn.relu(h).mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(2), (2, 5, 5, 2))
+  v = Net().init(jax.random.key(0), x)
+  p = v["params"]
+  conv = lambda z, k: jax.lax.conv_general_dilated(
+      z, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  hand = lambda z: conv(jax.nn.relu(conv(z, p["c1"]["kernel"])), p["c2"]["kernel"])
+  m = jaxplain.wrap(Net(), v)
+  f = jaxplain.to_layer(m, "c2")
+  np.testing.assert_allclose(f(x), hand(x).reshape(2, -1), rtol=1e-5, atol=1e-6)
+  unit = int(np.ravel_multi_index((2, 3, 1), (5, 5, 4)))
+  g_hand = jax.grad(lambda z: hand(z)[:, 2, 3, 1].sum())(x)
+  np.testing.assert_allclose(jax.jit(lambda z: jaxplain.gradient(f, z, unit))(x), g_hand,
+                             rtol=1e-5, atol=1e-7)
+  ig = jaxplain.integrated_gradients(f, x, unit, steps=64)
+  np.testing.assert_allclose(np.asarray(ig).sum((1, 2, 3)), hand(x)[:, 2, 3, 1],
+                             rtol=2e-3, atol=1e-4)          # completeness (f(0) = 0)
+  hand_units = lambda z: hand(z).reshape(z.shape[0], -1)
+  np.testing.assert_allclose(jaxplain.lrp(f, x, unit, epsilon=1e-6),
+                             jaxplain.lrp(hand_units, x, unit, epsilon=1e-6), rtol=1e-4,
+                             atol=1e-6)
+  r = jaxplain.lrp(f, x, unit, epsilon=1e-9)
+  np.testing.assert_allclose(np.asarray(r).sum((1, 2, 3)), hand(x)[:, 2, 3, 1], rtol=1e-4,
+                             atol=1e-6)
+  fc = jaxplain.to_layer(m, "c2", per="channel")
+  g_ch = jax.grad(lambda z: hand(z)[..., 3].sum())(x)
+  np.testing.assert_allclose(jaxplain.gradient(fc, x, 3), g_ch, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="per: expected 'unit' or 'channel'"):
+    jaxplain.to_layer(m, "c2", per="filter")
