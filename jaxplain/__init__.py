@@ -43,6 +43,10 @@ _API = {
     'quadrature_rule': ('jaxplain.integrated', 'quadrature_rule'),
     'NotPiecewiseLinearError': ('jaxplain.integrated', 'NotPiecewiseLinearError'),
     'grad_cam': ('jaxplain.cam', 'grad_cam'),
+    'guided_grad_cam': ('jaxplain.cam', 'guided_grad_cam'),
+    'noise_tunnel': ('jaxplain.averaged', 'noise_tunnel'),
+    'gradient_shap': ('jaxplain.averaged', 'gradient_shap'),
+    'deeplift_shap': ('jaxplain.averaged', 'deeplift_shap'),
     'plot': ('jaxplain.plot', None),
     # -- rule engine (rules) ----------------------------------------------------------------------
     'wbp': ('jaxplain.rules', 'wbp'),

@@ -138,3 +138,38 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
       size = v.shape[2:] if m.channels_first else v.shape[1:-1]
       return jax.image.resize(cam, (b,) + tuple(size), method=upsample)
   return cam
+
+
+def guided_grad_cam(model: Any, x: Any, target: Any, *, layer: str | None = None,
+                    output: str = "logit", apply_kwargs: dict | None = None) -> Array:
+  """Guided Grad-CAM (Selvaraju et al. 2017, section 3.1): guided backpropagation times the
+  Grad-CAM map upsampled to the input (bilinear), broadcast over the channels; Captum's
+  ``GuidedGradCam``.
+
+  Args:
+    model, x, target, layer, output, apply_kwargs: as in :func:`grad_cam` (image inputs
+      (B, H, W, C), or (B, C, H, W) for a channels-first model).
+
+  Returns:
+    Attributions shaped like ``x``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from jaxplain import wrap
+  >>> from jaxplain.models import SmallCNN
+  >>> variables = SmallCNN().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> guided_grad_cam(wrap(SmallCNN(), variables), jnp.ones((2, 32, 32, 3)), 3,
+  ...                 layer="conv3").shape
+  (2, 32, 32, 3)
+  """
+  from jaxplain.rules import guided_backprop  # pylint: disable=import-outside-toplevel
+  kw = {} if apply_kwargs is None else {"apply_kwargs": apply_kwargs}
+  m = wrap(model, **kw)
+  cam = grad_cam(m, x, target, layer=layer, output=output, upsample="bilinear")
+  gbp = guided_backprop(m, x, target, output=output)
+  axis = 1 if m.channels_first else gbp.ndim - 1
+  spatial = gbp.shape[:axis] + gbp.shape[axis + 1:]
+  if gbp.ndim != cam.ndim + 1 or spatial != cam.shape:
+    raise ValueError(f"guided_grad_cam: needs image inputs whose Grad-CAM map {cam.shape} "
+                     f"covers x {gbp.shape} but for the channels; use grad_cam and "
+                     f"guided_backprop separately for other inputs")
+  return gbp * jnp.expand_dims(cam, axis).astype(gbp.dtype)

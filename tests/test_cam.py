@@ -3,6 +3,8 @@ NNX = (features, head) functions; per-example targets; nested layer names; error
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -203,3 +205,41 @@ def test_dense_features_give_a_map_over_features(tiny):
   got = jaxplain.grad_cam(jaxplain.wrap(flat, v), x, t, layer="hidden")
   np.testing.assert_allclose(got, np.maximum(g * a, 0), rtol=1e-5, atol=1e-7)
   del p
+
+
+def test_guided_grad_cam_is_guided_backprop_times_the_upsampled_map():
+  """Against an independent formulation: guided backprop as jax.grad with the ReLU backward
+  replaced by a custom_vjp, times Grad-CAM computed by hand and upsampled with
+  jax.image.resize; for a channels-last linen CNN."""
+  import flax.linen as nn
+
+  @jax.custom_vjp
+  def grelu(z):
+    return jax.nn.relu(z)
+  grelu.defvjp(lambda z: (jax.nn.relu(z), z),
+               lambda z, g: (jnp.where((z > 0) & (g > 0), g, 0.0),))
+
+  class Net(nn.Module):
+    act: Callable = jax.nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+      h = self.act(nn.Conv(4, (3, 3), name="c1")(x))
+      h = nn.max_pool(h, (2, 2), (2, 2))
+      h = self.act(nn.Conv(5, (3, 3), name="c2")(h))
+      return nn.Dense(3, name="head")(h.mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+  t = jnp.array([2, 0])
+  v = Net().init(jax.random.key(0), x)
+  got = jaxplain.guided_grad_cam(jaxplain.wrap(Net(), v), x, t, layer="c2")
+  pick = lambda out: jnp.take_along_axis(out, t[:, None], 1).sum()
+  gbp = jax.grad(lambda z: pick(Net(act=grelu).apply(v, z)))(x)
+  p = v["params"]
+  a = Net().apply(v, x, capture_intermediates=True, mutable=["intermediates"])[1]
+  A = a["intermediates"]["c2"]["__call__"][0]
+  head = lambda h: jax.nn.relu(h).mean((1, 2)) @ p["head"]["kernel"] + p["head"]["bias"][None]
+  dA = jax.grad(lambda h: pick(head(h)))(A)
+  cam = jax.nn.relu(jnp.einsum("bhwc,bc->bhw", A, dA.mean((1, 2))))
+  cam = jax.image.resize(cam, (2, 8, 8), "bilinear")
+  np.testing.assert_allclose(got, gbp * cam[..., None], rtol=1e-4, atol=1e-6)
