@@ -95,6 +95,7 @@ _API = {
     # -- perturbation attributions and evaluation (issue 16) --------------------------------------
     'perturbation': ('jaxplain.perturbation', None),
     'feature_ablation': ('jaxplain.perturbation', 'feature_ablation'),
+    'feature_permutation': ('jaxplain.perturbation', 'feature_permutation'),
     'kernel_shap': ('jaxplain.perturbation', 'kernel_shap'),
     'lime': ('jaxplain.perturbation', 'lime'),
     'rise': ('jaxplain.perturbation', 'rise'),

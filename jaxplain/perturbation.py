@@ -208,6 +208,64 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
   return _expand(drops.T, fm, x.shape)
 
 
+# -- feature permutation --------------------------------------------------------------------
+
+def _cycles(key: Array, b: int, nf: int) -> Array:
+  """(F, B): for feature i, the example each example takes its values from: a random cyclic
+  permutation of the batch (``s = permutation(fold_in(key, i), B)``, ``s[k]`` takes from
+  ``s[k + 1]``), so no example keeps its own values."""
+  def one(i):
+    s = jax.random.permutation(jax.random.fold_in(key, i), b)
+    return jnp.zeros(b, jnp.int32).at[s].set(jnp.roll(s, -1).astype(jnp.int32))
+  return jax.vmap(one)(jnp.arange(nf))
+
+
+@_validate.accepts_nnx
+@_pack.several_inputs(ids=("feature_mask",))
+def feature_permutation(f: Fn, x: Array, target: Any, *, key: Array, feature_mask: Any = None,
+                        num_features: int | None = None, output: str = "logit",
+                        chunk: int | None = None) -> Array:
+  """Permutation importance per example: the drop of ``f(x)[t]`` when one feature takes the
+  values of another example of the batch (Captum's ``FeaturePermutation``).
+
+  For each feature, the batch is permuted by a random cyclic permutation (every example
+  takes the feature's values from another one; Captum draws any permutation but the
+  identity, so some examples may keep their own values and score 0 by chance). The score of
+  a feature for example b is ``f(x)[b, t] - f(x with feature i from example pi(b))[b, t]``.
+
+  Args:
+    f, x, target, feature_mask, num_features, output, chunk: as in :func:`feature_ablation`
+      (``x`` needs at least 2 examples).
+    key: ``jax.random`` key; feature i's permutation comes from ``fold_in(key, i)``.
+
+  Returns:
+    Attributions shaped like ``x`` (each element carries its feature's value).
+
+  >>> import jax, jax.numpy as jnp
+  >>> f = lambda x: jnp.stack([x @ jnp.array([1.0, 0.0]), -x.sum(1)], 1)
+  >>> feature_permutation(f, jnp.array([[1.0, 5.0], [3.0, 7.0]]), 0,
+  ...                     key=jax.random.key(0)).tolist()
+  [[-2.0, 0.0], [2.0, 0.0]]
+  """
+  x, t, _, fm, nf = _setup(f, x, target, 0.0, output, feature_mask, num_features, chunk)
+  b = x.shape[0]
+  if b < 2:
+    raise ValueError(f"x: feature_permutation permutes values across the batch; it needs at "
+                     f"least 2 examples, got {b}")
+  if key is None:
+    raise ValueError("key: feature_permutation needs an explicit jax.random key")
+  src = _cycles(key, b, nf)
+  ref = _output_value(f(x), t, output)
+
+  def make(i):
+    m = (fm == i).reshape(x.shape)
+    return (jnp.where(m, x[src[i]], x), t), None
+
+  outs = map_merged(make, lambda xs, ti: _output_value(f(xs), ti, output),
+                    jnp.arange(nf, dtype=jnp.int32), chunk)       # (F, B)
+  return _expand((ref[None] - outs).T, fm, x.shape)
+
+
 # -- Shapley value sampling ----------------------------------------------------------------
 
 @_validate.accepts_nnx

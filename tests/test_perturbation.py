@@ -54,6 +54,31 @@ def test_feature_ablation_equals_loop_images():
   np.testing.assert_allclose(a, a2, rtol=1e-6, atol=1e-6)
 
 
+def test_feature_permutation_equals_loop_with_its_documented_permutations():
+  f = _mlp(4 * 4 * 2)
+  x = jax.random.normal(jax.random.key(3), (3, 4, 4, 2))
+  seg = P.grid_segments((4, 4), 2)
+  t = jnp.array([1, 0, 2])
+  key = jax.random.key(4)
+  a = np.asarray(P.feature_permutation(f, x, t, key=key, feature_mask=seg))
+  a2 = np.asarray(jax.jit(lambda z: P.feature_permutation(f, z, t, key=key, feature_mask=seg,
+                                                          num_features=4, chunk=3))(x))
+  np.testing.assert_allclose(a, a2, rtol=1e-5, atol=1e-6)
+  xn = np.asarray(x)
+  fm = np.broadcast_to(seg[:, :, None], (4, 4, 2))
+  for i in range(4):
+    s = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), 3))
+    src = np.empty(3, int)
+    src[s] = np.roll(s, -1)                 # s[k] takes its values from s[k + 1]
+    assert np.all(src != np.arange(3))      # no example keeps its own values
+    for b in range(3):
+      xi = np.where(fm == i, xn[src[b]], xn[b])
+      want = float(f(x[b:b + 1])[0, t[b]]) - float(f(jnp.asarray(xi[None]))[0, t[b]])
+      np.testing.assert_allclose(a[b][fm == i], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="at least 2 examples"):
+    P.feature_permutation(f, x[:1], 0, key=key)
+
+
 def test_feature_ablation_sequences_per_token():
   f = _mlp(5 * 3)
   x = jax.random.normal(jax.random.key(1), (2, 5, 3))        # (B, L, E)
