@@ -79,3 +79,22 @@ def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
     return parts
   rest = block(ks[full:])
   return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), parts, rest)
+
+
+def unrolled(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
+  """``fn`` over the leading axis of ``xs`` in slices of ``chunk`` (``fn`` maps a slice of n
+  to n stacked results: a ``vmap``, or a call on n * B merged rows), the slices unrolled in
+  the traced program and the results concatenated; ``None``: one slice.
+
+  Not a ``lax.map``: on XLA:CPU a gradient (backward convolutions) ran 2.4x slower inside a
+  loop body (SmallCNN, 4 x 128 rows: 1.17 s in a scan vs 0.49 s unrolled; LRP of 10 targets
+  of 32 images: 669 ms under ``lax.map`` vs 155 ms unrolled), while forward passes did not
+  slow down. So compile time grows with the number of slices instead: keep them few."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  step = n if chunk is None else max(1, min(int(chunk), n))
+  parts = [fn(jax.tree_util.tree_map(lambda a, s=s: a[s:s + step], xs))
+           for s in range(0, n, step)]
+  if len(parts) == 1:
+    return parts[0]
+  return jax.tree_util.tree_map(lambda *p: jnp.concatenate(p, axis=0), *parts)
+

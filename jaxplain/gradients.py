@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxplain import _pack
 from jaxplain import _validate
+from jaxplain._batching import unrolled
 
 Array = jax.Array
 Fn = Callable[[Array], Array]
@@ -146,11 +147,8 @@ def _grad_rows_multi(f: Fn, x: Array, target: Any, output: str,
   logits, vjp = jax.vjp(_fastconv.with_fast_convs(f), x)
   _validate.check_logits(logits, x.shape[0])
   t = _multi_targets(target, x.shape[0], logits.shape[-1])
-  n_t = t.shape[1]
   cts = jax.vmap(lambda tc: _cotangent(logits, tc, output), in_axes=1)(t)  # (T, N, K)
-  step = n_t if target_chunk is None else min(target_chunk, n_t)
-  parts = [jax.vmap(vjp)(cts[s:s + step])[0] for s in range(0, n_t, step)]
-  g = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+  g = unrolled(lambda c: jax.vmap(vjp)(c)[0], cts, target_chunk)
   return logits, jnp.moveaxis(g, 0, 1)
 
 

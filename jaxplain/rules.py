@@ -62,6 +62,7 @@ from jaxplain import _jaxpr
 from jaxplain import _pack
 from jaxplain import _rules
 from jaxplain import _validate
+from jaxplain._batching import unrolled
 from jaxplain._jaxpr import UnsupportedPrimitiveError as UnsupportedPrimitiveError
 from jaxplain._rules import AlphaBeta as AlphaBeta
 from jaxplain._rules import Composite as Composite
@@ -184,7 +185,7 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
 
   if not several:  # NaN for a traced out-of-range target, as in every other method
     return _validate.select_valid(one(t[:, 0]), t[:, 0], logits.shape[1])
-  maps = jax.lax.map(one, t.T, batch_size=target_chunk or t.shape[1])  # (T, B, ...)
+  maps = unrolled(jax.vmap(one), t.T, target_chunk)  # (T, B, ...)
   return jnp.moveaxis(maps, 0, 1)
 
 
