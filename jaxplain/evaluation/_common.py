@@ -105,19 +105,6 @@ def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None
   return map_merged(make, lambda z, t: score(f, z, t, output), ks, chunk, post)
 
 
-def smap_unrolled(fn: Callable[[Any], Any], xs: Any, chunk: int | None) -> Any:
-  """vmap over the leading axis of ``xs``, or ``chunk`` entries at a time one after another
-  in an unrolled Python loop (for a few entries, e.g. randomised models: on CPU a vmap over
-  convolution weights is a grouped convolution, and a backward pass inside a loop primitive
-  runs slower, so ``chunk=1`` is the fastest there)."""
-  if chunk is None:
-    return jax.vmap(fn)(xs)
-  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-  parts = [jax.vmap(fn)(jax.tree_util.tree_map(lambda v, lo=lo: v[lo:lo + int(chunk)], xs))
-           for lo in range(0, n, int(chunk))]
-  return jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *parts)
-
-
 def descending_ranks(s: Array) -> Array:
   """(B, N) -> (B, N) int ranks, 0 = largest; ties broken by index (stable)."""
   order = jnp.argsort(-s, axis=-1, stable=True)

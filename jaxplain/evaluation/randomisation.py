@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxplain import _validate
+from jaxplain._batching import unrolled
 from jaxplain.evaluation import _common as C
 from jaxplain.metrics import cascade_layers, cascading_randomization, random_leaves, ssim
 
@@ -100,7 +101,7 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
     sel = (model == j + 1).reshape((n,) + (1,) * a.ndim)
     stacked.append(jnp.where(sel, jnp.asarray(r, a.dtype)[None], a[None]))
   stacked = jax.tree_util.tree_unflatten(treedef, stacked)
-  maps = C.smap_unrolled(lambda p: explain(p, x, t), stacked, chunk)
+  maps = unrolled(jax.vmap(lambda p: explain(p, x, t)), stacked, chunk)
   ref = jnp.broadcast_to(maps[0], maps.shape)
   fl = lambda m: m.reshape((n * m.shape[1],) + m.shape[2:])
   sim = _similarity(similarity, fl(ref), fl(maps)).reshape(n, -1)
@@ -166,7 +167,7 @@ def emprt(explain: Callable[[Any, Array, Array], Array], params: Any, x: Array, 
   stacked = jax.tree_util.tree_unflatten(
       treedef, [jnp.stack([jnp.asarray(a), jnp.asarray(r, jnp.result_type(a))])
                 for a, r in zip(orig, rnd)])
-  maps = C.smap_unrolled(lambda p: explain(p, x, t), stacked, chunk)
+  maps = unrolled(jax.vmap(lambda p: explain(p, x, t)), stacked, chunk)
   h0 = histogram_entropy(maps[0], n_bins=n_bins)
   h1 = histogram_entropy(maps[1], n_bins=n_bins)
   return {"emprt": h1 / jnp.where(h0 > 0, h0, 1.0), "entropy_trained": h0,
