@@ -39,6 +39,7 @@ _API = {
     'smoothgrad': ('jaxplain.gradients', 'smoothgrad'),
     'completeness_gap': ('jaxplain.integrated', 'completeness_gap'),
     'integrated_gradients': ('jaxplain.integrated', 'integrated_gradients'),
+    'layer_conductance': ('jaxplain.integrated', 'layer_conductance'),
     'make_baseline': ('jaxplain.integrated', 'make_baseline'),
     'quadrature_rule': ('jaxplain.integrated', 'quadrature_rule'),
     'NotPiecewiseLinearError': ('jaxplain.integrated', 'NotPiecewiseLinearError'),

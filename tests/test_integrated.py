@@ -817,3 +817,48 @@ def test_exact_ig_through_average_pooling_and_checkpoint():
     np.testing.assert_allclose(bp, _exact_ig.breakpoints(written, x[:1], base[:1]),
                                atol=1e-12)
 
+
+
+def test_layer_conductance_equals_a_hand_loop_and_sums_to_ig():
+  """Conductance of the units of a hidden conv layer: a Python loop over Gauss-Legendre
+  nodes (scipy's) with jax.jvp of the network up to the layer written in jnp and jax.grad of
+  the rest; summed over the units it equals IG's total at the same nodes."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Conv(3, (3, 3), name="c1")(x))
+      h = nn.relu(nn.Conv(4, (3, 3), name="c2")(h))
+      return nn.Dense(3, name="head")(h.mean((1, 2)))
+
+  x = jax.random.normal(jax.random.key(3), (2, 5, 5, 2))
+  v = Net().init(jax.random.key(0), x)
+  p = v["params"]
+  conv = lambda z, q: jax.lax.conv_general_dilated(
+      z, q["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")) + \
+      q["bias"][None, None, None]
+  upto = lambda z: conv(z, p["c1"])
+  rest = lambda y: jax.nn.relu(conv(jax.nn.relu(y), p["c2"])).mean((1, 2)) @ \
+      p["head"]["kernel"] + p["head"]["bias"][None]
+  t = jnp.array([2, 0])
+  base = jnp.full_like(x, 0.1)
+  a, w = scipy.special.roots_legendre(12)
+  a, w = (a + 1) / 2, w / 2
+
+  @jax.jit
+  def node(ak):
+    y, y_dot = jax.jvp(upto, (base + ak * (x - base),), (x - base,))
+    dy = jax.grad(lambda yy: jnp.take_along_axis(rest(yy), t[:, None], 1).sum())(y)
+    return dy * y_dot
+
+  want = sum(wk * np.asarray(node(jnp.float32(ak)), np.float64) for ak, wk in zip(a, w))
+  m = jaxplain.wrap(Net(), v)
+  for chunk in (5, None):
+    got = jax.jit(lambda z, c=chunk: jaxplain.layer_conductance(
+        m, z, t, "c1", baseline=base, steps=12, chunk=c))(x)
+    assert got.shape == (2, 5, 5, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  ig = jaxplain.integrated_gradients(m, x, t, baseline=base, steps=12)
+  np.testing.assert_allclose(np.asarray(got).sum((1, 2, 3)), np.asarray(ig).sum((1, 2, 3)),
+                             rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="class index out of range"):
+    jaxplain.layer_conductance(m, x, 7, "c1")
