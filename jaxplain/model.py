@@ -263,6 +263,13 @@ class _Linen:
     nd = np.ndim(paths[kpath])
     perm = tuple(range(nd))
     bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
+    if bshape is not None and len(bshape) > 1:  # one bias per layer of a stack (nn.scan)
+      shape = np.shape(paths[kpath])
+      raise ValueError(f"layer: {layer!r} holds a stack of kernels {shape} with biases "
+                       f"{bshape} (a layer run by nn.scan / nn.vmap?), not one kernel; "
+                       f"sweep_layer / walk / units edit one layer. Edit the stack with a "
+                       f"mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
+                       f"{', '.join(map(str, shape))})}})")
     if nd == 2:
       return Linear("dense", kpath, bpath, perm, bshape, dense_op)
     mods = self.mods

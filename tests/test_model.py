@@ -864,6 +864,22 @@ def test_a_layer_inside_linen_scan_cannot_be_hooked_and_the_error_says_why():
   np.testing.assert_allclose(m.capture(x, "out")[0], net.apply(v, x), rtol=1e-6)
   with pytest.raises(ValueError, match=r"'blocks/fc' is called more than once.*nn\.scan"):
     m.capture(x, "blocks/fc")
+  # units on the stacked kernel (3, 6, 6) used to report a 'conv' layer whose unit i was
+  # unit i of every block; now it raises as NNX does, and the sweep it names edits one block
+  with pytest.raises(ValueError, match=r"'blocks/fc' holds a stack of kernels \(3, 6, 6\) "
+                                       r"with biases \(3, 6\).*sweep\(m, x, "
+                                       r"\{'params/blocks/fc/kernel': mask \(N, 3, 6, 6\)"):
+    jaxplain.units(m, "blocks/fc", "filter")
+  mask = np.zeros((1, 3, 6, 6), bool)
+  mask[0, 1] = True                                    # every weight of the second block
+  p = v["params"]
+  k = np.asarray(p["blocks"]["fc"]["kernel"])
+  h = np.asarray(x @ p["inp"]["kernel"] + p["inp"]["bias"][None])
+  for i in range(3):
+    h = np.tanh(h @ (0 * k[i] if i == 1 else k[i]) + np.asarray(p["blocks"]["fc"]["bias"][i]))
+  want = h @ np.asarray(p["out"]["kernel"]) + np.asarray(p["out"]["bias"])
+  np.testing.assert_allclose(jaxplain.sweep(m, x, {"params/blocks/fc/kernel": mask})[0], want,
+                             rtol=1e-4, atol=1e-5)
 
 
 def test_keras_channels_first_layers_are_read_channels_last():
