@@ -50,8 +50,6 @@ def _background(background: Any, x: Array) -> Array:
   return bg.astype(x.dtype)
 
 
-@_validate.accepts_nnx
-@_pack.several_inputs()
 def noise_tunnel(method: Callable[..., Array], f: Fn, x: Array, target: Any, *, key: Array,
                  num_samples: int = 32, noise_level: float = 0.15, form: str = "mean",
                  chunk: int | None = 8, **method_kwargs: Any) -> Array:
@@ -70,7 +68,9 @@ def noise_tunnel(method: Callable[..., Array], f: Fn, x: Array, target: Any, *, 
       It runs traced (vmapped over the noisy copies of a chunk), so ``method="exact"`` IG
       and host-driven loops do not fit here.
     f: pure batched model, (B, ...) -> logits (B, K); or an NNX module.
-    x: inputs (B, ...) floating; or a tuple or dict of such batches (several inputs).
+    x: inputs (B, ...) floating; or a tuple or dict of such batches (several inputs: the
+      noise is drawn on them packed, ``method`` runs on the packed model, and
+      ``method_kwargs`` must then be scalars or strings, not arrays like ``x``).
     target: as ``method`` takes it.
     key: ``jax.random`` key.
     num_samples: N.
@@ -91,6 +91,17 @@ def noise_tunnel(method: Callable[..., Array], f: Fn, x: Array, target: Any, *, 
   if not callable(method):
     raise TypeError(f"method: expected an attribution function such as "
                     f"jaxplain.integrated_gradients, got {type(method).__name__}")
+  return _noise_tunnel(f, x, target, method=method, key=key, num_samples=num_samples,
+                       noise_level=noise_level, form=form, chunk=chunk,
+                       method_kwargs=method_kwargs)
+
+
+@_validate.accepts_nnx
+@_pack.several_inputs()
+def _noise_tunnel(f: Fn, x: Array, target: Any, *, method: Callable[..., Array], key: Array,
+                  num_samples: int, noise_level: float, form: str, chunk: int | None,
+                  method_kwargs: dict) -> Array:
+  """noise_tunnel with ``f`` first, so that the shared decorators see the model and x."""
   if form not in SMOOTHGRAD_FORMS:
     raise ValueError(f"form: expected one of {SMOOTHGRAD_FORMS}, got {form!r}")
   _check_samples(num_samples, chunk)

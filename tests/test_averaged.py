@@ -122,3 +122,34 @@ def test_gradient_shap_with_two_inputs_and_errors():
     jaxplain.gradient_shap(mlp, a, "all", background=a, key=key)
   with pytest.raises(ValueError, match="contains 1 non-finite"):
     jaxplain.gradient_shap(mlp, a, 0, background=a.at[0, 0].set(jnp.nan), key=key)
+
+
+def test_noise_tunnel_takes_an_nnx_module_and_several_inputs():
+  # noise_tunnel's first argument is the method: the model and x come second and third, and
+  # a bare NNX module with batch norm raised "Cannot mutate BatchStat from a different
+  # trace level"; a tuple x met `x + noise` unpacked
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1, self.bn, self.fc2 = nnx.Linear(6, 8, rngs=rngs), nnx.BatchNorm(8, rngs=rngs), \
+          nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(nnx.relu(self.bn(self.fc1(x))))
+
+  net = Net(nnx.Rngs(0))
+  x, t, key = _x(), jnp.array([0, 1, 2]), jax.random.key(6)
+  e = _noise(key, 3, x, 0.15)
+  m = jaxplain.wrap(net)                      # the eval-mode copy the methods use
+  loop = np.mean([np.asarray(jaxplain.lrp(m, x + e[n], t)) for n in range(3)], axis=0)
+  got = jaxplain.noise_tunnel(jaxplain.lrp, net, x, t, key=key, num_samples=3)
+  np.testing.assert_allclose(got, loop, rtol=1e-5, atol=1e-6)
+  a, c = x[:, :4], x[:, 4:]
+  two = lambda xs: mlp(jnp.concatenate([xs[0], xs[1]], 1))
+  got = jaxplain.noise_tunnel(jaxplain.integrated_gradients, two, (a, c), t, key=key,
+                              num_samples=3, steps=8)
+  want = jaxplain.noise_tunnel(jaxplain.integrated_gradients, mlp, x, t, key=key,
+                               num_samples=3, steps=8)
+  np.testing.assert_allclose(got[0], want[:, :4], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[1], want[:, 4:], rtol=1e-5, atol=1e-7)
