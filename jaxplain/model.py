@@ -108,6 +108,14 @@ def _twice(name: str) -> ValueError:
                     "than once, cannot be hooked)")
 
 
+def _stacked(layer: str, kpath: str, shape: tuple, what: str) -> ValueError:
+  """The error for a layer whose kernel is a stack of layers' kernels."""
+  return ValueError(f"layer: {layer!r} holds a stack of kernels {tuple(shape)} {what}; "
+                    f"sweep_layer / walk / units edit one layer. Edit the stack with a mask "
+                    f"over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
+                    f"{', '.join(map(str, shape))})}})")
+
+
 def _lax_padding(padding: Any, nd: int) -> Any:
   if isinstance(padding, str):
     p = padding.upper()
@@ -264,12 +272,8 @@ class _Linen:
     perm = tuple(range(nd))
     bshape = None if bpath is None else tuple(np.shape(paths[bpath]))
     if bshape is not None and len(bshape) > 1:  # one bias per layer of a stack (nn.scan)
-      shape = np.shape(paths[kpath])
-      raise ValueError(f"layer: {layer!r} holds a stack of kernels {shape} with biases "
-                       f"{bshape} (a layer run by nn.scan / nn.vmap?), not one kernel; "
-                       f"sweep_layer / walk / units edit one layer. Edit the stack with a "
-                       f"mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
-                       f"{', '.join(map(str, shape))})}})")
+      raise _stacked(layer, kpath, np.shape(paths[kpath]),
+                     f"with biases {bshape} (a layer run by nn.scan / nn.vmap?), not one kernel")
     if nd == 2:
       return Linear("dense", kpath, bpath, perm, bshape, dense_op)
     mods = self.mods
@@ -441,12 +445,9 @@ class _NNX:
     want = (2 if isinstance(mod, nnx.Linear) else len(mod.kernel_size) + 2
             if isinstance(mod, nnx.Conv) else nd)
     if nd != want:
-      shape = np.shape(paths[kpath])
-      raise ValueError(f"layer: {layer!r} holds a stack of kernels {shape} (a "
-                       f"{type(mod).__name__} made by nnx.vmap, run by nnx.scan?), not one "
-                       f"{want}-d kernel; sweep_layer / walk / units edit one layer. Edit the "
-                       f"stack with a mask over its leaf: sweep(m, x, {{{kpath!r}: mask (N, "
-                       f"{', '.join(map(str, shape))})}})")
+      raise _stacked(layer, kpath, np.shape(paths[kpath]),
+                     f"(a {type(mod).__name__} made by nnx.vmap, run by nnx.scan?), not one "
+                     f"{want}-d kernel")
     if isinstance(mod, nnx.Linear):
       return Linear("dense", kpath, bpath, (0, 1), bshape, dense_op)
     if isinstance(mod, nnx.Conv):
