@@ -42,11 +42,7 @@ class Packing(NamedTuple):
     the batch axis, as for one input) -> (B, D) int32. Ids are global: the same id in two
     inputs is one feature."""
     from jaxplain.perturbation import _features  # pylint: disable=import-outside-toplevel
-    try:
-      masks = self.treedef.flatten_up_to(tree)
-    except (ValueError, TypeError) as err:
-      raise ValueError(f"{name}: expected the structure of x ({self.treedef}); got "
-                       f"{jax.tree_util.tree_structure(tree)}") from err
+    masks = _flatten_like(self, tree, name)
     parts = []
     for i, (m, xi) in enumerate(zip(masks, self.treedef.flatten_up_to(x))):
       try:
@@ -63,12 +59,16 @@ class Packing(NamedTuple):
         self.treedef, [p.reshape(z.shape[:-1] + s) for p, s in zip(parts, self.shapes)])
 
 
-def _leaves_like(p: Packing, tree: Any, name: str) -> list:
+def _flatten_like(p: Packing, tree: Any, name: str) -> list:
   try:
-    leaves = p.treedef.flatten_up_to(tree)
+    return p.treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as err:
     raise ValueError(f"{name}: expected the structure of x ({p.treedef}); got "
                      f"{jax.tree_util.tree_structure(tree)}") from err
+
+
+def _leaves_like(p: Packing, tree: Any, name: str) -> list:
+  leaves = _flatten_like(p, tree, name)
   for i, (l, s) in enumerate(zip(leaves, p.shapes)):
     shape = tuple(np.shape(l))
     if shape and (shape[len(shape) - len(s):] != s or len(shape) != len(s) + 1):
