@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jaxplain import _pack
 from jaxplain import _validate
 from jaxplain._batching import unrolled
-from jaxplain.gradients import SMOOTHGRAD_FORMS, _check_output, _grad_rows, _is_multi
+from jaxplain.gradients import (SMOOTHGRAD_FORMS, _check_output, _grad_rows, _is_multi,
+                                _relative_noise)
 
 Array = jax.Array
 Fn = Callable[[Array], Array]
@@ -109,10 +110,7 @@ def _noise_tunnel(f: Fn, x: Array, target: Any, *, method: Callable[..., Array],
     raise ValueError(f"noise_level: expected >= 0, got {noise_level}")
   x = _validate.check_batched(x, "x")
   _validate.check_model(f, x)
-  red = tuple(range(1, x.ndim))
-  sigma = noise_level * (jnp.max(x, axis=red, keepdims=True) -
-                         jnp.min(x, axis=red, keepdims=True))
-  noise = jax.random.normal(key, (num_samples,) + x.shape, x.dtype) * sigma[None]
+  noise = _relative_noise(key, num_samples, x, noise_level)
   maps = unrolled(jax.vmap(lambda e: method(f, x + e, target, **method_kwargs)), noise, chunk)
   if form == "mean":
     return jnp.mean(maps, axis=0)

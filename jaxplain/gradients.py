@@ -226,6 +226,14 @@ def gradient_x_input(f: Fn, x: Array, target: Any, *, output: str = "logit",
 SMOOTHGRAD_FORMS = ("mean", "squared", "vargrad")
 
 
+def _relative_noise(key: Array, n: int, x: Array, noise_level: float) -> Array:
+  """(n, B, ...) draws ``N(0, sigma^2)``, ``sigma = noise_level * (max(x_b) - min(x_b))``
+  per example (SmoothGrad's noise, shared by :func:`jaxplain.noise_tunnel`)."""
+  red = tuple(range(1, x.ndim))
+  span = jnp.max(x, axis=red, keepdims=True) - jnp.min(x, axis=red, keepdims=True)
+  return jax.random.normal(key, (n,) + x.shape, x.dtype) * (noise_level * span)[None]
+
+
 @_validate.accepts_nnx
 @_pack.several_inputs()
 def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 32,
@@ -286,10 +294,7 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
   x = _validate.check_batched(x, "x")
   _validate.check_model(f, x)
   b = x.shape[0]
-  red = tuple(range(1, x.ndim))
-  span = jnp.max(x, axis=red, keepdims=True) - jnp.min(x, axis=red, keepdims=True)
-  sigma = noise_level * span
-  noise = jax.random.normal(key, (num_samples,) + x.shape, x.dtype) * sigma[None]
+  noise = _relative_noise(key, num_samples, x, noise_level)
   _check_target_chunk(target_chunk)
   multi = _is_multi(target)
   if multi:
