@@ -308,6 +308,16 @@ def _nnx_get(node, part):
 _NNX_CALLS = contextvars.ContextVar("jaxplain_nnx_calls", default=None)
 _NNX_SUBCLASSES: dict = {}
 _NNX_AUX = "_jaxplain_hook_aux"  # the Variable attribute a hook hands its value out in
+_NNX_SEL, _NNX_EXTRA = "_jaxplain_hook_sel", "_jaxplain_hook_extra"  # "stack[i]" hooks
+
+
+def _stack_index(name: str) -> tuple[str, int | None]:
+  """``"blocks[2]"`` -> ``("blocks", 2)``; other names -> ``(name, None)``."""
+  if name.endswith("]") and "[" in name:
+    base, _, idx = name[:-1].rpartition("[")
+    if idx.isdigit():
+      return base, int(idx)
+  return name, None
 
 
 def _nnx_hookable(cls: type) -> type:
@@ -375,6 +385,14 @@ class _NNX:
     # transforms (nnx.scan, nnx.vmap inside the model) raise "different trace level".
     m = nnx.merge(self.graphdef, jax.tree_util.tree_map(lambda a: a, params))
     shapes, order, active = {}, [], []
+    mods = {"/".join(str(p) for p in path): mod for path, mod in nnx.iter_modules(m)}
+    # "blocks[i]": call i of a stack that nnx.scan / nnx.vmap map over (module state on
+    # axis 0); its selector and extra ride in the module's state, so each call sees its own
+    stacked = {}
+    for key in hooks:
+      base, i = _stack_index(key)
+      if i is not None:
+        stacked[base] = (key, i, self._stack(mods, base, i, extra.get(key)))
 
     def scoped(name, call, *args, **kwargs):
       outer = next((a for a in reversed(active) if name.startswith(a + "/")), None)
@@ -389,18 +407,29 @@ class _NNX:
       if name not in order:
         order.append(name)
       out = scoped(name, call, *args, **kwargs)
-      if name in hooks:
-        if name in shapes:
-          raise _twice(name)
-        out, aux = hooks[name](args[0] if args else None, out, extra.get(name))
-        shapes[name] = jax.tree_util.tree_map(jnp.shape, aux)
+      key = name if name in hooks else stacked.get(name, (None,))[0]
+      if key is not None:
+        if key in shapes:
+          raise _twice(key)
+        if name in stacked:
+          sel = getattr(mod, _NNX_SEL).get_value()
+          if jnp.ndim(sel) != 0:
+            raise ValueError(f"layer: {key!r} indexes a stack, but {name!r} is called whole "
+                             "(not by nnx.scan / nnx.vmap over its axis 0): hook "
+                             f"{name!r} without an index")
+          ext = getattr(mod, _NNX_EXTRA, None)
+          new, aux = hooks[key](args[0] if args else None, out,
+                                None if ext is None else ext.get_value())
+          out = jax.tree_util.tree_map(lambda a, b: jnp.where(sel, a, b), new, out)
+        else:
+          out, aux = hooks[key](args[0] if args else None, out, extra.get(key))
+        shapes[key] = jax.tree_util.tree_map(jnp.shape, aux)
         # out through a Variable: a copy made by a lifted transform (nnx.remat) hands it
         # back to the original module, where a Python side effect would leak the
         # transform's tracers
         setattr(mod, _NNX_AUX, _nnx_aux_variable()(aux))
       return out
 
-    mods = {"/".join(str(p) for p in path): mod for path, mod in nnx.iter_modules(m)}
     for name in self._names:
       mod = mods[name]
       object.__setattr__(mod, "__class__", _nnx_hookable(type(mod)))
@@ -413,16 +442,36 @@ class _NNX:
     finally:
       _NNX_CALLS.reset(token)
     aux = {}
-    for name, shape in shapes.items():
-      var = getattr(mods[name], _NNX_AUX, None)
+    for key, shape in shapes.items():
+      base, i = _stack_index(key)
+      var = getattr(mods[base], _NNX_AUX, None)
       value = None if var is None else var.get_value()
+      if var is not None and i is not None:
+        value = jax.tree_util.tree_map(lambda a, i=i: a[i], value)
       if var is None or jax.tree_util.tree_map(jnp.shape, value) != shape:
-        raise ValueError(f"layer: {name!r} runs inside a transform that maps it over an axis "
+        raise ValueError(f"layer: {key!r} runs inside a transform that maps it over an axis "
                          "(nnx.scan / nnx.vmap over a stack of layers): its values come back "
-                         "stacked, so a hook cannot reach one call of it; hook a layer outside "
-                         "the stack")
-      aux[name] = value
+                         f"stacked; hook one call of it by its index, e.g. '{base}[0]'")
+      aux[key] = value
     return _select_output(out, self.output), aux, order
+
+  def _stack(self, mods, base, i, extra):
+    """Put the selector of call ``i`` (and ``extra``, copied for every call) into the state
+    of the stacked module ``base``, which the transform slices along axis 0."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    if base not in mods or base not in self._names:
+      raise _unknown(f"{base}[{i}]", self._names)
+    leads = {np.shape(a)[0] if np.ndim(a) else 0
+             for a in jax.tree_util.tree_leaves(nnx.state(mods[base], nnx.Param))}
+    n = int(leads.pop()) if len(leads) == 1 else 0  # a stack: one leading size for all
+    if not 0 <= i < n:
+      raise ValueError(f"layer: index {i} of {base!r} is out of range: its parameters stack "
+                       f"{n} layers on axis 0" if n else
+                       f"layer: {base!r} holds no stacked parameters to index")
+    var = _nnx_aux_variable()
+    setattr(mods[base], _NNX_SEL, var(jnp.arange(n) == i))
+    if extra is not None:
+      setattr(mods[base], _NNX_EXTRA, var(jnp.broadcast_to(extra[None], (n,) + extra.shape)))
 
   def names(self):
     return list(self._names)
@@ -831,7 +880,9 @@ class Model:
           *, params: Any = None) -> tuple[Array, dict[str, Any]]:
     """Run with ``hooks[name](input, output, extra[name]) -> (new output, aux)`` on the named
     layers (batched, channels-last; per example for Equinox, so hooks must not mix examples
-    and ``extra`` leaves carry a leading batch axis). Returns ``(logits, {name: aux})``."""
+    and ``extra`` leaves carry a leading batch axis). Returns ``(logits, {name: aux})``.
+    NNX: ``"blocks[i]"`` names call ``i`` of a layer stack that ``nnx.scan`` / ``nnx.vmap``
+    map over (the hook runs in every call and its output is kept in call ``i`` only)."""
     params = self.params if params is None else params
     extra = dict(extra or {})
     hooks = dict(hooks)

@@ -722,8 +722,37 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
   np.testing.assert_allclose(caps["out"][0], last, rtol=1e-5, atol=1e-6)
   assert m.layer_names(x) == ("inp", "blocks", "out")  # the copies nnx.scan runs count too
   with pytest.raises(ValueError, match=r"'blocks' runs inside a transform that maps it over "
-                                       r"an axis \(nnx\.scan"):
+                                       r"an axis \(nnx\.scan.*'blocks\[0\]'"):
     m.capture(x, "blocks")
+  # one call of the stack by its index: capture, replace and Grad-CAM (here a map over the
+  # features of block 2's output) equal the network written with jnp
+  def hand_from(x, i=None, value=None):
+    h = x @ get("inp", "kernel") + get("inp", "bias")[None]
+    ins, outs = [], []
+    for j in range(3):
+      ins.append(h)
+      z = h @ get("blocks", "kernel")[j] + get("blocks", "bias")[j][None]
+      z = value if j == i else z
+      outs.append(z)
+      h = jnp.tanh(z)
+    return h @ get("out", "kernel") + get("out", "bias")[None], ins, outs
+
+  _, ins, outs = hand_from(x)
+  _, caps = jax.jit(lambda z: m.capture(z, ["blocks[1]", "out"]))(x)
+  np.testing.assert_allclose(caps["blocks[1]"][0], ins[1], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(caps["blocks[1]"][1], outs[1], rtol=1e-5, atol=1e-6)
+  v = jax.random.normal(jax.random.key(4), (5, 6))
+  np.testing.assert_allclose(m.replace(x, "blocks[0]", v), hand_from(x, 0, v)[0], rtol=1e-5,
+                             atol=1e-6)
+  a2 = outs[2]
+  head = lambda z: hand_from(x, 2, z)[0]
+  g = jax.grad(lambda z: jnp.take_along_axis(head(z), t[:, None], 1).sum())(a2)
+  np.testing.assert_allclose(jaxplain.grad_cam(m, x, t, layer="blocks[2]"),
+                             jax.nn.relu(g * a2), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match=r"index 3 of 'blocks' is out of range: .* 3 layers"):
+    m.capture(x, "blocks[3]")
+  with pytest.raises(ValueError, match=r"'inp' holds no stacked parameters"):
+    m.capture(x, "inp[0]")
   # the stacked kernels: units raise (they used to report kernel_shape (3, 6)); a mask over the
   # stacked leaf through sweep equals the hand-edited network
   with pytest.raises(ValueError, match=r"'blocks' holds a stack of kernels \(3, 6, 6\).*"
