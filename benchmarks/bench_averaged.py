@@ -97,16 +97,16 @@ def setup_jax(kind: str):
           "info": {"compile_s": compile_s, "jax": jax.__version__}}
 
 
-def setup_captum(kind: str):
+def setup_captum(kind: str, device: str = "cpu"):
   import captum
   _, params = flax_model()
-  net = torch_model(params)
+  net = torch_model(params).to(device)
   fns, torch = _captum_fns(net)
   torch.set_num_threads(os.cpu_count())
   x, bg, t = data()
-  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-  bt = torch.from_numpy(bg.transpose(0, 3, 1, 2).copy())
-  tt = torch.from_numpy(t.astype(np.int64))
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
+  bt = torch.from_numpy(bg.transpose(0, 3, 1, 2).copy()).to(device)
+  tt = torch.from_numpy(t.astype(np.int64)).to(device)
   run = lambda: fns[kind](xt, bt, tt)
   run()
   return {"run": run, "info": {"torch": torch.__version__, "captum": captum.__version__,

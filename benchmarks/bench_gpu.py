@@ -20,6 +20,9 @@ filter ablation (128)       ``sweep_layer`` (channelwise)        torch loop over
 pixel flipping, N = 256     ``evaluation.pixel_flipping``        Quantus ``PixelFlipping``
 max-sensitivity, N = 256    ``evaluation.max_sensitivity``       Quantus ``MaxSensitivity``
 KernelSHAP, N = 64          ``kernel_shap`` (200 samples)        Captum ``KernelShap``
+GradientSHAP, B = 16        ``gradient_shap`` (32 draws)         Captum ``GradientShap``
+noise tunnel IG, B = 16     ``noise_tunnel`` of IG, 8 x 16       Captum ``NoiseTunnel(IG)``
+DeepLiftShap, B = 16        ``deeplift_shap`` (16 references)    Captum ``DeepLiftShap``
 ==========================  ===================================  ==============================
 
 .. [1] Captum's smallest ``n_steps`` for which every example meets the tolerance, searched
@@ -42,7 +45,8 @@ one JSON line: ``captum_over_gradient``, ``captum_over_ig`` (B = 64 and ``_b512`
 ``captum_over_adaptive_1pct`` / ``_01pct``, ``all_targets_speedup``, ``zennit_over_lrp``,
 ``*_over_grad`` of every rule, ``ppi_over_plain``, ``torch_over_ppi``,
 ``torch_loop_over_sweep``, ``quantus_over_pixel_flipping``, ``quantus_over_max_sensitivity``,
-``kernelshap_over_captum``, the medians, and the device.
+``kernelshap_over_captum``, ``captum_over_gradient_shap`` / ``_noise_tunnel_ig`` /
+``_deeplift_shap``, the medians, and the device.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ RULES = ("wbp", "lrp", "lrp epsilon_plus", "lrp epsilon_alpha2_beta1", "lrp epsi
          "deeplift", "guided_backprop")
 
 
+AVERAGED = ("gradient_shap", "noise_tunnel_ig", "deeplift_shap")  # bench_averaged's cases
+
+
 def _cases(lib: str, quick: bool, device: str = "cuda", smoke: bool = False) -> dict:
   """name -> (target "module:function", kwargs) of the existing contenders; ``device``: the
   torch device (the CPU only to try this script on a machine without a GPU, with ``smoke``:
@@ -95,6 +102,7 @@ def _cases(lib: str, quick: bool, device: str = "cuda", smoke: bool = False) -> 
         "kernelshap": (B + "metrics:setup_jax_kernelshap", dict(n=ns, n_samples=200)),
         "rules": ("benchmarks.bench_gpu:setup_rules", dict(batch=64)),
     }
+    c.update({k: (B + "averaged:setup_jax", dict(kind=k)) for k in AVERAGED})
     for tol in ("1pct", "01pct"):
       for drv in ("while", "local"):
         c[f"adaptive_{drv}_{tol}"] = (B + "ig_accuracy:setup_adaptive", dict(
@@ -117,6 +125,7 @@ def _cases(lib: str, quick: bool, device: str = "cuda", smoke: bool = False) -> 
                                                              **dev)),
       "kernelshap": (B + "metrics:setup_captum_kernelshap", dict(n=ns, n_samples=200, **dev)),
   }
+  c.update({k: (B + "averaged:setup_captum", dict(kind=k, **dev)) for k in AVERAGED})
   for tol in ("1pct", "01pct"):
     c[f"ig_tol_{tol}"] = (B + "ig_accuracy:setup_captum", dict(
         model="smallcnn", b=bt, tol={"1pct": 1e-2, "01pct": 1e-3}[tol], ibs=4096, **dev))
@@ -229,7 +238,7 @@ PAIRS = [  # (JSON key, peer case, jaxplain case): key = peer time / jaxplain ti
     ("quantus_over_pixel_flipping", "pixel_flipping", "pixel_flipping"),
     ("quantus_over_max_sensitivity", "max_sensitivity", "max_sensitivity"),
     ("kernelshap_over_captum", "kernelshap", "kernelshap"),
-]
+] + [(f"captum_over_{k}", k, k) for k in AVERAGED]
 
 
 _fmt = _runner._fmt  # pylint: disable=protected-access
