@@ -435,7 +435,8 @@ def test_adaptive_ig_meets_tol_on_closed_forms_and_counts_fewer_evaluations():
     np.testing.assert_allclose(ig_jit, ig, rtol=1e-12)
     np.testing.assert_array_equal(info_jit["steps"], info["steps"])
     # the quadratic has a linear integrand: the first level (5 nodes) is exact
-    _, info_q = jaxplain.integrated_gradients(closed_f, xj, 1, tol=1e-9, return_info=True)
+    _, info_q = jaxplain.integrated_gradients(closed_f, xj, 1, tol=1e-9, return_info=True,
+                                              driver="host")
     np.testing.assert_array_equal(np.asarray(info_q["steps"]), 5)
 
 
@@ -447,7 +448,7 @@ def test_adaptive_ig_warns_when_examples_do_not_converge():
   spiky = lambda z: jnp.stack([jnp.sum(z / jnp.sqrt(z * z + 1e-10), 1), z.sum(1)], 1)
   x = jnp.array([[1.0, -2.0], [0.5, 0.5]])
   base = jnp.array([[0.0, 0.0], [0.4, 0.4]])  # the second path stays away from 0
-  kw = dict(baseline=base, tol=1e-3, max_steps=17)
+  kw = dict(baseline=base, tol=1e-3, max_steps=17, driver="while")
   with pytest.warns(RuntimeWarning, match=r"1 of 2 examples did not reach tol=0.001 within "
                                           r"max_steps=17 .*return_info=True"):
     jaxplain.integrated_gradients(spiky, x, 0, **kw)
@@ -464,7 +465,7 @@ def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
   with jax.enable_x64(True):
     ig, info = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-3,
                                              baseline=jnp.asarray(base), return_info=True,
-                                             max_steps=4097)
+                                             max_steps=4097, driver="host")
     steps = np.asarray(info["steps"])
   exact = kink_ig(x, base)
   delta = exact.sum(1)  # completeness of the exact integral
@@ -475,7 +476,7 @@ def test_adaptive_ig_on_a_kink_within_the_trapezoid_bound():
   assert np.all(np.abs(np.asarray(ig) - exact) <= bound + 1e-12)
   _, info1 = jaxplain.integrated_gradients(kink_f, jnp.asarray(x), 0, tol=1e-12,
                                            baseline=jnp.asarray(base), return_info=True,
-                                           max_steps=17)
+                                           max_steps=17, driver="host")
   assert not np.asarray(info1["converged"]).all()  # reported, not hidden
   np.testing.assert_array_equal(np.asarray(info1["steps"])[~np.asarray(info1["converged"])],
                                 17)
@@ -516,6 +517,24 @@ def test_local_driver_refines_at_the_kink_and_equals_one_example_at_a_time():
   assert np.all(info["steps"] <= steps_uniform), (info["steps"], steps_uniform)
   assert info["steps"].sum() * 4 < steps_uniform.sum(), (info["steps"], steps_uniform)
   assert info["steps"].sum() <= rows_local <= 2 * info["steps"].sum()  # padding at most 2x
+
+
+def test_auto_driver_is_local_when_concrete_and_while_under_jit():
+  rng = np.random.default_rng(2)
+  x, base = jnp.asarray(rng.normal(size=(3, D))), jnp.asarray(rng.normal(size=(3, D)) * 0.3)
+  kw = dict(tol=1e-3, baseline=base, return_info=True, max_steps=257)
+  with jax.enable_x64(True):
+    for drv, call in (("local", lambda **k: jaxplain.integrated_gradients(kink_f, x, 0, **k)),
+                      ("while", lambda **k: jax.jit(lambda z: jaxplain.integrated_gradients(
+                          kink_f, z, 0, **k))(x))):
+      ig, info = call(**kw)
+      ig_d, info_d = call(driver=drv, **kw)
+      np.testing.assert_array_equal(np.asarray(info["steps"]), np.asarray(info_d["steps"]))
+      np.testing.assert_allclose(ig, ig_d, rtol=1e-12)
+    # the two drivers do differ (local places its nodes at the kink)
+    _, info_w = jaxplain.integrated_gradients(kink_f, x, 0, driver="while", **kw)
+    assert np.asarray(info_w["steps"]).sum() != np.asarray(
+        jaxplain.integrated_gradients(kink_f, x, 0, **kw)[1]["steps"]).sum()
 
 
 def test_local_driver_on_a_smooth_integrand_and_its_errors():
