@@ -83,3 +83,19 @@ def test_chunk_none_is_bounded_by_the_input_elements_per_call(monkeypatch):
   np.testing.assert_allclose(np.asarray(P.feature_ablation(f, x, 1)), loop, rtol=1e-5,
                              atol=1e-6)
   assert 12 in seen, seen                                # all 6 copies in one call
+
+
+def test_unrolled_slices_equal_one_call_written_out_or_looped():
+  # a few slices are written out, many run under lax.map; both equal the whole at once,
+  # with a remainder slice, for a function that maps n rows to n results (a pytree)
+  xs = {"a": jnp.arange(50.0).reshape(25, 2), "b": jnp.arange(25.0)}
+  fn = lambda d: (d["a"].sum(1) * d["b"], d["a"] ** 2)
+  want = fn(xs)
+  for chunk in (None, 3, 1, 25, 40):   # 25 // 1 = 25 full slices: past MAX_UNROLLED
+    got = jax.jit(lambda d, c=chunk: _batching.unrolled(fn, d, c))(xs)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w)
+  jaxpr = jax.make_jaxpr(lambda d: _batching.unrolled(fn, d, 1))(xs)
+  assert any(e.primitive.name == "scan" for e in jaxpr.eqns)
+  jaxpr = jax.make_jaxpr(lambda d: _batching.unrolled(fn, d, 3))(xs)
+  assert not any(e.primitive.name == "scan" for e in jaxpr.eqns)
