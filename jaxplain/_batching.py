@@ -43,7 +43,8 @@ def _merge(v: Array) -> Array:
 
 def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
                call: Callable[..., Any], ks: Array, chunk: int | None,
-               post: Callable[[Any, Any], Any] | None = None) -> Any:
+               post: Callable[[Any, Any], Any] | None = None, *,
+               backward: bool = False) -> Any:
   """``post(call(*args_k), extra_k)`` for every ``k`` in ``ks``, stacked on a leading axis.
 
   ``make(k)`` returns ``(args, extra)``: ``args`` a tuple of arrays with the batch axis ``B``
@@ -53,7 +54,8 @@ def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
   and each leaf of its result (leading axis ``c * B``) is split back to ``(c, B, ...)``. ``post(out, extra)``
   (default: ``out`` alone) then sees the chunk's ``(c, B, ...)`` outputs and extras, so a
   reduction there keeps memory per chunk. Full chunks run under ``jax.lax.map``, a remainder
-  as one more call.
+  as one more call; with ``backward=True`` (``call`` runs a backward pass: an explainer)
+  they are written out as :func:`unrolled` does, where XLA:CPU runs them faster.
   """
   post = post or (lambda out, extra: out)
 
@@ -72,6 +74,8 @@ def map_merged(make: Callable[[Array], tuple[tuple[Any, ...], Any]],
   if int(chunk) >= n:
     return block(ks)
   c = int(chunk)
+  if backward:
+    return unrolled(block, ks, c)
   full = (n // c) * c
   parts = jax.lax.map(block, ks[:full].reshape((n // c, c) + ks.shape[1:]))
   parts = jax.tree_util.tree_map(_merge, parts)
