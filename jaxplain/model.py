@@ -392,6 +392,10 @@ class _NNX:
     for key in hooks:
       base, i = _stack_index(key)
       if i is not None:
+        if base in stacked or base in hooks:
+          other = stacked[base][0] if base in stacked else base
+          raise ValueError(f"layer: one hook per layer stack and run; got {other!r} and "
+                           f"{key!r} (run them one at a time)")
         stacked[base] = (key, i, self._stack(mods, base, i, extra.get(key)))
 
     def scoped(name, call, *args, **kwargs):

@@ -753,6 +753,9 @@ def test_nnx_model_with_lifted_scan_runs_under_every_transform_and_hooks_outside
     m.capture(x, "blocks[3]")
   with pytest.raises(ValueError, match=r"'inp' holds no stacked parameters"):
     m.capture(x, "inp[0]")
+  with pytest.raises(ValueError, match=r"one hook per layer stack and run; got 'blocks\[0\]' "
+                                       r"and 'blocks\[2\]'"):
+    m.capture(x, ["blocks[0]", "blocks[2]"])
   # the stacked kernels: units raise (they used to report kernel_shape (3, 6)); a mask over the
   # stacked leaf through sweep equals the hand-edited network
   with pytest.raises(ValueError, match=r"'blocks' holds a stack of kernels \(3, 6, 6\).*"
