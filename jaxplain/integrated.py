@@ -259,7 +259,8 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
       nodes, the last at most ``max_steps``; examples that do not converge by then are
       reported in ``info["converged"]``.
     driver: with ``tol``, ``"auto"`` (default): ``"local"`` when called with concrete
-      values (outside ``jit``), ``"while"`` when traced (bench_gpu's CPU smoke run, SmallCNN,
+      values (outside ``jit``), ``"while"`` when ``x`` or ``f``'s values are traced (under
+      ``jit``, or ``jax.jvp`` over the model's parameters; bench_gpu's CPU smoke run, SmallCNN,
       4 images: local 0.19 s / 0.27 s at 1 % / 0.1 %, while 1.17 s / 38.6 s). Or
       ``"while"`` (a bounded ``lax.while_loop`` over levels; usable
       under ``jit`` and forward-mode ``jax.jvp``, not under ``jax.grad``: JAX cannot reverse a
@@ -407,15 +408,22 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
     if driver not in ("auto",) + _adaptive_ig.DRIVERS:
       raise ValueError(f"driver: expected 'auto' or one of {_adaptive_ig.DRIVERS}, got "
                        f"{driver!r}")
-    if driver == "auto":  # the fastest that can run here: local needs concrete values
+    auto = driver == "auto"  # the fastest that can run here: local needs concrete values
+    if auto:
       driver = ("local" if all(_validate.is_concrete(v) for v in (x, base_acc, t))
                 else "while")
     l0, lmax = _adaptive_ig._levels(min_steps, max_steps)
     if driver == "local":
-      attr, steps, gap, done = _adaptive_ig.adaptive_ig_local(
-          f, base_acc, diff, t, output, chunk, x.dtype, float(tol), float(atol), l0,
-          int(max_steps))
-    else:
+      try:
+        attr, steps, gap, done = _adaptive_ig.adaptive_ig_local(
+            f, base_acc, diff, t, output, chunk, x.dtype, float(tol), float(atol), l0,
+            int(max_steps))
+      except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError,
+              jax.errors.TracerBoolConversionError):
+        if not auto:  # f is traced although x is not (jax.jvp over its parameters)
+          raise
+        driver = "while"
+    if driver != "local":
       run = (_adaptive_ig.adaptive_ig_while if driver == "while"
              else _adaptive_ig.adaptive_ig_host)
       attr, steps, gap, done = run(f, base_acc, diff, t, output, chunk, x.dtype, float(tol),

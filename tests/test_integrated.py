@@ -531,6 +531,13 @@ def test_auto_driver_is_local_when_concrete_and_while_under_jit():
       ig_d, info_d = call(driver=drv, **kw)
       np.testing.assert_array_equal(np.asarray(info["steps"]), np.asarray(info_d["steps"]))
       np.testing.assert_allclose(ig, ig_d, rtol=1e-12)
+    # x concrete but f traced (jax.jvp over a parameter): auto falls back to while
+    w_scale = lambda c: jaxplain.integrated_gradients(lambda z: kink_f(z * c), x, 0,
+                                                      **kw)[0].sum()
+    primal, tangent = jax.jvp(w_scale, (1.0,), (1.0,))
+    want = jax.jvp(lambda c: jaxplain.integrated_gradients(
+        lambda z: kink_f(z * c), x, 0, driver="while", **kw)[0].sum(), (1.0,), (1.0,))
+    np.testing.assert_allclose([primal, tangent], want, rtol=1e-12)
     # the two drivers do differ (local places its nodes at the kink)
     _, info_w = jaxplain.integrated_gradients(kink_f, x, 0, driver="while", **kw)
     assert np.asarray(info_w["steps"]).sum() != np.asarray(
