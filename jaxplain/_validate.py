@@ -67,6 +67,12 @@ def call_model(call: Callable[[], T], f: Callable, x: Any, name: str = "x") -> T
     raise
 
 
+def check_chunk(value: Any, name: str = "chunk") -> None:
+  """``value`` must be ``None`` or an int >= 1 (a chunk size); raises ``ValueError``."""
+  if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+    raise ValueError(f"{name}: expected None or an int >= 1, got {value!r}")
+
+
 def check_finite(x: Any, name: str) -> None:
   """Raise ``ValueError`` if a concrete ``x`` holds NaN or inf."""
   if is_concrete(x):

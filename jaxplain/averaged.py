@@ -36,8 +36,7 @@ Fn = Callable[[Array], Array]
 def _check_samples(num_samples: Any, chunk: Any) -> None:
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-  if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
 
 
 def _background(background: Any, x: Array) -> Array:
@@ -215,7 +214,7 @@ def deeplift_shap(f: Fn, x: Array, target: Any, *, background: Array,
   [[1.0, -0.5]]
   """
   from jaxplain.rules import deeplift  # pylint: disable=import-outside-toplevel
-  _check_samples(1, chunk)
+  _validate.check_chunk(chunk)
   x = _validate.check_batched(x, "x")
   _validate.check_model(f, x)
   bg = _background(background, x)

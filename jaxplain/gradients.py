@@ -103,8 +103,7 @@ def _is_multi(target: Any) -> bool:
 
 
 def _check_target_chunk(target_chunk: Any) -> None:
-  if target_chunk is not None and (not isinstance(target_chunk, int) or target_chunk < 1):
-    raise ValueError(f"target_chunk: expected None or an int >= 1, got {target_chunk!r}")
+  _validate.check_chunk(target_chunk, "target_chunk")
 
 
 def _multi_targets(target: Any, batch: int, num_classes: int | None,
@@ -285,8 +284,7 @@ def smoothgrad(f: Fn, x: Array, target: Any, *, key: Array, num_samples: int = 3
     raise ValueError(f"form: expected one of {SMOOTHGRAD_FORMS}, got {form!r}")
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-  if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
   if noise_level < 0:
     raise ValueError(f"noise_level: expected >= 0, got {noise_level}")
   if key is None:

@@ -304,8 +304,7 @@ def integrated_gradients(f: Fn, x: Array, target: Any, *, baseline: Any = "black
   _check_output(output)
   if loop not in ("auto", "unroll", "scan"):
     raise ValueError(f"loop: expected 'auto', 'unroll' or 'scan', got {loop!r}")
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
   _check_target_chunk(target_chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
@@ -384,8 +383,7 @@ def _integrated_special(f, x, target, *, baseline, method, chunk, key, output, v
                         return_info, progress):
   """IG to a tolerance (``tol``) or exact IG (``method="exact"``)."""
   _check_output(output)
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
   x = _validate.check_batched(x, "x")
   if _is_multi(target):
     raise ValueError("target: tol= and method='exact' take one target per example (an int "
@@ -502,8 +500,7 @@ def layer_conductance(model: Any, x: Array, target: Any, layer: str, *,
   from jaxplain.model import Model, wrap  # pylint: disable=import-outside-toplevel
   _check_output(output)
   m = model if isinstance(model, Model) else wrap(model)
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
   alphas, weights = quadrature_rule(method, steps)
   x = _validate.check_batched(x, "x")
   k = _validate.check_model(m, x).shape[1]

@@ -86,8 +86,7 @@ def occlusion(f: Callable[[Array], Array], x: Array, target: Any, *, patch: Any 
   x = _validate.check_batched(x, "x", min_rank=3)
   if x.ndim not in (3, 4):
     raise ValueError(f"x: expected images (B, H, W, C) or (B, H, W), got shape {x.shape}")
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+  _validate.check_chunk(chunk)
   b, h, w = x.shape[:3]
   logits = _validate.call_model(lambda: f(x), f, x)  # before the windows: x may be one example
   _validate.check_logits(logits, b, f=f, x=x)

@@ -122,14 +122,9 @@ def _baseline(x: Array, baseline: Any) -> Array:
   return _validate.broadcast_to_x(baseline, x, "baseline")
 
 
-def _check_chunk(chunk: Any) -> None:
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
-
-
 def _setup(f, x, target, baseline, output, feature_mask, num_features, chunk):
   _check_output(output)
-  _check_chunk(chunk)
+  _validate.check_chunk(chunk)
   x = _validate.check_batched(x, "x", min_rank=2)
   logits = _validate.check_model(f, x)  # shapes only; x may be one example
   t = _validate.check_target(target, x.shape[0], logits.shape[-1])

@@ -140,8 +140,7 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
   x = check_batched(x, "x")
   if output not in OUTPUTS:
     raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-  if target_chunk is not None and not (isinstance(target_chunk, int) and target_chunk >= 1):
-    raise ValueError(f"target_chunk: expected None or an int >= 1, got {target_chunk!r}")
+  _validate.check_chunk(target_chunk, "target_chunk")
   closed, out_shape = _validate.call_model(
       lambda: jax.make_jaxpr(f, return_shape=True)(jax.ShapeDtypeStruct(x.shape, x.dtype)), f, x)
   check_logits(out_shape, x.shape[0], f=f, x=x)

@@ -37,9 +37,7 @@ def check_output(output: str) -> None:
   _check_output(output)
 
 
-def check_chunk(chunk: Any) -> None:
-  if chunk is not None and (not isinstance(chunk, (int, np.integer)) or chunk < 1):
-    raise ValueError(f"chunk: expected None or an int >= 1, got {chunk!r}")
+check_chunk = _validate.check_chunk
 
 
 def check_count(v: Any, name: str, low: int = 1) -> int:
