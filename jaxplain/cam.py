@@ -108,7 +108,8 @@ def grad_cam(model: Any, *args: Any, layer: str | None = None, relu: bool = True
     raise ValueError(f"layer: expected a layer name such as 'conv3', got {layer!r}; available "
                      f"layers: {list(m.layer_names(x))}")
   b = xs[0].shape[0]
-  a_shape = jax.eval_shape(lambda z: m.capture(z, [layer])[1][layer][1], x)
+  a_shape = _validate.call_model(
+      lambda: jax.eval_shape(lambda z: m.capture(z, [layer])[1][layer][1], x), m, x)
   if not hasattr(a_shape, "shape") or len(a_shape.shape) < 2 or a_shape.shape[0] != b:
     shape = getattr(a_shape, "shape", type(a_shape).__name__)
     raise ValueError(f"layer: the output of {layer!r} is {shape}; Grad-CAM needs features of "

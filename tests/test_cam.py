@@ -170,6 +170,10 @@ def test_bad_input_errors_name_the_argument(tiny):
     jaxplain.grad_cam(model, variables, x, 5, layer="conv1")
   with pytest.raises(ValueError, match=r"x: expected a batch \(B, ...\)"):
     jaxplain.grad_cam(model, variables, x[0, 0, 0], 0, layer="conv1")
+  # one image (H, W, C): the model's own shape error used to surface (flax's param shape)
+  for method in (jaxplain.grad_cam, jaxplain.guided_grad_cam):
+    with pytest.raises(ValueError, match=r"got one example of shape .* \(use x\[None\]"):
+      method(jaxplain.wrap(model, variables), x[0], 0, layer="conv1")
   with pytest.raises(ValueError, match="x: contains 1 non-finite"):
     jaxplain.grad_cam(model, variables, x.at[0, 0, 0, 0].set(jnp.nan), 0, layer="conv1")
   with pytest.raises(ValueError, match="upsample: expected one of"):
