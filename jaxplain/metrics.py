@@ -619,8 +619,8 @@ def _check_not_variables(params: Any) -> None:
   if isinstance(params, dict) and "params" in params and isinstance(params["params"], dict):
     raise ValueError(f"params: got a full variables dict with collections {sorted(params)}; "
                      "pass variables['params'] (and close explain over the other collections), "
-                     "or the wrapped model: cascading_randomization(explain, wrap(module, "
-                     "variables), x, target)")
+                     "or the wrapped model wrap(module, variables) as params (its trainable "
+                     "parameters are randomised, its batch statistics kept)")
 
 
 def _owned(paths: Sequence[str], layer: str) -> list[int]:
@@ -708,6 +708,44 @@ def random_leaves(params: Any, random_params: Any, key: Any):
   return treedef, paths, orig, rnd, floating
 
 
+def randomised_leaves(params: Any, random_params: Any, key: Any,
+                      layers: Sequence[str] | None = None):
+  """The leaves of the randomisation checks' ``params`` (a tree or a wrapped ``Model``), their
+  randomised values, and which to randomise.
+
+  Returns ``(treedef, paths, orig, rnd, owner)``: ``owner[i]`` is the index of the first of
+  ``layers`` owning leaf ``i`` and ``len(layers)`` for a leaf no layer owns; without
+  ``layers``, 0 for every leaf to randomise and 1 for the others. Only float leaves are
+  randomised and, of a wrapped model, only its trainable ones (not batch statistics); a full
+  variables dict is refused (its batch statistics would be randomised as weights).
+  """
+  from jaxplain.model import Model  # pylint: disable=import-outside-toplevel
+  wrapped = params if isinstance(params, Model) else None
+  if wrapped is not None:
+    params = wrapped.params
+    if isinstance(random_params, Model):
+      random_params = random_params.params
+  else:
+    _check_not_variables(params)
+  treedef, paths, orig, rnd, floating = random_leaves(params, random_params, key)
+  if wrapped is not None:
+    trainable = set(wrapped.adapter.trainable_paths(params))
+    floating = [fl and p in trainable for p, fl in zip(paths, floating)]
+  if layers is None:
+    return treedef, paths, orig, rnd, [0 if fl else 1 for fl in floating]
+  owner = [len(layers)] * len(paths)
+  for j, l in enumerate(layers):
+    idx = ([paths.index(q) for q in wrapped.layer_params(l)] if wrapped is not None
+           else _owned(paths, l))
+    idx = [i for i in idx if floating[i]]
+    if not idx:
+      raise ValueError(f"layers: {l!r} matches no parameter; available paths: "
+                       f"{[p for p, fl in zip(paths, floating) if fl]}")
+    for i in idx:
+      owner[i] = min(owner[i], j)
+  return treedef, paths, orig, rnd, owner
+
+
 def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.Array],
                             params: Any, x: jax.Array, target: Any, *,
                             random_params: Any = None, key: jax.Array | None = None,
@@ -737,7 +775,8 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
     random_params: a re-initialised tree with the same structure (``model.params`` of a
       re-initialised wrapped model), e.g. ``model.init(other_key, x)["params"]`` (the paper's
       re-initialisation). If ``None``, each float leaf is replaced by Gaussian noise with that
-      leaf's own standard deviation, drawn from ``key``.
+      leaf's own standard deviation, drawn from ``key`` (a constant leaf, such as an untrained
+      batch-norm scale of ones, then becomes zeros: pass ``random_params`` for such models).
     key: ``jax.random`` key, required when ``random_params`` is ``None``.
     layers: ``/``-joined paths of layers (e.g. ``"fc3"`` or ``"stage3_block1/conv2"``), from
       the output towards the input; default: the model's execution order reversed
@@ -767,28 +806,10 @@ def cascading_randomization(explain: Callable[[Any, jax.Array, jax.Array], jax.A
   >>> r["spearman"].shape
   (3, 2)
   """
-  from jaxplain.model import Model  # pylint: disable=import-outside-toplevel
   x = _check_image(x)
   t = check_target(target, x.shape[0])
   layers = cascade_layers(params, layers, model=model, x=x)
-  wrapped = params if isinstance(params, Model) else None
-  if wrapped is not None:
-    params = wrapped.params
-    if isinstance(random_params, Model):
-      random_params = random_params.params
-  else:
-    _check_not_variables(params)
-  treedef, paths, orig, rnd, floating = random_leaves(params, random_params, key)
-  layer_of = [len(layers) + 1] * len(paths)
-  for j, l in enumerate(layers):
-    idx = ([paths.index(q) for q in wrapped.layer_params(l)] if wrapped is not None
-           else _owned(paths, l))
-    idx = [i for i in idx if floating[i]]
-    if not idx:
-      raise ValueError(f"layers: {l!r} matches no parameter; available paths: "
-                       f"{[p for p, fl in zip(paths, floating) if fl]}")
-    for i in idx:
-      layer_of[i] = min(layer_of[i], j)
+  treedef, _, orig, rnd, layer_of = randomised_leaves(params, random_params, key, layers)
 
   n_stages = len(layers) + 1
   stage = jnp.arange(n_stages)

@@ -551,6 +551,44 @@ def test_independent_randomization_leaves_integer_leaves_alone():
   assert not np.allclose(plain["maps"][1], plain["maps"][0])  # w really was randomised
 
 
+def test_independent_and_emprt_take_a_wrapped_model_and_keep_its_batch_statistics():
+  # they used to fail on a wrapped model ("Cannot determine dtype of Model") and, given the
+  # full variables dict, to randomise the batch statistics as weights (cascading refuses it)
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jaxplain  # pylint: disable=import-outside-toplevel
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.BatchNorm(use_running_average=True, name="bn")(nn.Dense(5, name="l1")(x))
+      return nn.Dense(3, name="l2")(jnp.tanh(h))
+
+  net, x, t = Net(), jax.random.normal(jax.random.key(0), (3, 6)), jnp.array([0, 1, 2])
+  v = net.init(jax.random.key(1), x)
+  stats = {"mean": jnp.linspace(-1.0, 1.0, 5), "var": jnp.linspace(0.5, 2.0, 5)}
+  v = {"params": v["params"], "batch_stats": {"bn": stats}}
+  rv = net.init(jax.random.key(2), x)
+  rv = {"params": rv["params"], "batch_stats": {"bn": {k: a + 3.0 for k, a in stats.items()}}}
+  m, rm = jaxplain.wrap(net, v), jaxplain.wrap(net, rv)
+  ex = lambda p, z, tt: jaxplain.gradient(lambda q: m.apply(p, q), z, tt)
+  # the independent computation: maps of the model with params swapped, v's statistics kept
+  grad_at = lambda params: np.asarray(jaxplain.gradient(
+      lambda q: net.apply({"params": params, "batch_stats": v["batch_stats"]}, q), x, t))
+  ent = lambda a: scipy.stats.entropy(np.histogram(a, bins=7)[0])
+  res = E.emprt(ex, m, x, t, random_params=rm, n_bins=7)
+  a0, a1 = grad_at(v["params"]), grad_at(rv["params"])
+  for b in range(3):
+    np.testing.assert_allclose(float(res["emprt"][b]), ent(a1[b]) / ent(a0[b]), rtol=1e-5)
+  ind = E.independent_randomization(ex, m, x, t, random_params=rm, layers=["l2", "l1"])
+  for row, layer in enumerate([None, "l2", "l1"]):
+    q = v["params"] if layer is None else {**v["params"], layer: rv["params"][layer]}
+    np.testing.assert_allclose(np.asarray(ind["maps"][row]), grad_at(q), rtol=1e-5, atol=1e-6)
+  for fn in (E.emprt, lambda *a, **k: E.independent_randomization(*a, layers=["params/l2"], **k)):
+    with pytest.raises(ValueError, match=r"params: got a full variables dict with collections "
+                                         r"\['batch_stats', 'params'\]"):
+      fn(lambda p, z, tt: z, v, x, t, key=jax.random.key(0))
+
+
 def test_every_submodule_is_reachable_and_no_function_shadows_one():
   # `jaxplain.evaluation.complexity` is the function; its module is `_complexity`
   import importlib

@@ -16,18 +16,13 @@ import jax.numpy as jnp
 from jaxplain import _validate
 from jaxplain._batching import unrolled
 from jaxplain.evaluation import _common as C
-from jaxplain.metrics import cascade_layers, cascading_randomization, random_leaves, ssim
+from jaxplain.metrics import cascade_layers, cascading_randomization, randomised_leaves, ssim
 
 Array = jax.Array
 
 __all__ = ["mprt", "independent_randomization", "emprt", "histogram_entropy", "random_logit"]
 
 mprt = cascading_randomization
-
-
-def _random_leaves(params, random_params, key):
-  treedef, paths, orig, rnd, _ = random_leaves(params, random_params, key)
-  return treedef, paths, orig, rnd
 
 
 def _spearman(a: Array, b: Array) -> Array:
@@ -85,14 +80,7 @@ def independent_randomization(explain: Callable[[Any, Array, Array], Array], par
   x = C.check_x(x)
   t = _validate.check_target(target, x.shape[0])
   layers = cascade_layers(params, layers, model=model, x=x)
-  treedef, paths, orig, rnd = _random_leaves(params, random_params, key)
-  layer_of = []
-  for p in paths:
-    idx = [j for j, l in enumerate(layers) if p == l or p.startswith(l + "/")]
-    layer_of.append(idx[0] if idx else -1)
-  for j, l in enumerate(layers):
-    if j not in layer_of:
-      raise ValueError(f"layers: {l!r} matches no parameter; available paths: {paths}")
+  treedef, _, orig, rnd, layer_of = randomised_leaves(params, random_params, key, layers)
   n = len(layers) + 1
   model = jnp.arange(n)
   stacked = []
@@ -163,10 +151,10 @@ def emprt(explain: Callable[[Any, Array, Array], Array], params: Any, x: Array, 
   C.check_chunk(chunk)
   x = C.check_x(x)
   t = _validate.check_target(target, x.shape[0])
-  treedef, _, orig, rnd = _random_leaves(params, random_params, key)
+  treedef, _, orig, rnd, owner = randomised_leaves(params, random_params, key)
   stacked = jax.tree_util.tree_unflatten(
-      treedef, [jnp.stack([jnp.asarray(a), jnp.asarray(r, jnp.result_type(a))])
-                for a, r in zip(orig, rnd)])
+      treedef, [jnp.stack([jnp.asarray(a), jnp.asarray(r if o == 0 else a, jnp.result_type(a))])
+                for a, r, o in zip(orig, rnd, owner)])
   maps = unrolled(jax.vmap(lambda p: explain(p, x, t)), stacked, chunk)
   h0 = histogram_entropy(maps[0], n_bins=n_bins)
   h1 = histogram_entropy(maps[1], n_bins=n_bins)
