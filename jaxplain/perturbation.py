@@ -82,20 +82,23 @@ def grid_segments(shape: tuple[int, ...], cell: Any) -> np.ndarray:
   return (rows * nw + cols).astype(np.int32)
 
 
-def _features(x: Array, feature_mask: Any, num_features: int | None) -> tuple[Array, int]:
-  """Expand ``feature_mask`` to ``(B, N)`` int32 ids over the flattened elements of x[b]."""
+def _features(x: Array, feature_mask: Any, num_features: int | None, *,
+              names: tuple[str, str] = ("feature_mask", "num_features")) -> tuple[Array, int]:
+  """Expand ``feature_mask`` to ``(B, N)`` int32 ids over the flattened elements of x[b].
+  ``names``: the two arguments' names in the caller's errors."""
+  mask_name, count_name = names
   b = x.shape[0]
   n = math.prod(x.shape[1:])
   if feature_mask is None:
     if num_features is not None and num_features != n:
       raise ValueError(
-          f"num_features={num_features} without a feature_mask: every element of x[b] is then "
-          f"its own feature ({n} features); give feature_mask= for groups (e.g. "
+          f"{count_name}={num_features} without a {mask_name}: every element of x[b] is then "
+          f"its own feature ({n} features); give {mask_name}= for groups (e.g. "
           f"jaxplain.perturbation.grid_segments({x.shape[1:3]}, cell) for square superpixels)")
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), n
   m = jnp.asarray(feature_mask)
   if not jnp.issubdtype(m.dtype, jnp.integer):
-    raise TypeError(f"feature_mask: expected integer feature ids, got dtype {m.dtype}")
+    raise TypeError(f"{mask_name}: expected integer feature ids, got dtype {m.dtype}")
   r = m.ndim
   if 1 <= r < x.ndim and m.shape == x.shape[1:1 + r]:
     m = jnp.broadcast_to(m.reshape(m.shape + (1,) * (x.ndim - 1 - r)), x.shape[1:])
@@ -104,16 +107,18 @@ def _features(x: Array, feature_mask: Any, num_features: int | None) -> tuple[Ar
     m = jnp.broadcast_to(m.reshape(m.shape + (1,) * (x.ndim - r)), x.shape)
   else:
     raise ValueError(
-        f"feature_mask: expected a shape that is a leading part of x[b] {x.shape[1:]} "
-        f"(e.g. (H, W) for images) or of x {x.shape} (with the batch axis); got {m.shape}")
+        f"{mask_name}: expected a shape that is a leading part of x[b] {x.shape[1:]} "
+        f"(e.g. (H, W) for images) or of x {x.shape} (with the batch axis); got {m.shape}"
+        + (f" (square superpixels: jaxplain.perturbation.grid_segments({x.shape[1:3]}, cell))"
+           if m.ndim == 0 and x.ndim == 4 else ""))
   if num_features is None:
     if not _validate.is_concrete(m):
-      raise ValueError("num_features: required when feature_mask is traced (under jit)")
+      raise ValueError(f"{count_name}: required when {mask_name} is traced (under jit)")
     num_features = int(np.max(np.asarray(m))) + 1
   if _validate.is_concrete(m):
     mn = np.asarray(m)
     if mn.min() < 0 or mn.max() >= num_features:
-      raise ValueError(f"feature_mask: ids must lie in [0, {num_features}), got "
+      raise ValueError(f"{mask_name}: ids must lie in [0, {num_features}), got "
                        f"[{mn.min()}, {mn.max()}]")
   return m.reshape(b, n).astype(jnp.int32), int(num_features)
 

@@ -204,6 +204,14 @@ def test_irof_grid_segments_equals_loop():
     np.testing.assert_allclose(np.asarray(res["curve"][b]), curve, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(res["irof"][b]), 1 - np.trapezoid(curve, dx=0.25),
                                rtol=1e-5, atol=1e-6)
+  # errors name irof's own arguments (they said feature_mask / num_features)
+  with pytest.raises(ValueError, match=r"^segments: .*got \(\) \(square superpixels: "
+                                       r"jaxplain.perturbation.grid_segments\(\(4, 4\), cell\)"):
+    E.irof(f, jnp.asarray(x), 0, jnp.asarray(a), segments=4)
+  with pytest.raises(ValueError, match=r"^segments: ids must lie in \[0, 2\)"):
+    E.irof(f, jnp.asarray(x), 0, jnp.asarray(a), segments=seg, num_segments=2)
+  with pytest.raises(ValueError, match=r"^num_segments: required when segments is traced"):
+    jax.jit(lambda s: E.irof(f, jnp.asarray(x), 0, jnp.asarray(a), segments=s))(seg)
 
 
 def test_infidelity_known_answers_and_loop():

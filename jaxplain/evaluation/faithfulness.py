@@ -264,7 +264,8 @@ def irof(f: C.Fn, x: Array, target: Any, attributions: Array, *, segments: Any,
   C.check_output(output)
   C.check_chunk(chunk)
   t, _ = C.target_and_logits(f, x, target)
-  fm, n = _features(x, segments, num_segments)                         # (B, N) ids
+  fm, n = _features(x, segments, num_segments,
+                    names=("segments", "num_segments"))                      # (B, N) ids
   a = C.check_map(attributions, x.shape)
   a_x = C.flat(C.to_x(C.flat(a), a.shape, x.shape))                   # (B, N)
   onehot = jax.nn.one_hot(fm, n, dtype=a_x.dtype)                      # (B, N, n)
