@@ -857,6 +857,16 @@ class Model:
   params: Any
   adapter: Any = dataclasses.field(repr=False)
 
+  def __repr__(self) -> str:
+    # the dataclass repr printed every weight: JAX formats a callable's repr when it traces
+    # it (its debug info), so an eager call on a DenseNet spent ~0.5 s printing parameters,
+    # and an error naming the model ran to megabytes
+    leaves = [l for l in jax.tree_util.tree_leaves(self.params) if hasattr(l, "shape")]
+    n = sum(int(np.prod(l.shape, dtype=np.int64)) for l in leaves)
+    dtypes = sorted({str(l.dtype) for l in leaves})
+    return (f"Model(framework={self.framework!r}, params=<{n:,} values in {len(leaves)} "
+            f"arrays, {'/'.join(dtypes) or 'none'}>)")
+
   @property
   def framework(self) -> str:
     """``"linen"``, ``"nnx"``, ``"equinox"``, ``"keras"``, ``"split"`` or ``"function"``."""

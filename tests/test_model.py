@@ -157,6 +157,16 @@ def test_same_logits_and_layer_names_in_execution_order(four):
     jaxplain.grad_cam(models["equinox"][0], models["equinox"][1], 0, layer="conv9")
 
 
+def test_model_repr_counts_parameters_and_prints_none(four):
+  # the dataclass repr printed every weight; JAX formats it whenever it traces the model
+  p, _, models = four
+  n = sum(int(np.asarray(a).size) for a in jax.tree_util.tree_leaves(p))
+  for name, (m, _) in models.items():
+    r = repr(m)
+    assert r.startswith(f"Model(framework={name!r}, params=<{n:,} values in "), (name, r)
+    assert len(r) < 120 and "Array(" not in r, (name, r)
+
+
 def test_grad_cam_equals_the_hand_split_in_every_framework(four):
   p, x, models = four
   a = np.asarray(hand_features(p, x))
