@@ -58,6 +58,7 @@ _API = {
     'Composite': ('jaxplain.rules', 'Composite'),
     'rules': ('jaxplain.rules', None),
     'UnsupportedPrimitiveError': ('jaxplain.rules', 'UnsupportedPrimitiveError'),
+    'ProbabilitiesWarning': ('jaxplain._validate', 'ProbabilitiesWarning'),
     # -- interventions ----------------------------------------------------------------------------
     'interventions': ('jaxplain.interventions', None),
     'select': ('jaxplain.interventions', 'select'),

@@ -181,7 +181,33 @@ def check_logits(out: Any, batch: int, name: str = "f(x)", *, f: Callable | None
       hint = ""
     raise ValueError(f"{name}: the model must return logits of shape (B, K) = ({batch}, K); "
                      f"got shape {out.shape}{hint}")
+  warn_if_probabilities(out, name)
   return out
+
+
+PROBABILITIES_WARNING = (
+    "{name} looks like probabilities (every row non-negative and summing to 1): the model ends "
+    "in a softmax. output='logit' then explains a probability, and output='softmax' / "
+    "'log_softmax' / 'cross_entropy' apply a second softmax on top of it. To explain the "
+    "logits, explain the model without its last activation (Keras: "
+    "classifier_activation=None or the layer's activation=None; Flax: return the Dense "
+    "output), or silence this with warnings.filterwarnings('ignore', "
+    "category=jaxplain.ProbabilitiesWarning)")
+
+
+class ProbabilitiesWarning(UserWarning):
+  """A model's output rows are probabilities (it ends in a softmax), not logits."""
+
+
+def warn_if_probabilities(out: jax.Array, name: str = "f(x)") -> None:
+  """Warn when concrete (B, K >= 2) outputs are probabilities: each row >= 0 summing to 1.
+  Logits essentially never are; under jit nothing is checked."""
+  if (not isinstance(out, (jax.Array, np.ndarray)) or not is_concrete(out) or out.ndim != 2 or out.shape[1] < 2 or out.shape[0] == 0
+      or not jnp.issubdtype(out.dtype, jnp.floating)):
+    return
+  o = np.asarray(out, np.float64)
+  if np.all(o >= 0.0) and np.allclose(o.sum(axis=1), 1.0, rtol=0.0, atol=1e-3):
+    warnings.warn(PROBABILITIES_WARNING.format(name=name), ProbabilitiesWarning, stacklevel=3)
 
 
 FIXED_BATCH_HINT = (

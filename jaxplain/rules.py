@@ -176,6 +176,7 @@ def _modified_backprop(f: Callable, x: Array, target: Any, rule, *, output: str 
     nfn = jax.nn.softmax if norm == "softmax" else jax.nn.log_softmax
     fout, nvjp = jax.vjp(nfn, logits)
     to_logits = lambda c: nvjp(c)[0]
+    _validate.warn_if_probabilities(fout)
 
   def one(tj):
     cot = rule.seed(logits, to_logits(_cotangent(fout, tj, output)))

@@ -226,3 +226,29 @@ def test_outputs_that_are_not_logits_get_the_reshaping_that_fits():
   # the fix the first message gives works, and equals the closed form
   g = jaxplain.gradient(lambda z: (z ** 2).sum(1)[:, None], x * 3, 0)
   np.testing.assert_allclose(g, 6 * x)
+
+
+def test_a_model_ending_in_a_softmax_is_warned_about_and_logits_are_not(cnn):
+  import warnings  # pylint: disable=import-outside-toplevel
+  _, _, f, x = cnn
+  probs = lambda z: jax.nn.softmax(f(z), axis=-1)
+  fixed = jnp.asarray(np.asarray(probs(x)))           # the same values, not a softmax op
+  hand = lambda z: jnp.broadcast_to(fixed[:1], (z.shape[0], K)) + 0.0 * z.sum()
+  calls = {"gradient": lambda g: jaxplain.gradient(g, x, 0),
+           "integrated_gradients": lambda g: jaxplain.integrated_gradients(g, x, 0, steps=4),
+           "lrp": lambda g: jaxplain.lrp(g, x, 0),
+           "deeplift": lambda g: jaxplain.deeplift(g, x, 0),
+           "occlusion": lambda g: jaxplain.occlusion(g, x, 0, patch=3)}
+  for name, call in calls.items():
+    for g in (probs, hand):
+      with pytest.warns(jaxplain.ProbabilitiesWarning, match=r"looks like probabilities .*"
+                                                             r"classifier_activation=None"):
+        call(g)
+    for g in (f, lambda z: jax.nn.log_softmax(f(z), axis=-1),    # logits, log-probabilities,
+              lambda z: jax.nn.sigmoid(f(z))):                    # independent sigmoids
+      with warnings.catch_warnings():
+        warnings.simplefilter("error", jaxplain.ProbabilitiesWarning)
+        call(g)
+  with warnings.catch_warnings():             # under jit the values are unknown: no warning
+    warnings.simplefilter("error", jaxplain.ProbabilitiesWarning)
+    jax.jit(lambda z: jaxplain.gradient(probs, z, 0))(x)
