@@ -113,9 +113,7 @@ def methods(model, cfg: dict, key: jax.Array) -> dict[str, tuple[Callable, str]]
 
 def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curves, sanity,
              layer_names, n_show: int) -> list[str]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
   from jaxplain import plot as jplot
 
   folder = out / NAME
@@ -129,35 +127,20 @@ def _figures(out: pathlib.Path, x, maps: dict[str, np.ndarray], fractions, curve
   jplot.save_png(fig, p, dpi=70)
   figs.append(str(p.relative_to(out)))
   # deletion / insertion curves
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for ax, kind in zip(axes, ("deletion", "insertion")):
-    for name, c in curves[kind].items():
-      style = "k--" if name == "random" else "-"
-      ax.plot(fractions, c.mean(0), style, label=name, lw=1.2)
-    ax.set_xlabel("fraction of pixels " + ("removed" if kind == "deletion" else "inserted"))
-    ax.set_ylabel("p(class)")
-    ax.set_title(kind)
-  axes[1].legend(fontsize=6, loc="lower right")
-  fig.tight_layout()
+  fig = Figure(figsize=(9, 3.4))
+  for ax, kind in zip(fig.subplots(1, 2), ("deletion", "insertion")):
+    jplot.curves(curves[kind], fractions=fractions, ax=ax, title=kind, ylabel="p(class)",
+                 xlabel="fraction of pixels " + ("removed" if kind == "deletion" else "inserted"))
   p = folder / "deletion_insertion.png"
-  fig.savefig(p, dpi=80)
-  plt.close(fig)
+  jplot.save_png(fig, p, dpi=80)
   figs.append(str(p.relative_to(out)))
   # sanity check
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-  for ax, key in zip(axes, ("spearman", "ssim")):
-    for name, r in sanity.items():
-      ax.plot(range(len(layer_names)), np.asarray(r[key]).mean(1), "o-", label=name, ms=3)
-    ax.set_xticks(range(len(layer_names)))
-    ax.set_xticklabels(layer_names, rotation=30, fontsize=7)
-    ax.set_ylabel(key + " with the original map")
-    ax.axhline(0, color="gray", lw=0.5)
-  axes[0].set_title("cascading randomisation (left: trained)", fontsize=9)
-  axes[1].legend(fontsize=6)
-  fig.tight_layout()
+  fig = Figure(figsize=(9, 3.4))
+  for ax, key in zip(fig.subplots(1, 2), ("spearman", "ssim")):
+    jplot.randomisation(sanity, layer_names, key=key, ax=ax,
+                        title="cascading randomisation" if key == "spearman" else None)
   p = folder / "sanity_check.png"
-  fig.savefig(p, dpi=80)
-  plt.close(fig)
+  jplot.save_png(fig, p, dpi=80)
   figs.append(str(p.relative_to(out)))
   return figs
 

@@ -45,6 +45,7 @@ import optax
 
 from jaxplain import cam, gradients, metrics, ppi, rules
 from jaxplain import data as jdata
+from jaxplain import plot as jplot
 from jaxplain import train as jtrain
 from jaxplain.models import LeNet
 
@@ -226,13 +227,10 @@ def _run(out_dir: pathlib.Path, *, full: bool, smoke: bool, seed: int,
   figures = []
   fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3), squeeze=False)
   for ax, m in zip(axes[0], methods):
-    for arm, style in (("classification", "k--"), (f"ppi_{m}", "r-")):
-      c = np.asarray(res[arm]["deletion"][m])
-      ax.plot(fr, c.mean(0), style, label="baseline" if arm == "classification" else "+PPI")
-    ax.set_title(LABELS[m])
-    ax.set_xlabel("fraction of pixels removed")
-  axes[0][0].set_ylabel("p(true class)")
-  axes[0][0].legend()
+    jplot.curves({"baseline": np.asarray(res["classification"]["deletion"][m]),
+                  "+PPI": np.asarray(res[f"ppi_{m}"]["deletion"][m])},
+                 fractions=fr, references=("baseline",), ax=ax, title=LABELS[m],
+                 xlabel="fraction of pixels removed", ylabel="p(true class)")
   fig.tight_layout()
   fig.savefig(fig_dir / "deletion.png", dpi=90)
   plt.close(fig)

@@ -217,6 +217,146 @@ def three_panel(image: Any, attribution: Any, *, title: str | None = None,
   return fig
 
 
+BANDS = ("sem", "iqr", None)
+
+
+def _mean_and_band(values: np.ndarray, band: str | None, name: str):
+  """(N, S) or (S,) -> mean (S,), band (lo, hi) or None, over the examples."""
+  v = np.asarray(values, dtype=np.float64)
+  if v.ndim == 1:
+    v = v[None]
+  if v.ndim != 2 or v.shape[1] == 0:
+    raise ValueError(f"{name}: expected (S,) or (examples, S) values, got shape {v.shape}")
+  if not np.all(np.isfinite(v)):
+    raise ValueError(f"{name}: contains {int(np.sum(~np.isfinite(v)))} non-finite value(s)")
+  mean = v.mean(axis=0)
+  if band is None or v.shape[0] < 2:
+    return mean, None
+  if band == "sem":
+    half = v.std(axis=0, ddof=1) / np.sqrt(v.shape[0])
+    return mean, (mean - half, mean + half)
+  return mean, tuple(np.percentile(v, [25.0, 75.0], axis=0))
+
+
+def _axes(ax: Any, figsize: tuple[float, float]):
+  if ax is not None:
+    return ax.figure, ax
+  fig = _new_figure(figsize)
+  return fig, fig.subplots()
+
+
+def curves(curves: Mapping[str, Any], *, fractions: Any = None, band: str | None = "sem",
+           references: Sequence[str] = ("random",), xlabel: str = "fraction of features removed",
+           ylabel: str = "score", title: str | None = None, ax: Any = None) -> Figure:
+  """Perturbation curves, one line per method: the mean over examples with a band, the
+  area under the mean curve in the legend (Quantus's ``plot_pixel_flipping_experiment``).
+
+  For the outputs of :func:`jaxplain.deletion_curve` / ``insertion_curve`` /
+  ``random_order_curve`` and ``jaxplain.evaluation.pixel_flipping`` / ``road`` (its curves
+  over the percentages).
+
+  Args:
+    curves: ``{method: (examples, S) or (S,) scores}``.
+    fractions: ``(S,)`` x positions (:func:`jaxplain.step_fractions`); default ``S`` even
+      steps over [0, 1].
+    band: ``"sem"`` (mean +- one standard error), ``"iqr"`` (25th - 75th percentile) or
+      ``None``.
+    references: names drawn as dashed grey lines (a random order, a baseline).
+    xlabel, ylabel, title: axis labels and title.
+    ax: a matplotlib ``Axes`` to draw into (its figure is returned); default a new figure.
+
+  Returns:
+    The ``Figure``. Legend labels read ``"name (AUC 0.123)"``, the area of
+    :func:`jaxplain.area_under_curve` (normalised by the span of ``fractions``).
+
+  >>> fig = curves({"ig": [[1.0, 0.5, 0.0]], "random": [[1.0, 0.8, 0.6]]})
+  >>> [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  ['ig (AUC 0.500)', 'random (AUC 0.800)']
+  """
+  if band not in BANDS:
+    raise ValueError(f"band: expected one of {BANDS}, got {band!r}")
+  if not curves:
+    raise ValueError("curves: expected at least one {method: scores} entry")
+  fig, ax = _axes(ax, (4.8, 3.4))
+  for i, (name, values) in enumerate(curves.items()):
+    mean, lohi = _mean_and_band(values, band, f"curves[{name!r}]")
+    fr = (np.linspace(0.0, 1.0, mean.shape[0]) if fractions is None
+          else np.asarray(fractions, np.float64))
+    if fr.shape != mean.shape:
+      raise ValueError(f"fractions: expected shape {mean.shape} to match curves[{name!r}], "
+                       f"got {fr.shape}")
+    area = (float(mean[0]) if fr.shape[0] == 1
+            else float(np.trapezoid(mean, fr) / (fr[-1] - fr[0])))
+    ref = name in references
+    color = "0.4" if ref else f"C{i % 10}"
+    ax.plot(fr, mean, "--" if ref else "-", color=color, lw=1.3,
+            label=f"{name} (AUC {area:.3f})")
+    if lohi is not None:
+      ax.fill_between(fr, lohi[0], lohi[1], color=color, alpha=0.15, lw=0)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
+def randomisation(results: Mapping[str, Any], labels: Sequence[str], *, key: str = "spearman",
+                  band: str | None = "sem", title: str | None = None, ax: Any = None) -> Figure:
+  """Similarity to the trained model's map along a parameter randomisation, one line per
+  method (Quantus's ``plot_model_parameter_randomisation_experiment``; Adebayo et al.'s
+  figure): a method that passes falls from 1 once the top layers are random.
+
+  Args:
+    results: ``{method: r}`` with ``r`` the dict of :func:`jaxplain.cascading_randomization`
+      / ``jaxplain.evaluation.independent_randomization`` (``r[key]``, ``(L + 1, B)``), or
+      the ``(L + 1, B)`` similarities themselves.
+    labels: the ``L + 1`` stage names, ``["original", *jaxplain.cascade_layers(...)]``.
+    key: the similarity to draw from a result dict (``"spearman"``, ``"ssim"``,
+      ``"spearman_signed"``; ``"similarity"`` for the independent check).
+    band: as in :func:`curves`, over the examples.
+    title: the axes' title.
+    ax: a matplotlib ``Axes`` to draw into; default a new figure.
+
+  Returns:
+    The ``Figure``.
+
+  >>> fig = randomisation({"grad": [[1.0, 1.0], [0.2, 0.4]]}, ["original", "fc"])
+  >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+  ['original', 'fc']
+  """
+  if band not in BANDS:
+    raise ValueError(f"band: expected one of {BANDS}, got {band!r}")
+  if not results:
+    raise ValueError("results: expected at least one {method: result} entry")
+  labels = [str(l) for l in labels]
+  fig, ax = _axes(ax, (max(4.8, 0.55 * len(labels) + 1.5), 3.4))
+  for i, (name, r) in enumerate(results.items()):
+    if isinstance(r, Mapping):
+      if key not in r:
+        raise ValueError(f"key: {key!r} is not in results[{name!r}]; it has {sorted(r)}")
+      r = r[key]
+    v = np.asarray(r, dtype=np.float64)
+    if v.ndim != 2 or v.shape[0] != len(labels):
+      raise ValueError(f"results[{name!r}]: expected (stages, examples) = ({len(labels)}, B) "
+                       f"to match labels, got shape {v.shape}")
+    mean, lohi = _mean_and_band(v.T, band, f"results[{name!r}]")
+    xs = np.arange(len(labels))
+    ax.plot(xs, mean, "o-", color=f"C{i % 10}", ms=3, lw=1.3, label=name)
+    if lohi is not None:
+      ax.fill_between(xs, lohi[0], lohi[1], color=f"C{i % 10}", alpha=0.15, lw=0)
+  ax.axhline(0.0, color="0.6", lw=0.6)
+  ax.set_xticks(np.arange(len(labels)))
+  ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+  ax.set_ylabel(f"{key} with the trained map")
+  if title:
+    ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def method_grid(images: Any, maps: Mapping[str, Any], *, signed: Sequence[str] = (),
                 normalization: str = "percentile", cmap: str = "hot",
                 overlay_alpha: float | None = None, col_titles: Sequence[str] | None = None,

@@ -3,6 +3,7 @@ and PNG files read back."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 import pytest
@@ -137,3 +138,55 @@ def test_tokens_colours_scores_and_wraps(tmp_path):
     plot.tokens(words[:1], scores)
   with pytest.raises(ValueError, match=r"words\[0\]: 5 tokens"):
     plot.tokens([words[0] + ["x"], words[1]], scores)
+
+
+def test_curves_draw_the_mean_the_band_and_the_area_of_area_under_curve():
+  import jaxplain  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  c = {"ig": rng.uniform(size=(5, 6)), "random": rng.uniform(size=(5, 6))}
+  fr = np.array([0.0, 0.05, 0.1, 0.3, 0.6, 1.0])            # uneven steps
+  fig = plot.curves(c, fractions=fr, band="sem", ylabel="p(class)")
+  ax = fig.axes[0]
+  for line, (name, v) in zip(ax.get_lines(), c.items()):
+    np.testing.assert_allclose(line.get_xdata(), fr)
+    np.testing.assert_allclose(line.get_ydata(), v.mean(0))
+  labels = [t.get_text() for t in ax.get_legend().get_texts()]
+  for label, (name, v) in zip(labels, c.items()):
+    auc = float(jaxplain.area_under_curve(jnp.asarray(v.mean(0), jnp.float32), fr))
+    assert label == f"{name} (AUC {auc:.3f})"
+  assert ax.get_lines()[1].get_linestyle() == "--"        # the reference is dashed
+  ys = ax.collections[0].get_paths()[0].vertices
+  sem = c["ig"].std(0, ddof=1) / np.sqrt(5)
+  for j, xj in enumerate(fr):                             # band = mean +- one standard error
+    at = np.unique(np.round(ys[np.isclose(ys[:, 0], xj), 1], 9))
+    np.testing.assert_allclose(sorted(at), [c["ig"].mean(0)[j] - sem[j],
+                                            c["ig"].mean(0)[j] + sem[j]], rtol=1e-7)
+  fig = plot.curves(c, band="iqr")                        # default fractions: even steps
+  np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), np.linspace(0, 1, 6))
+  assert not plot.curves({"a": [1.0, 0.0]}, band=None).axes[0].collections
+  with pytest.raises(ValueError, match=r"fractions: expected shape \(6,\)"):
+    plot.curves(c, fractions=fr[:3])
+  with pytest.raises(ValueError, match=r"curves\['ig'\]: contains 1 non-finite"):
+    plot.curves({"ig": np.array([1.0, np.nan])})
+  with pytest.raises(ValueError, match="band: expected one of"):
+    plot.curves(c, band="std")
+
+
+def test_randomisation_draws_the_mean_similarity_per_stage(tmp_path):
+  rng = np.random.default_rng(4)
+  sim = rng.uniform(-1, 1, size=(4, 7))                   # (L + 1, B)
+  labels = ["original", "fc2", "fc1", "conv"]
+  fig = plot.randomisation({"grad": {"spearman": sim, "ssim": sim[::-1]}, "lrp": sim * 0.5},
+                           labels, key="spearman")
+  ax = fig.axes[0]
+  np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), sim.mean(1))
+  np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), 0.5 * sim.mean(1))
+  assert [t.get_text() for t in ax.get_xticklabels()] == labels
+  fig2 = plot.randomisation({"grad": {"ssim": sim}}, labels, key="ssim")
+  assert fig2.axes[0].get_ylabel() == "ssim with the trained map"
+  assert plot.save_png(fig, tmp_path / "r.png").endswith("r.png")
+  with pytest.raises(ValueError, match=r"results\['grad'\]: expected \(stages, examples\) = "
+                                       r"\(3, B\)"):
+    plot.randomisation({"grad": sim}, labels[:3])
+  with pytest.raises(ValueError, match=r"key: 'ssim' is not in results\['grad'\]"):
+    plot.randomisation({"grad": {"spearman": sim}}, labels, key="ssim")
