@@ -199,6 +199,13 @@ class ProbabilitiesWarning(UserWarning):
   """A model's output rows are probabilities (it ends in a softmax), not logits."""
 
 
+def model_outputs(f: Callable, x: Any) -> Any:
+  """``f(x)``, warned about (:func:`warn_if_probabilities`) when they are probabilities."""
+  out = f(x)
+  warn_if_probabilities(out)
+  return out
+
+
 def warn_if_probabilities(out: jax.Array, name: str = "f(x)") -> None:
   """Warn when concrete (B, K >= 2) outputs are probabilities: each row >= 0 summing to 1.
   Logits essentially never are; under jit nothing is checked."""

@@ -201,7 +201,7 @@ def feature_ablation(f: Fn, x: Array, target: Any, *, feature_mask: Any = None,
   x, t, base, fm, nf = _setup(f, x, target, baseline, output, feature_mask, num_features,
                               chunk)
   b = x.shape[0]
-  ref = _output_value(f(x), t, output)
+  ref = _output_value(_validate.model_outputs(f, x), t, output)
   eye = jnp.eye(nf, dtype=jnp.bool_)
   zfn = lambda i: jnp.broadcast_to(~eye[i], (b, nf))
   drops = ref[None] - _scores(f, x, t, base, fm, zfn, nf, output, chunk)    # (F, B)
@@ -255,7 +255,7 @@ def feature_permutation(f: Fn, x: Array, target: Any, *, key: Array, feature_mas
   if key is None:
     raise ValueError("key: feature_permutation needs an explicit jax.random key")
   src = _cycles(key, b, nf)
-  ref = _output_value(f(x), t, output)
+  ref = _output_value(_validate.model_outputs(f, x), t, output)
 
   def make(i):
     m = (fm == i).reshape(x.shape)
@@ -388,7 +388,7 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
     raise ValueError(f"feature_mask: KernelSHAP needs at least 2 features, got {nf}")
   b = x.shape[0]
   acc = _validate.accumulation_dtype(x.dtype)   # the solve needs >= float32
-  v1 = _output_value(f(x), t, output)
+  v1 = _output_value(_validate.model_outputs(f, x), t, output)
   v0 = _output_value(f(base), t, output)
   if n_samples is None:
     if nf > 20:

@@ -238,7 +238,12 @@ def test_a_model_ending_in_a_softmax_is_warned_about_and_logits_are_not(cnn):
            "integrated_gradients": lambda g: jaxplain.integrated_gradients(g, x, 0, steps=4),
            "lrp": lambda g: jaxplain.lrp(g, x, 0),
            "deeplift": lambda g: jaxplain.deeplift(g, x, 0),
-           "occlusion": lambda g: jaxplain.occlusion(g, x, 0, patch=3)}
+           "occlusion": lambda g: jaxplain.occlusion(g, x, 0, patch=3),
+           "feature_ablation": lambda g: jaxplain.feature_ablation(g, x, 0),
+           "kernel_shap": lambda g: jaxplain.kernel_shap(g, x, 0, key=jax.random.key(0),
+                                                         n_samples=8),
+           "infidelity": lambda g: jaxplain.evaluation.infidelity(
+               g, x, 0, x, key=jax.random.key(0), n_samples=2)}
   for name, call in calls.items():
     for g in (probs, hand):
       with pytest.warns(jaxplain.ProbabilitiesWarning, match=r"looks like probabilities .*"

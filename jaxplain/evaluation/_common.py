@@ -91,7 +91,7 @@ def target_and_logits(f: Fn, x: Array, target: Any) -> tuple[Array, int]:
 
 
 def score(f: Fn, x: Array, t: Array, output: str) -> Array:
-  return _validate.as_float(_output_value(f(x), t, output))
+  return _validate.as_float(_output_value(_validate.model_outputs(f, x), t, output))
 
 
 def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None,
