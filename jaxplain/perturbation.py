@@ -96,6 +96,9 @@ def _features(x: Array, feature_mask: Any, num_features: int | None, *,
           f"its own feature ({n} features); give {mask_name}= for groups (e.g. "
           f"jaxplain.perturbation.grid_segments({x.shape[1:3]}, cell) for square superpixels)")
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), n
+  # the ids' values, read before jnp touches them: under jit jnp.asarray turns even a NumPy
+  # mask (grid_segments) into a tracer
+  mn = np.asarray(feature_mask) if _validate.is_concrete(feature_mask) else None
   m = jnp.asarray(feature_mask)
   if not jnp.issubdtype(m.dtype, jnp.integer):
     raise TypeError(f"{mask_name}: expected integer feature ids, got dtype {m.dtype}")
@@ -112,11 +115,10 @@ def _features(x: Array, feature_mask: Any, num_features: int | None, *,
         + (f" (square superpixels: jaxplain.perturbation.grid_segments({x.shape[1:3]}, cell))"
            if m.ndim == 0 and x.ndim == 4 else ""))
   if num_features is None:
-    if not _validate.is_concrete(m):
+    if mn is None:
       raise ValueError(f"{count_name}: required when {mask_name} is traced (under jit)")
-    num_features = int(np.max(np.asarray(m))) + 1
-  if _validate.is_concrete(m):
-    mn = np.asarray(m)
+    num_features = int(np.max(mn)) + 1
+  if mn is not None:
     if mn.min() < 0 or mn.max() >= num_features:
       raise ValueError(f"{mask_name}: ids must lie in [0, {num_features}), got "
                        f"[{mn.min()}, {mn.max()}]")

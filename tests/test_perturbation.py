@@ -64,6 +64,13 @@ def test_feature_permutation_equals_loop_with_its_documented_permutations():
   a2 = np.asarray(jax.jit(lambda z: P.feature_permutation(f, z, t, key=key, feature_mask=seg,
                                                           num_features=4, chunk=3))(x))
   np.testing.assert_allclose(a, a2, rtol=1e-5, atol=1e-6)
+  # a NumPy mask closed over by the jitted function is known: num_features not needed (jnp
+  # made it a tracer before its ids were read); a traced mask still needs it
+  a3 = np.asarray(jax.jit(lambda z: P.feature_permutation(
+      f, z, t, key=key, feature_mask=P.grid_segments((4, 4), 2)))(x))
+  np.testing.assert_allclose(a, a3, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="num_features: required when feature_mask is traced"):
+    jax.jit(lambda z, s: P.feature_permutation(f, z, t, key=key, feature_mask=s))(x, seg)
   xn = np.asarray(x)
   fm = np.broadcast_to(seg[:, :, None], (4, 4, 2))
   for i in range(4):
