@@ -154,7 +154,7 @@ def _class_score(logits: jax.Array, target: jax.Array, output: str) -> jax.Array
 def _descending_ranks(s: jax.Array) -> jax.Array:
   """(B, N) -> (B, N) int ranks, 0 = most salient; ties broken by pixel index (stable)."""
   order = jnp.argsort(-s, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True)
+  return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)  # int64 under x64
 
 
 def _feature_map(saliency: Any, x_shape: tuple[int, ...], reduce: str,
@@ -357,11 +357,14 @@ def area_under_curve(curve: jax.Array, fractions: Any) -> jax.Array:
 # -- map similarity ----------------------------------------------------------------------------
 
 def _average_ranks(v: jax.Array) -> jax.Array:
-  """(B, N) -> (B, N) ranks 0..N-1 with ties given their average rank (as scipy.stats)."""
+  """(B, N) -> (B, N) ranks 0..N-1 with ties given their average rank (as scipy.stats), in
+  the accumulation dtype of ``v`` (float64 stays float64)."""
   srt = jnp.sort(v, axis=-1)
   lo = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(srt, v)
   hi = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(srt, v)
-  return (lo + hi - 1).astype(jnp.float32) / 2.0
+  acc = (_validate.accumulation_dtype(v.dtype) if jnp.issubdtype(v.dtype, jnp.floating)
+         else jnp.float32)
+  return (lo + hi - 1).astype(acc) / 2.0
 
 
 def _pearson_rows(a: jax.Array, b: jax.Array, a_raw: jax.Array, b_raw: jax.Array) -> jax.Array:
@@ -488,7 +491,7 @@ def ssim(a: jax.Array, b: jax.Array, *, reduce: str = "sum_abs", window: int = 7
   window = min(window, sa.shape[1], sa.shape[2])
   if normalize:
     sa, sb = _minmax(sa), _minmax(sb)
-  k = _gaussian_window(window, sigma)[:, :, None, None]
+  k = _gaussian_window(window, sigma)[:, :, None, None].astype(sa.dtype)
 
   def filt(m):
     return jax.lax.conv_general_dilated(m[..., None], k, (1, 1), "VALID",

@@ -415,7 +415,7 @@ def kernel_shap(f: Fn, x: Array, target: Any, *, key: Array | None = None,
     def zfn(i):
       ki = jax.random.fold_in(key, i)
       ks, ku = jax.random.split(ki)
-      size = jax.random.categorical(ks, logp, shape=(b,)) + 1
+      size = jax.random.categorical(ks, logp, shape=(b,)).astype(jnp.int32) + 1  # x64: int64
       return _ranks(ku, b, nf) < size[:, None]
 
     n = int(n_samples)

@@ -19,6 +19,7 @@ import numpy as np
 from jaxplain import _validate
 from jaxplain._batching import map_merged
 from jaxplain.gradients import _check_output, _output_value
+from jaxplain.metrics import _average_ranks, _descending_ranks
 
 Array = jax.Array
 Fn = Callable[[Array], Array]
@@ -103,18 +104,13 @@ def map_scores(f: Fn, make: Callable[[Array], Any], ks: Array, chunk: int | None
   return map_merged(make, lambda z, t: score(f, z, t, output), ks, chunk, post)
 
 
-def descending_ranks(s: Array) -> Array:
-  """(B, N) -> (B, N) int ranks, 0 = largest; ties broken by index (stable)."""
-  order = jnp.argsort(-s, axis=-1, stable=True)
-  return jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
+#: (B, N) -> (B, N) int32 ranks, 0 = largest; ties broken by index (stable).
+descending_ranks = _descending_ranks
 
 
 def average_ranks(v: Array) -> Array:
   """(B, N) -> (B, N) ranks 1..N with ties given their average rank (as scipy.stats)."""
-  srt = jnp.sort(v, axis=-1)
-  lo = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(srt, v)
-  hi = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(srt, v)
-  return (lo + hi + 1).astype(jnp.float32) / 2.0
+  return _average_ranks(v) + 1.0
 
 
 def pearson(a: Array, b: Array) -> Array:

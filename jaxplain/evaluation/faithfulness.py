@@ -218,7 +218,8 @@ def road(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Array,
   def call(xi, ti):
     logits = f(xi)
     if output == "accuracy":
-      return (jnp.argmax(logits, axis=-1) == ti).astype(_validate.accumulation_dtype(x.dtype))
+      hit = jnp.argmax(logits, axis=-1).astype(jnp.int32) == ti.astype(jnp.int32)   # x64
+      return hit.astype(_validate.accumulation_dtype(x.dtype))
     return _validate.as_float(C._output_value(logits, ti, output))
 
   return map_merged(make, call, jnp.arange(pct.size), chunk).T
@@ -286,7 +287,8 @@ def irof(f: C.Fn, x: Array, target: Any, attributions: Array, *, segments: Any,
   def make(k):
     return (jnp.where(elem_rank < k, base, x), t), None
 
-  curve = C.map_scores(f, make, jnp.arange(n + 1), chunk, output).T / ref[:, None]
+  ks = jnp.arange(n + 1, dtype=jnp.int32)
+  curve = C.map_scores(f, make, ks, chunk, output).T / ref[:, None]
   area = jnp.sum(curve[:, 1:] + curve[:, :-1], axis=1) / (2.0 * n)     # trapezoid over k / n
   return {"irof": 1.0 - area, "curve": curve}
 

@@ -70,9 +70,9 @@ def relevance_rank_accuracy(attributions: Array, mask: Array) -> Array:
   [0.5]
   """
   a, m = _pair(attributions, mask)
-  k = jnp.sum(m, axis=1)
+  k = jnp.sum(m, axis=1, dtype=jnp.int32)
   top = C.descending_ranks(a) < k[:, None]
-  hits = jnp.sum(top & m, axis=1)
+  hits = jnp.sum(top & m, axis=1, dtype=jnp.int32)
   return jnp.where(k > 0, hits / jnp.maximum(k, 1), 0.0).astype(a.dtype)
 
 

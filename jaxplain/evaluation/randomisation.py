@@ -111,12 +111,12 @@ def histogram_entropy(attributions: Array, *, n_bins: int = 100) -> Array:
   0.6931
   """
   n_bins = C.check_count(n_bins, "n_bins")
-  a = C.flat(jnp.asarray(attributions))
+  a = C.flat(_validate.as_float(attributions))
   lo = jnp.min(a, axis=1, keepdims=True)
   hi = jnp.max(a, axis=1, keepdims=True)
   span = jnp.where(hi > lo, hi - lo, 1.0)
   idx = jnp.clip(jnp.floor((a - lo) / span * n_bins).astype(jnp.int32), 0, n_bins - 1)
-  counts = jnp.sum(jax.nn.one_hot(idx, n_bins, dtype=jnp.float32), axis=1)
+  counts = jnp.sum(jax.nn.one_hot(idx, n_bins, dtype=a.dtype), axis=1)
   p = counts / jnp.sum(counts, axis=1, keepdims=True)
   return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=1)
 
@@ -196,6 +196,6 @@ def random_logit(explain: Callable[[Array, Array], Array], x: Array, target: Any
   k = C.check_count(num_classes, "num_classes", 2)
   x = C.check_x(x)
   t = _validate.check_target(target, x.shape[0], k)
-  off = (t + jax.random.randint(key, t.shape, 1, k)) % k
+  off = (t + jax.random.randint(key, t.shape, 1, k, dtype=t.dtype)) % k
   a = C.given_or_explained(explain, x, t, attributions)
   return _similarity(similarity, a, explain(x, off.astype(jnp.int32)))
