@@ -649,11 +649,13 @@ def test_bfloat16_maps_and_models_score_in_float32():
         "flip": E.pixel_flipping(lin(w), x, t, a, steps=4),
         "max_sens": E.max_sensitivity(explain(w), x, t, key=k, n_samples=3),
         "logit_ssim": E.random_logit(explain(w), x, t, key=k, num_classes=2),
+        # bfloat16 noise times the float32 map raised under strict promotion
+        "infidelity": E.infidelity(lin(w), x, t, a, key=k, n_samples=3),
     }
   for name, ref in runs[jnp.float32].items():
     got = runs[jnp.bfloat16][name]
     assert got.dtype == jnp.float32, name
-    if name == "max_sens":     # its noise is drawn in x's dtype: other perturbed inputs
+    if name in ("max_sens", "infidelity"):   # noise drawn in x's dtype: other perturbations
       assert np.all(np.isfinite(np.asarray(got)))
       continue
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-6, atol=1e-6,

@@ -337,7 +337,7 @@ def infidelity(f: C.Fn, x: Array, target: Any, attributions: Array, *, key: Arra
 
   def make(i):
     noise = sigma * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    return (x - noise, t), jnp.sum(C.flat(noise * a), axis=1)
+    return (x - noise, t), jnp.sum(C.flat(noise.astype(a.dtype) * a), axis=1)   # bf16 x
 
   dots, scores = C.map_scores(f, make, jnp.arange(n), chunk, output, with_extra=True)
   deltas = ref[None] - scores                                          # (S, B) each
