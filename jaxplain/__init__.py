@@ -33,6 +33,7 @@ _API = {
     'wrap': ('jaxplain.model', 'wrap'),
     'at_layer': ('jaxplain.model', 'at_layer'),
     'to_layer': ('jaxplain.model', 'to_layer'),
+    'per_example': ('jaxplain.model', 'per_example'),
     # -- attribution core (gradients, integrated, cam, occlusion) --------------------------------
     'gradient': ('jaxplain.gradients', 'gradient'),
     'gradient_x_input': ('jaxplain.gradients', 'gradient_x_input'),

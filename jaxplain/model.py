@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxplain import _validate
 from jaxplain.interventions._select import path_str
 
 Array = jax.Array
@@ -1056,7 +1057,8 @@ def wrap(obj: Any, variables: Any = None, *, apply_kwargs: dict | None = None,
                   f"a (features, head) pair of functions; got {type(obj).__name__}")
 
 
-def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array], Array]:
+def at_layer(model: Any, x: Array, layer: str, *,
+             with_input: bool = False) -> tuple[Callable[..., Array], Array]:
   """The model as a function of one layer's output, and that output at ``x``: ``(f_h, h)``.
 
   Any attribution method then explains the layer instead of the input (Captum's
@@ -1065,12 +1067,16 @@ def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array]
   replaced by ``h_rows`` (channels-last, as :meth:`Model.capture` gives it), for any number
   of rows: what the model computes after ``layer`` must depend on ``x`` only through that
   output, which is checked (a padding mask read from token ids, or a skip connection around
-  ``layer``, raises: explain a layer that every path crosses, or write the function yourself).
+  ``layer``, raises). For such a model ask for ``with_input=True``: ``f_h(h_rows, x_rows)``
+  then runs the model on ``x_rows`` with the layer's output replaced by ``h_rows``, and
+  :func:`per_example` runs any method on it with each example's own ``x`` (Captum's
+  ``additional_forward_args``): ``per_example(integrated_gradients, f_h, h, t, side=x)``.
 
   Args:
     model: anything :func:`wrap` takes (or a wrapped ``Model``).
     x: the input batch (B, ...), any dtype (token ids included).
     layer: the layer's name (see ``Model.layer_names(x)``).
+    with_input: return ``f_h(h_rows, x_rows)`` (nothing checked) instead of ``f_h(h_rows)``.
 
   Returns:
     ``f_h`` (rows, ...) -> logits (rows, K) and ``h`` (B, ...), the layer's output at ``x``.
@@ -1093,17 +1099,99 @@ def at_layer(model: Any, x: Array, layer: str) -> tuple[Callable[[Array], Array]
     raise ValueError(f"x: expected a batch (B, ...), got shape {x.shape}")
   _, caps = m.capture(x, [layer])
   h = caps[layer][1]
+  if with_input:
+    return (lambda hr, xr: m.replace(xr, layer, hr)), h
   closed = jax.make_jaxpr(lambda xx, hh: m.replace(xx, layer, hh))(x, h)
   if _jaxpr.needed_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]:
     raise ValueError(f"layer: the model reads x again after {layer!r} (a mask computed from "
                      "the input, or a connection around the layer), so it is not a function "
-                     "of that layer's output alone; choose a layer every path from x crosses, "
-                     "or write f(h) yourself")
+                     "of that layer's output alone; pair each example with its own x: "
+                     f"f_h, h = at_layer(model, x, {layer!r}, with_input=True); "
+                     "per_example(integrated_gradients, f_h, h, target, side=x)")
   row = x[:1]
 
   def f_h(hr: Array) -> Array:
     return m.replace(jnp.broadcast_to(row, (hr.shape[0],) + x.shape[1:]), layer, hr)
   return f_h, h
+
+
+#: Keyword arguments shaped like ``x`` that :func:`per_example` splits by example.
+PER_EXAMPLE_X_LIKE = ("baseline", "reference")
+
+
+def per_example(method: Callable[..., Any], f: Callable[[Array, Any], Array], x: Any,
+                target: Any, *, side: Any, key: Array | None = None, **kwargs: Any) -> Any:
+  """``method`` run on each example with its own side inputs: ``f(x_rows, side_rows)``.
+
+  An attribution method calls ``f`` on rows it builds from ``x`` (path points, noisy copies,
+  perturbations), laid out its own way, so a per-example value that is not attributed (a
+  padding mask, the token ids a model reads after an explained layer: Captum's
+  ``additional_forward_args``) cannot be paired with the rows from outside. Here each
+  example runs as a batch of one under ``jax.vmap``: all of its rows belong to it, and its
+  side values are broadcast to them. The vmap batches the examples back into one
+  computation, so the cost is the batched method's.
+
+  Args:
+    method: any method ``method(f, x, target, **kwargs)`` taking a function (gradient,
+      integrated_gradients, smoothgrad, lrp, occlusion, kernel_shap, noise_tunnel via
+      ``functools.partial``, ...).
+    f: ``f(x_rows, side_rows) -> logits (rows, K)``, e.g. ``at_layer(..., with_input=True)``.
+    x: ``(B, ...)`` what is attributed (a layer's output, an input).
+    target: an int, ``(B,)`` ints, ``(B, T)`` or ``"all"``.
+    side: a pytree of ``(B, ...)`` arrays of any dtype, passed to ``f`` unattributed.
+    key: for keyed methods; example ``b`` gets ``fold_in(key, b)``.
+    **kwargs: the method's; ``baseline`` / ``reference`` arrays shaped like ``x`` are split
+      by example, everything else is passed as it is.
+
+  Returns:
+    The method's result for the whole batch (every output with its batch axis).
+
+  >>> import jax, jax.numpy as jnp, jaxplain
+  >>> f = lambda h, mask: (h * mask[..., None]).sum(1) @ jnp.ones((2, 3))   # (B, L, 2)
+  >>> h, mask = jnp.ones((2, 4, 2)), jnp.array([[1., 1, 0, 0], [1, 1, 1, 1]])
+  >>> per_example(jaxplain.gradient, f, h, 0, side=mask)[:, :, 0]
+  Array([[1., 1., 0., 0.],
+         [1., 1., 1., 1.]], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if x.ndim < 1:
+    raise ValueError(f"x: expected a batch (B, ...), got shape {x.shape}")
+  b = x.shape[0]
+  for leaf in jax.tree_util.tree_leaves(side):
+    if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != b:
+      raise ValueError(f"side: every array needs x's batch axis first (B = {b}); got shape "
+                       f"{jnp.shape(leaf)}")
+  _validate.check_finite(x, "x")
+  row = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:1], tree)
+  out = _validate.call_model(lambda: jax.eval_shape(f, row(x), row(side)),
+                             lambda z: f(z, row(side)), x)
+  k = _validate.check_logits(out, 1, "f(x, side)").shape[1]
+  static_t = isinstance(target, str)
+  if static_t:
+    if target != "all":
+      raise ValueError(f"target: expected an int, (B,), (B, T) ints or 'all', got {target!r}")
+    t = None
+  else:
+    t = jnp.asarray(target)
+    t = _validate.check_target(t, b, k) if t.ndim < 2 else t
+    if t.ndim == 2 and t.shape[0] != b:
+      raise ValueError(f"target: a (B, T) array needs B = {b} rows, got shape {t.shape}")
+  split = {n: jnp.asarray(kwargs.pop(n)) for n in PER_EXAMPLE_X_LIKE
+           if n in kwargs and jnp.ndim(kwargs[n]) == x.ndim and jnp.shape(kwargs[n])[0] == b}
+  keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      jnp.arange(b, dtype=jnp.uint32))
+
+  def one(xb, sb, tb, kb, sp):
+    fb = lambda rows: f(rows, jax.tree_util.tree_map(
+        lambda a: jnp.broadcast_to(a, (rows.shape[0],) + a.shape[1:]), sb))
+    kw = dict(kwargs, **sp)
+    if kb is not None:
+      kw["key"] = kb
+    res = method(fb, xb, "all" if static_t else tb, **kw)
+    return jax.tree_util.tree_map(lambda a: a[0], res)
+
+  add = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a)[:, None], tree)
+  return jax.vmap(one)(add(x), add(side), None if t is None else add(t), keys, add(split))
 
 
 def to_layer(model: Any, layer: str, *, per: str = "unit") -> Callable[[Array], Array]:

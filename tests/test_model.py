@@ -997,8 +997,57 @@ def test_at_layer_explains_an_embedding_like_the_hand_split_model():
     np.testing.assert_allclose(jax.jit(lambda z, method=method: method(f_h, z))(h),
                                method(rest, h_hand), rtol=2e-4, atol=1e-6, err_msg=name)
   masked = _TokNet(masked=True)
-  with pytest.raises(ValueError, match=r"reads x again after 'embed'"):
+  with pytest.raises(ValueError, match=r"reads x again after 'embed'.*with_input=True"):
     jaxplain.at_layer(jaxplain.wrap(masked, masked.init(jax.random.key(0), ids)), ids, "embed")
+
+
+def test_per_example_pairs_each_example_with_its_padding_mask():
+  """A model that reads its token ids again after the embedding (a padding mask): with
+  ``at_layer(..., with_input=True)`` and ``per_example`` every method equals a Python loop
+  over the examples, each explaining the hand-split model with its own ids."""
+  ids = jnp.array([[3, 7, 1, 0], [5, 5, 19, 2], [0, 11, 4, 8]])
+  net = _TokNet(masked=True)
+  v = net.init(jax.random.key(0), ids)
+  f_hx, h = jaxplain.at_layer(jaxplain.wrap(net, v), ids, "embed", with_input=True)
+  np.testing.assert_allclose(f_hx(h, ids), net.apply(v, ids), rtol=1e-5, atol=1e-6)
+  t = jnp.array([0, 2, 1])
+  key = jax.random.key(1)
+  base = 0.1 * jax.random.normal(jax.random.key(2), h.shape)
+  methods = {
+      "gradient": (jaxplain.gradient, {}),
+      "integrated_gradients": (jaxplain.integrated_gradients, {"steps": 8, "baseline": base}),
+      "smoothgrad": (jaxplain.smoothgrad, {"num_samples": 3, "key": key}),
+      "lrp": (jaxplain.lrp, {}),
+      "feature_ablation": (jaxplain.feature_ablation, {"feature_mask": jnp.arange(4)}),
+  }
+  for name, (method, kw) in methods.items():
+    got = jaxplain.per_example(method, f_hx, h, t, side=ids, **kw)
+    for b in range(3):
+      rest_b = lambda z, b=b: net.apply(v, z, jnp.broadcast_to(ids[b], (z.shape[0], 4)),
+                                        method=_TokNet.rest)
+      kb = dict(kw)
+      if "key" in kb:
+        kb["key"] = jax.random.fold_in(key, b)
+      if "baseline" in kb:
+        kb["baseline"] = base[b:b + 1]
+      want = method(rest_b, h[b:b + 1], t[b:b + 1], **kb)[0]
+      np.testing.assert_allclose(got[b], want, rtol=2e-4, atol=1e-6, err_msg=f"{name} {b}")
+  # with one row per example the plain batched call pairs rows and ids already
+  np.testing.assert_allclose(jaxplain.per_example(jaxplain.gradient, f_hx, h, t, side=ids),
+                             jaxplain.gradient(lambda z: f_hx(z, ids), h, t), rtol=1e-5,
+                             atol=1e-7)
+  # the mask matters: explaining without it gives other maps
+  assert not np.allclose(jaxplain.per_example(jaxplain.gradient, f_hx, h, t, side=ids),
+                         jaxplain.per_example(jaxplain.gradient, f_hx, h, t,
+                                              side=jnp.ones_like(ids)), atol=1e-4)
+  all_t = jaxplain.per_example(jaxplain.gradient, f_hx, h, "all", side=ids)
+  assert all_t.shape == (3, 3) + h.shape[1:]
+  np.testing.assert_allclose(all_t[:, 1], jaxplain.per_example(jaxplain.gradient, f_hx, h, 1,
+                                                               side=ids), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r"side: every array needs x's batch axis first"):
+    jaxplain.per_example(jaxplain.gradient, f_hx, h, t, side=ids[:2])
+  with pytest.raises(ValueError, match=r"target: class index out of range \[0, 3\)"):
+    jaxplain.per_example(jaxplain.gradient, f_hx, h, jnp.array([0, 3, 1]), side=ids)
 
 
 def test_at_layer_in_every_framework(four):
