@@ -190,8 +190,9 @@ PROBABILITIES_WARNING = (
     "in a softmax. output='logit' then explains a probability, and output='softmax' / "
     "'log_softmax' / 'cross_entropy' apply a second softmax on top of it. To explain the "
     "logits, explain the model without its last activation (Keras: "
-    "classifier_activation=None or the layer's activation=None; Flax: return the Dense "
-    "output), or silence this with warnings.filterwarnings('ignore', "
+    "classifier_activation=None, or model.layers[-1].activation = keras.activations.linear "
+    "before wrap; Flax: return the Dense output), or silence this with "
+    "warnings.filterwarnings('ignore', "
     "category=jaxplain.ProbabilitiesWarning)")
 
 

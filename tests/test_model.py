@@ -1161,3 +1161,19 @@ def test_to_layer_explains_hidden_units_and_channels():
   np.testing.assert_allclose(jaxplain.gradient(fc, x, 3), g_ch, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="per: expected 'unit' or 'channel'"):
     jaxplain.to_layer(m, "c2", per="filter")
+
+
+def test_a_keras_softmax_head_warns_and_the_recipe_in_the_warning_removes_it():
+  import warnings  # pylint: disable=import-outside-toplevel
+  km = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, activation="relu"),
+                         keras.layers.Dense(3, activation="softmax")])
+  x = jax.random.uniform(jax.random.key(0), (4, 6))
+  probs = jaxplain.wrap(km)(x)
+  with pytest.warns(jaxplain.ProbabilitiesWarning, match=r"model.layers\[-1\].activation"):
+    jaxplain.gradient(jaxplain.wrap(km), x, 0)
+  km.layers[-1].activation = keras.activations.linear
+  m = jaxplain.wrap(km)
+  np.testing.assert_allclose(jax.nn.softmax(m(x), axis=-1), probs, rtol=1e-5, atol=1e-7)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jaxplain.ProbabilitiesWarning)
+    jaxplain.gradient(m, x, 0)
