@@ -210,8 +210,8 @@ def model_outputs(f: Callable, x: Any) -> Any:
 def warn_if_probabilities(out: jax.Array, name: str = "f(x)") -> None:
   """Warn when concrete (B, K >= 2) outputs are probabilities: each row >= 0 summing to 1.
   Logits essentially never are; under jit nothing is checked."""
-  if (not isinstance(out, (jax.Array, np.ndarray)) or not is_concrete(out) or out.ndim != 2 or out.shape[1] < 2 or out.shape[0] == 0
-      or not jnp.issubdtype(out.dtype, jnp.floating)):
+  if (not isinstance(out, (jax.Array, np.ndarray)) or not is_concrete(out) or out.ndim != 2
+      or out.shape[1] < 2 or out.shape[0] == 0 or not jnp.issubdtype(out.dtype, jnp.floating)):
     return
   o = np.asarray(out, np.float64)
   if np.all(o >= 0.0) and np.allclose(o.sum(axis=1), 1.0, rtol=0.0, atol=1e-3):

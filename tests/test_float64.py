@@ -31,6 +31,11 @@ class _CNN(nn.Module):
 
 
 _SEG = P.grid_segments((8, 8), 4)
+
+
+def _explain(net):
+  """The gradient of ``net`` with parameters ``q``: the randomisation checks' explainer."""
+  return lambda q, z, tt: jaxplain.gradient(lambda zz: net.apply({"params": q}, zz), z, tt)
 _MASK = np.zeros((2, 8, 8), bool)
 _MASK[:, :4, :4] = True
 
@@ -41,8 +46,7 @@ CALLS = {  # (f, net, params, x, t, key, a) -> result
     "shift_invariance": lambda f, n, p, x, t, k, a: metrics.shift_invariance(
         f, lambda z, tt: jaxplain.gradient(f, z, tt), x, t, 0.1)["ssim"],
     "cascading_randomization": lambda f, n, p, x, t, k, a: metrics.cascading_randomization(
-        lambda q, z, tt: jaxplain.gradient(lambda zz: n.apply({"params": q}, zz), z, tt), p["params"], x,
-        t, random_params=_random(p), layers=["head", "conv"])["ssim"],
+        _explain(n), p["params"], x, t, random_params=_random(p), layers=["head", "conv"])["ssim"],
     "ssim": lambda f, n, p, x, t, k, a: jaxplain.ssim(a[..., 0], a[..., 0] ** 2),
     "rank_correlation": lambda f, n, p, x, t, k, a: jaxplain.rank_correlation(a, a ** 2),
     "road": lambda f, n, p, x, t, k, a: E.road(f, x, t, a, key=k, percentages=(10, 50)),
@@ -52,8 +56,7 @@ CALLS = {  # (f, net, params, x, t, key, a) -> result
     "random_logit": lambda f, n, p, x, t, k, a: E.random_logit(
         lambda z, tt: jaxplain.gradient(f, z, tt), x, t, key=k, num_classes=3),
     "emprt": lambda f, n, p, x, t, k, a: E.emprt(
-        lambda q, z, tt: jaxplain.gradient(lambda zz: n.apply({"params": q}, zz), z, tt), p["params"], x,
-        t, random_params=_random(p))["emprt"],
+        _explain(n), p["params"], x, t, random_params=_random(p))["emprt"],
     "kernel_shap": lambda f, n, p, x, t, k, a: jaxplain.kernel_shap(
         f, x, t, key=k, n_samples=8, feature_mask=_SEG),
     "integrated_gradients tol": lambda f, n, p, x, t, k, a: jaxplain.integrated_gradients(
