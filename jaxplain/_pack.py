@@ -77,6 +77,11 @@ def _leaves_like(p: Packing, tree: Any, name: str) -> list:
   return leaves
 
 
+#: Method keyword arguments given like ``x`` (a tree of x's structure for several inputs),
+#: for the wrappers that pass a method's keywords through (``noise_tunnel``, ``per_example``).
+X_LIKE_KWARGS = ("baseline", "reference")
+
+
 def is_several(x: Any) -> bool:
   """A tuple or dict of inputs. A list stays one array (``[[0., 1.], [2., 3.]]`` is a batch,
   as ``jnp.asarray`` reads it)."""

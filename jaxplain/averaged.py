@@ -69,8 +69,9 @@ def noise_tunnel(method: Callable[..., Array], f: Fn, x: Array, target: Any, *, 
       and host-driven loops do not fit here.
     f: pure batched model, (B, ...) -> logits (B, K); or an NNX module.
     x: inputs (B, ...) floating; or a tuple or dict of such batches (several inputs: the
-      noise is drawn on them packed, ``method`` runs on the packed model, and
-      ``method_kwargs`` must then be scalars or strings, not arrays like ``x``).
+      noise is drawn on them packed, ``method`` runs on the packed model; a ``baseline`` /
+      ``reference`` in ``method_kwargs`` is then given like ``x``, other array keywords are
+      not packed).
     target: as ``method`` takes it.
     key: ``jax.random`` key.
     num_samples: N.
@@ -91,6 +92,10 @@ def noise_tunnel(method: Callable[..., Array], f: Fn, x: Array, target: Any, *, 
   if not callable(method):
     raise TypeError(f"method: expected an attribution function such as "
                     f"jaxplain.integrated_gradients, got {type(method).__name__}")
+  if _pack.is_several(x):  # the method runs on the packed x: its x-like keywords are packed
+    p = _pack.packing(x)
+    method_kwargs = {k: (p.pack(v, k) if k in _pack.X_LIKE_KWARGS and _pack.is_several(v)
+                         else v) for k, v in method_kwargs.items()}
   return _noise_tunnel(f, x, target, method=method, key=key, num_samples=num_samples,
                        noise_level=noise_level, form=form, chunk=chunk,
                        method_kwargs=method_kwargs)

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxplain import _validate
+from jaxplain import _pack, _validate
 from jaxplain.interventions._select import path_str
 
 Array = jax.Array
@@ -1115,10 +1115,6 @@ def at_layer(model: Any, x: Array, layer: str, *,
   return f_h, h
 
 
-#: Keyword arguments shaped like ``x`` that :func:`per_example` splits by example.
-PER_EXAMPLE_X_LIKE = ("baseline", "reference")
-
-
 def per_example(method: Callable[..., Any], f: Callable[[Array, Any], Array], x: Any,
                 target: Any, *, side: Any, key: Array | None = None, **kwargs: Any) -> Any:
   """``method`` run on each example with its own side inputs: ``f(x_rows, side_rows)``.
@@ -1176,7 +1172,7 @@ def per_example(method: Callable[..., Any], f: Callable[[Array, Any], Array], x:
     t = _validate.check_target(t, b, k) if t.ndim < 2 else t
     if t.ndim == 2 and t.shape[0] != b:
       raise ValueError(f"target: a (B, T) array needs B = {b} rows, got shape {t.shape}")
-  split = {n: jnp.asarray(kwargs.pop(n)) for n in PER_EXAMPLE_X_LIKE
+  split = {n: jnp.asarray(kwargs.pop(n)) for n in _pack.X_LIKE_KWARGS
            if n in kwargs and jnp.ndim(kwargs[n]) == x.ndim and jnp.shape(kwargs[n])[0] == b}
   keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
       jnp.arange(b, dtype=jnp.uint32))

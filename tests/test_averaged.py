@@ -153,3 +153,11 @@ def test_noise_tunnel_takes_an_nnx_module_and_several_inputs():
                                num_samples=3, steps=8)
   np.testing.assert_allclose(got[0], want[:, :4], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got[1], want[:, 4:], rtol=1e-5, atol=1e-7)
+  # a baseline given like x (a tuple) is packed with it (it used to reach IG unpacked)
+  base = 0.3 * jax.random.normal(jax.random.key(8), x.shape)
+  got = jaxplain.noise_tunnel(jaxplain.integrated_gradients, two, (a, c), t, key=key,
+                              num_samples=3, steps=8, baseline=(base[:, :4], base[:, 4:]))
+  want = jaxplain.noise_tunnel(jaxplain.integrated_gradients, mlp, x, t, key=key,
+                               num_samples=3, steps=8, baseline=base)
+  np.testing.assert_allclose(got[0], want[:, :4], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[1], want[:, 4:], rtol=1e-5, atol=1e-7)
