@@ -1015,14 +1015,14 @@ def test_per_example_pairs_each_example_with_its_padding_mask():
   base = 0.1 * jax.random.normal(jax.random.key(2), h.shape)
   methods = {
       "gradient": (jaxplain.gradient, {}),
-      "integrated_gradients": (jaxplain.integrated_gradients, {"steps": 8, "baseline": base}),
+      "integrated_gradients": (jaxplain.integrated_gradients, {"steps": 4, "baseline": base}),
       "smoothgrad": (jaxplain.smoothgrad, {"num_samples": 3, "key": key}),
       "lrp": (jaxplain.lrp, {}),
       "feature_ablation": (jaxplain.feature_ablation, {"feature_mask": jnp.arange(4)}),
   }
   for name, (method, kw) in methods.items():
     got = jaxplain.per_example(method, f_hx, h, t, side=ids, **kw)
-    for b in range(3):
+    for b in (0, 2):   # padding at the end / at the start
       rest_b = lambda z, b=b: net.apply(v, z, jnp.broadcast_to(ids[b], (z.shape[0], 4)),
                                         method=_TokNet.rest)
       kb = dict(kw)
