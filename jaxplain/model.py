@@ -1125,7 +1125,9 @@ def per_example(method: Callable[..., Any], f: Callable[[Array, Any], Array], x:
   ``additional_forward_args``) cannot be paired with the rows from outside. Here each
   example runs as a batch of one under ``jax.vmap``: all of its rows belong to it, and its
   side values are broadcast to them. The vmap batches the examples back into one
-  computation, so the cost is the batched method's.
+  computation, so the cost is the batched method's (SmallCNN, 16 images, jitted, medians of
+  7 alternating calls: IG at 32 steps 387 vs 375 ms batched, LRP 13.2 vs 12.9 ms; same maps
+  to 4e-9).
 
   Args:
     method: any method ``method(f, x, target, **kwargs)`` taking a function (gradient,
