@@ -207,6 +207,13 @@ def model_outputs(f: Callable, x: Any) -> Any:
   return out
 
 
+def probe_probabilities(f: Callable, x: Any) -> None:
+  """For methods that never score ``x`` itself (RISE, LIME, Shapley sampling): one forward
+  of ``x``, eagerly only (a 1 / n_samples share of their forwards), for the warning."""
+  if is_concrete(x):
+    model_outputs(f, x)
+
+
 def warn_if_probabilities(out: jax.Array, name: str = "f(x)") -> None:
   """Warn when concrete (B, K >= 2) outputs are probabilities: each row >= 0 summing to 1.
   Logits essentially never are; under jit nothing is checked."""

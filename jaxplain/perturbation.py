@@ -304,6 +304,7 @@ def shapley_value_sampling(f: Fn, x: Array, target: Any, *, key: Array, n_sample
     raise ValueError(f"n_samples: expected an int >= 1, got {n_samples!r}")
   x, t, base, fm, nf = _setup(f, x, target, baseline, output, feature_mask, num_features,
                               chunk)
+  _validate.probe_probabilities(f, x)
   b = x.shape[0]
   ranks = jax.vmap(lambda p: _ranks(jax.random.fold_in(key, p), b, nf))(
       jnp.arange(n_samples))                                           # (P, B, F)
@@ -501,6 +502,7 @@ def lime(f: Fn, x: Array, target: Any, *, key: Array, n_samples: int = 256,
     raise ValueError(f"alpha: expected >= 0, got {alpha!r}")
   x, t, base, fm, nf = _setup(f, x, target, baseline, output, feature_mask, num_features,
                               chunk)
+  _validate.probe_probabilities(f, x)
   b, n = x.shape[0], int(n_samples)
   zfn = lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (b, nf))
   acc = _validate.accumulation_dtype(x.dtype)   # the solve needs >= float32
@@ -560,6 +562,7 @@ def rise(f: Fn, x: Array, target: Any, *, key: Array, n_masks: int = 1000, p: fl
   smooth = feature_mask is None and jnp.ndim(x) == 4
   x, t, base, fm, nf = _setup(f, x, target, baseline, output,
                               None if smooth else feature_mask, num_features, chunk)
+  _validate.probe_probabilities(f, x)
   b = x.shape[0]
   n = int(n_masks)
   if not smooth:

@@ -243,7 +243,11 @@ def test_a_model_ending_in_a_softmax_is_warned_about_and_logits_are_not(cnn):
            "kernel_shap": lambda g: jaxplain.kernel_shap(g, x, 0, key=jax.random.key(0),
                                                          n_samples=8),
            "infidelity": lambda g: jaxplain.evaluation.infidelity(
-               g, x, 0, x, key=jax.random.key(0), n_samples=2)}
+               g, x, 0, x, key=jax.random.key(0), n_samples=2),
+           "rise": lambda g: jaxplain.rise(g, x, 0, key=jax.random.key(0), n_masks=4),
+           "lime": lambda g: jaxplain.lime(g, x, 0, key=jax.random.key(0), n_samples=4),
+           "shapley_value_sampling": lambda g: jaxplain.shapley_value_sampling(
+               g, x, 0, key=jax.random.key(0), n_samples=1)}
   for name, call in calls.items():
     for g in (probs, hand):
       with pytest.warns(jaxplain.ProbabilitiesWarning, match=r"looks like probabilities .*"
