@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from jaxplain import _maps
+from jaxplain.metrics import area_under_curve
 
 GRAYSCALE_MODES = _maps.REDUCTIONS  # the channel reductions shared with metrics and ppi
 NORMALIZE_METHODS = _maps.NORMALIZATIONS
@@ -285,8 +286,7 @@ def curves(curves: Mapping[str, Any], *, fractions: Any = None, band: str | None
     if fr.shape != mean.shape:
       raise ValueError(f"fractions: expected shape {mean.shape} to match curves[{name!r}], "
                        f"got {fr.shape}")
-    area = (float(mean[0]) if fr.shape[0] == 1
-            else float(np.trapezoid(mean, fr) / (fr[-1] - fr[0])))
+    area = float(area_under_curve(mean, fr))
     ref = name in references
     color = "0.4" if ref else f"C{i % 10}"
     ax.plot(fr, mean, "--" if ref else "-", color=color, lw=1.3,
